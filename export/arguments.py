@@ -1,0 +1,25 @@
+"""`kiln export` arguments, importable without the export extra so `kiln --help` always works."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+QUANTIZE_CHOICES = ("none", "int8", "int8-static", "fp16")
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="Hub id (user/name) or local model directory")
+    parser.add_argument("--revision", help="Hub branch, tag or commit")
+    parser.add_argument("--task", help="task (default: from the model's head)")
+    parser.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES, help="precision of the package")
+    parser.add_argument("--output", type=Path, help="package directory (default: ./<model name>-<precision>)")
+    parser.add_argument("--opset", type=int, default=17)
+    parser.add_argument("--max-length", type=int, help="maximum sequence length (default: the model's)")
+    parser.add_argument("--calibration", type=Path, help="text file, one example a line, for calibration and checks")
+    parser.add_argument("--min-agreement", type=float, default=0.99, help="top-1 agreement the package must reach")
+    parser.add_argument("--force", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--no-optimize", action="store_true", help="skip onnxruntime's transformer fusions")
+    parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print one JSON result and no progress")
+    parser.add_argument("--quiet", action="store_true", help="no progress, only the summary")

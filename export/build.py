@@ -1,0 +1,383 @@
+"""The export flow, stage by stage: resolve, export, optimise, quantise, validate, write.
+
+Everything happens in a temporary directory beside the output; only a package that passed the
+parity gate is renamed into place, so a failure never leaves anything half-written.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kiln.export import parity
+from kiln.export.onnx_export import TOKENIZER_FILES, export_onnx
+from kiln.export.optimize import optimize_graph
+from kiln.export.quantize import (
+    QuantInfo,
+    choose_float_layers,
+    convert_fp16,
+    quantize_int8,
+    quantize_static_int8,
+)
+from kiln.export.resolve import ResolvedModel, resolve_model
+from kiln.export.tasks import TaskSpec, detect_task
+from kiln.export.texts import builtin_texts, read_texts
+from kiln.runtime.errors import OutputError, ParityError, UnsupportedModel
+from kiln.runtime.manifest import MODEL_NAME, Manifest, sha256_file
+from kiln.runtime.package import load_package
+from kiln.runtime.session import SessionOptions, create_session
+from kiln.runtime.tokenize import TextEncoder
+
+PRECISIONS = {"none": "fp32", "int8": "int8-dynamic", "int8-static": "int8-static", "fp16": "fp16"}
+MAX_VALIDATION_ITEMS = 64
+Progress = Callable[[str, str], None]
+
+
+@dataclass
+class ExportOptions:
+    model: str
+    output: Path
+    revision: str | None = None
+    task: str | None = None
+    quantize: str = "none"
+    opset: int = 17
+    max_length: int | None = None
+    calibration: Path | None = None
+    min_agreement: float = 0.99
+    force: bool = False
+    trust_remote_code: bool = False
+    optimize: bool = True
+
+
+@dataclass
+class ExportResult:
+    output: Path
+    manifest: Manifest
+    sizes: dict[str, int]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def export(options: ExportOptions, progress: Progress = lambda stage, message: None) -> ExportResult:
+    if options.quantize not in PRECISIONS:
+        raise UnsupportedModel(f"--quantize must be one of {', '.join(PRECISIONS)}, got {options.quantize!r}")
+    output = Path(options.output).expanduser().absolute()
+    _check_output(output, options.force)
+    texts = read_texts(options.calibration) if options.calibration else builtin_texts()
+    work = _temporary_dir(output)
+    try:
+        return _export(options, output, texts, work, progress)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _export(options: ExportOptions, output: Path, texts: list[str], work: Path, progress: Progress) -> ExportResult:
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def stage_done(name: str, message: str) -> None:
+        nonlocal clock
+        seconds[name] = round(time.perf_counter() - clock, 2)
+        clock = time.perf_counter()
+        progress(name, f"{message} ({seconds[name]:.1f}s)")
+
+    progress("resolve", f"resolving {options.model}")
+    resolved = resolve_model(options.model, options.revision)
+    config = resolved.config()
+    spec = detect_task(resolved.path, config, options.task)
+    if options.max_length:
+        if options.max_length > spec.max_length:
+            raise UnsupportedModel(f"--max-length {options.max_length} is over the model's limit of {spec.max_length}")
+        spec.max_length = options.max_length
+    torch_model = _load_torch(resolved, spec.task, options.trust_remote_code)
+    stage_done("resolve", f"{spec.model_type} for {spec.task} from {resolved.path}")
+
+    raw_dir = work / "onnx"
+    fp32_path = export_onnx(resolved.path, spec.task, options.opset, raw_dir, options.trust_remote_code)
+    stage_done("export", f"ONNX opset {options.opset}, {_mb(fp32_path)}")
+
+    fused: dict[str, int] = {}
+    if options.optimize:
+        fused, fp32_path = _optimize(fp32_path, work / "optimized.onnx", config, options.quantize == "int8")
+        stage_done("optimize", f"fused {fused or 'nothing'}")
+
+    encoder = TextEncoder.from_directory(raw_dir, _input_names(fp32_path), spec.max_length)
+    mask_token = _mask_token(raw_dir) if spec.task == "fill-mask" else None
+    inputs = parity.make_inputs(spec.task, texts[:MAX_VALIDATION_ITEMS], encoder, mask_token)
+    outputs = [o.name for o in create_session(fp32_path, SessionOptions()).get_outputs()]
+    reference = parity.run_torch(torch_model, encoder, inputs, outputs)
+    precision = PRECISIONS[options.quantize]
+    tolerance = parity.tolerance_for(precision, options.min_agreement)
+
+    model_path, info = _lower_precision(
+        options, precision, fp32_path, work, encoder, inputs, reference, tolerance, texts, spec
+    )
+    stage_done("quantize", info.scheme if info else "kept fp32")
+
+    package_dir = work / "package"
+    manifest = _assemble(
+        package_dir,
+        raw_dir,
+        model_path,
+        resolved,
+        spec,
+        precision,
+        inputs,
+        outputs,
+        options,
+        info,
+        fused,
+        mask_token,
+    )
+    package = load_package(package_dir)
+    hf_pipe = _hf_pipeline(spec.task, torch_model, raw_dir)
+    gate = parity.run_gate(
+        package,
+        torch_model,
+        hf_pipe,
+        reference,
+        inputs,
+        tolerance,
+        fp32_path if precision != "fp32" else None,
+    )
+    manifest.parity = gate.report
+    if not gate.passed:
+        raise ParityError("parity gate failed:\n  - " + "\n  - ".join(gate.failures), gate.report)
+    manifest.write(package_dir)
+    stage_done("validate", f"parity passed on {len(inputs.encodings)} items")
+
+    sizes = {
+        "fp32_onnx": fp32_path.stat().st_size,
+        "package_model": (package_dir / MODEL_NAME).stat().st_size,
+    }
+    _move_into_place(package_dir, output)
+    stage_done("write", f"package written to {output}")
+    return ExportResult(output, manifest, sizes, seconds)
+
+
+def _check_output(output: Path, force: bool) -> None:
+    if output.exists() and not force:
+        raise OutputError(f"{output} already exists; pass --force to replace it")
+    if output.exists() and not output.is_dir():
+        raise OutputError(f"{output} exists and is not a directory")
+
+
+def _temporary_dir(output: Path) -> Path:
+    """A scratch directory on the output's filesystem, so the final rename is atomic."""
+    parent = output.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=parent))
+    except OSError as exc:
+        raise OutputError(f"cannot write to {parent}: {exc.strerror or exc}") from exc
+
+
+def _move_into_place(package_dir: Path, output: Path) -> None:
+    old = None
+    if output.exists():
+        old = output.with_name(f".{output.name}.old-{os.getpid()}")
+        output.rename(old)
+    package_dir.rename(output)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_torch(resolved: ResolvedModel, task: str, trust_remote_code: bool) -> Any:
+    import transformers
+
+    classes = {
+        "text-classification": transformers.AutoModelForSequenceClassification,
+        "token-classification": transformers.AutoModelForTokenClassification,
+        "question-answering": transformers.AutoModelForQuestionAnswering,
+        "fill-mask": transformers.AutoModelForMaskedLM,
+        "feature-extraction": transformers.AutoModel,
+    }
+    transformers.logging.set_verbosity_error()
+    try:
+        model = classes[task].from_pretrained(resolved.path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UnsupportedModel(f"{resolved.model_id}: transformers cannot load it for {task}: {exc}") from exc
+    return model.eval().float()
+
+
+def _optimize(path: Path, out: Path, config: dict[str, Any], for_int8: bool) -> tuple[dict[str, int], Path]:
+    try:
+        return optimize_graph(path, out, config, for_int8), out
+    except Exception as exc:  # the optimizer is best-effort; the unfused graph is still correct
+        return {"skipped": f"{type(exc).__name__}: {exc}"}, path  # type: ignore[dict-item]
+
+
+def _input_names(path: Path) -> list[str]:
+    return [i.name for i in create_session(path, SessionOptions()).get_inputs()]
+
+
+def _lower_precision(
+    options: ExportOptions,
+    precision: str,
+    fp32_path: Path,
+    work: Path,
+    encoder: TextEncoder,
+    inputs: parity.Inputs,
+    reference: parity.Items,
+    tolerance: parity.Tolerance,
+    texts: list[str],
+    spec: TaskSpec,
+) -> tuple[Path, QuantInfo | None]:
+    out = work / "lowered.onnx"
+    if precision == "fp32":
+        return fp32_path, None
+    if precision == "fp16":
+        return out, convert_fp16(fp32_path, out)
+    if precision == "int8-static":
+        return out, quantize_static_int8(fp32_path, out, _calibration_feeds(encoder, texts))
+
+    def evaluate(candidate: Path) -> Any:
+        session = create_session(candidate, SessionOptions())
+        got = parity.run_onnx(session, encoder, inputs, list(reference[0]), alone=False)
+        return parity.compare(spec.task, reference, got).fidelity()
+
+    target = tolerance.min_cosine if spec.task == "feature-extraction" else tolerance.min_agreement
+    info = quantize_int8(fp32_path, out, keep_float=[])
+    reached = evaluate(out).score
+    info.details["score_all_int8"] = reached
+    if reached < target:
+        kept, trials = choose_float_layers(fp32_path, work, evaluate, target)
+        info = quantize_int8(fp32_path, out, keep_float=kept)
+        info.details.update(score_all_int8=reached, sensitivity=trials)
+    return out, info
+
+
+def _calibration_feeds(encoder: TextEncoder, texts: list[str]) -> list[dict[str, Any]]:
+    """Batches of 8 texts, every batch padded to one length (calibrators need equal shapes)."""
+    encodings = encoder.encode(texts[:MAX_VALIDATION_ITEMS])
+    longest = max(len(e.ids) for e in encodings)
+    feeds = []
+    for start in range(0, len(encodings), 8):
+        batch = encoder.pad(encodings[start : start + 8])
+        feeds.append(
+            {k: _pad_to(v, longest, encoder.pad_id if k == "input_ids" else 0) for k, v in batch.feeds.items()}
+        )
+    return feeds
+
+
+def _pad_to(array: Any, length: int, value: int) -> Any:
+    import numpy as np
+
+    return np.pad(array, ((0, 0), (0, length - array.shape[1])), constant_values=value)
+
+
+def _mask_token(directory: Path) -> str | None:
+    import json
+
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        path = directory / name
+        if path.is_file():
+            token = json.loads(path.read_text(encoding="utf-8")).get("mask_token")
+            if isinstance(token, dict):
+                token = token.get("content")
+            if token:
+                return str(token)
+    return None
+
+
+def _assemble(
+    package_dir: Path,
+    raw_dir: Path,
+    model_path: Path,
+    resolved: ResolvedModel,
+    spec: TaskSpec,
+    precision: str,
+    inputs: parity.Inputs,
+    outputs: list[str],
+    options: ExportOptions,
+    info: QuantInfo | None,
+    fused: dict[str, int],
+    mask_token: str | None,
+) -> Manifest:
+    package_dir.mkdir()
+    shutil.copyfile(model_path, package_dir / MODEL_NAME)
+    for name in TOKENIZER_FILES:
+        if (raw_dir / name).is_file():
+            shutil.copyfile(raw_dir / name, package_dir / name)
+    files = {p.name: sha256_file(p) for p in sorted(package_dir.iterdir()) if p.is_file()}
+    manifest = Manifest(
+        task=spec.task,
+        precision=precision,
+        inputs=_input_names(package_dir / MODEL_NAME),
+        outputs=outputs,
+        max_sequence_length=spec.max_length,
+        labels=spec.labels,
+        problem_type=spec.problem_type,
+        model_type=spec.model_type,
+        opset=options.opset,
+        pooling=spec.pooling,
+        mask_token=mask_token,
+        quantization={"optimized": fused, **(_quant_dict(info) if info else {"scheme": "none"})},
+        source=_source(resolved),
+        files=files,
+        tools=_tool_versions(),
+    )
+    manifest.write(package_dir)
+    return manifest
+
+
+def _quant_dict(info: QuantInfo) -> dict[str, Any]:
+    return {
+        "scheme": info.scheme,
+        "quantized_nodes": info.quantized,
+        "kept_float": info.kept_float,
+        **info.details,
+    }
+
+
+def _source(resolved: ResolvedModel) -> dict[str, Any]:
+    hashed = {
+        p.name: sha256_file(p)
+        for p in sorted(resolved.path.iterdir())
+        if p.is_file() and p.suffix in (".json", ".safetensors", ".bin", ".txt", ".model")
+    }
+    return {
+        "model_id": resolved.model_id,
+        "revision": resolved.revision,
+        "commit": resolved.commit,
+        "files": hashed,
+    }
+
+
+def _tool_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for name in (
+        "kiln",
+        "onnxruntime",
+        "onnx",
+        "optimum-onnx",
+        "optimum",
+        "transformers",
+        "torch",
+        "tokenizers",
+    ):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return versions
+
+
+def _hf_pipeline(task: str, model: Any, tokenizer_dir: Path) -> Any:
+    if task == "feature-extraction":
+        return None
+    from transformers import AutoTokenizer, pipeline
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    return pipeline(task, model=model, tokenizer=tokenizer, device="cpu")
+
+
+def _mb(path: Path) -> str:
+    return f"{path.stat().st_size / 1e6:.1f} MB"

@@ -1,0 +1,89 @@
+"""`kiln export`: arguments, progress on a terminal, and the closing summary (or --json)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from kiln.export.build import PRECISIONS, ExportOptions, ExportResult, export
+
+
+def run(args: argparse.Namespace) -> int:
+    if not 0.0 < args.min_agreement <= 1.0:
+        raise SystemExit("kiln export: --min-agreement must be in (0, 1]")
+    output = args.output or Path(f"{Path(args.model).name}-{PRECISIONS[args.quantize]}")
+    options = ExportOptions(
+        model=args.model,
+        output=output,
+        revision=args.revision,
+        task=args.task,
+        quantize=args.quantize,
+        opset=args.opset,
+        max_length=args.max_length,
+        calibration=args.calibration,
+        min_agreement=args.min_agreement,
+        force=args.force,
+        trust_remote_code=args.trust_remote_code,
+        optimize=not args.no_optimize,
+    )
+    show_progress = not (args.json or args.quiet)
+    result = export(options, progress=_print_progress if show_progress else lambda *_: None)
+    if args.json:
+        print(json.dumps(_result_json(result), ensure_ascii=False))
+    else:
+        print(summary(result))
+    return 0
+
+
+def _print_progress(stage: str, message: str) -> None:
+    print(f"[{stage:>8}] {message}", file=sys.stderr, flush=True)
+
+
+def summary(result: ExportResult) -> str:
+    manifest, report = result.manifest, result.manifest.parity
+    lines = [
+        f"kiln package: {result.output}",
+        f"  task {manifest.task}, precision {manifest.precision}, max length {manifest.max_sequence_length}",
+        f"  size: fp32 ONNX {result.sizes['fp32_onnx'] / 1e6:.1f} MB -> model {result.sizes['package_model'] / 1e6:.1f} MB",
+    ]
+    batched = report["batched"]
+    if batched.get("agreement") is not None:
+        lines.append(
+            f"  top-1 agreement with PyTorch: {batched['agreement']:.4f} (batched), "
+            f"{report['alone']['agreement']:.4f} (one at a time)"
+        )
+    if batched.get("min_cosine") is not None:
+        lines.append(
+            f"  embedding cosine with PyTorch: min {batched['min_cosine']:.5f}, mean {batched['mean_cosine']:.5f}"
+        )
+    lines.append(f"  max abs error: {_fmt(batched['max_abs'])}")
+    lines.append(f"  batch invariance: max |alone - batched| {report['batch_invariance']['max_abs']:.3g}")
+    e2e = {k: v for k, v in report["end_to_end"].items() if k != "items"}
+    lines.append(f"  task answers vs transformers pipeline: {_fmt(e2e)}")
+    kept = manifest.quantization.get("kept_float")
+    if kept:
+        lines.append(f"  kept in float for accuracy: {len(kept)} MatMuls")
+    speed = report.get("speed_one_text_ms")
+    if speed:
+        fp32, ours = speed["fp32"], speed[manifest.precision]
+        lines.append(
+            f"  speed, one text at a time (median): fp32 {fp32:.2f} ms, {manifest.precision} {ours:.2f} ms "
+            f"({fp32 / ours:.2f}x)"
+        )
+    return "\n".join(lines)
+
+
+def _fmt(values: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
+
+
+def _result_json(result: ExportResult) -> dict[str, Any]:
+    return {
+        "output": str(result.output),
+        "sizes": result.sizes,
+        "seconds": result.seconds,
+        "manifest": result.manifest.to_dict(),
+    }

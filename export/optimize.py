@@ -1,0 +1,38 @@
+"""Graph optimisation with onnxruntime's transformer optimizer, in an order quantisation survives.
+
+EmbedLayerNormalization fusion breaks quantisation, and the fused Attention op packs Q, K and V
+weights where the int8 pass cannot reach them, so for int8 attention is fused as
+MultiHeadAttention with the projections left as MatMuls.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+# our model_type -> (onnxruntime optimizer model type, config keys for heads and hidden size)
+_SHAPES = {"distilbert": ("n_heads", "dim")}
+_DEFAULT_SHAPE = ("num_attention_heads", "hidden_size")
+
+
+def optimize_graph(model_path: Path, out_path: Path, config: dict[str, Any], for_int8: bool) -> dict[str, int]:
+    """Write the fused graph to out_path and return how many of each fused op it has."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    heads_key, hidden_key = _SHAPES.get(config.get("model_type", ""), _DEFAULT_SHAPE)
+    options = FusionOptions("bert")
+    options.enable_embed_layer_norm = False
+    options.use_multi_head_attention = for_int8
+    optimized = optimize_model(
+        str(model_path),
+        model_type="bert",
+        num_heads=int(config.get(heads_key, 0)),
+        hidden_size=int(config.get(hidden_key, 0)),
+        optimization_options=options,
+        opt_level=0,  # only the python fusions; onnxruntime applies its own at load time
+    )
+    optimized.save_model_to_file(str(out_path))
+    return {op: n for op, n in optimized.get_fused_operator_statistics().items() if n}

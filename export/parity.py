@@ -1,0 +1,296 @@
+"""The parity gate: an export is done only when its package answers like the PyTorch original.
+
+Checked on real tokenized text of several lengths: raw outputs (each text alone, and in padded
+batches), top-1 agreement or cosine, batch invariance (alone against batched), and end-to-end
+task answers of kiln's runtime against the `transformers` pipeline on the original model.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from kiln.export.quantize import Fidelity
+from kiln.runtime.package import Package
+from kiln.runtime.pipelines import PIPELINES
+from kiln.runtime.pipelines.feature_extraction import normalize, pool
+from kiln.runtime.session import SessionOptions, create_session
+from kiln.runtime.tokenize import TextEncoder
+from tokenizers import Encoding
+
+BATCH = 8
+QUESTIONS = ("What happened?", "Who is it about?", "무엇에 관한 내용인가요?", "Where?")
+
+
+@dataclass
+class Tolerance:
+    """Limits for one precision; recorded in the manifest next to the figures reached."""
+
+    max_abs: float | None  # raw output error, relative to the reference's scale (max |ref|, >= 1)
+    min_agreement: float
+    min_cosine: float
+    max_batch_drift: float  # alone against batched, relative to the same scale
+
+
+def tolerance_for(precision: str, min_agreement: float) -> Tolerance:
+    if precision == "fp32":
+        return Tolerance(1e-3, min_agreement, 0.9999, 1e-3)
+    if precision == "fp16":
+        return Tolerance(3e-2, min_agreement, 0.999, 3e-2)
+    return Tolerance(None, min_agreement, 0.99, 5e-2)
+
+
+@dataclass
+class Inputs:
+    """The validation items for a task, encoded once: what both sides are fed."""
+
+    texts: list[str]
+    pairs: list[str] | None
+    encodings: list[Encoding]
+
+    def batches(self) -> list[list[int]]:
+        """Unsorted batches, so padding is exercised as a server would see it."""
+        n = len(self.encodings)
+        return [list(range(i, min(i + BATCH, n))) for i in range(0, n, BATCH)]
+
+
+def make_inputs(task: str, texts: list[str], encoder: TextEncoder, mask_token: str | None) -> Inputs:
+    if task == "question-answering":
+        questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(len(texts))]
+        return Inputs(questions, texts, encoder.encode(questions, texts))
+    if task == "fill-mask":
+        texts = [_mask_one_word(t, mask_token or "[MASK]", i) for i, t in enumerate(texts)]
+    return Inputs(texts, None, encoder.encode(texts))
+
+
+def _mask_one_word(text: str, mask: str, seed: int) -> str:
+    words = text.split(" ")
+    words[seed % len(words)] = mask
+    return " ".join(words)
+
+
+Items = list[dict[str, np.ndarray]]
+
+
+def run_onnx(session: Any, encoder: TextEncoder, inputs: Inputs, outputs: list[str], alone: bool) -> Items:
+    groups = [[i] for i in range(len(inputs.encodings))] if alone else inputs.batches()
+    items: Items = [{} for _ in inputs.encodings]
+    for group in groups:
+        batch = encoder.pad([inputs.encodings[i] for i in group])
+        values = session.run(outputs, batch.feeds)
+        _split(items, group, inputs, dict(zip(outputs, values, strict=True)))
+    return items
+
+
+def run_torch(model: Any, encoder: TextEncoder, inputs: Inputs, outputs: list[str]) -> Items:
+    import torch
+
+    items: Items = [{} for _ in inputs.encodings]
+    with torch.inference_mode():
+        for group in inputs.batches():
+            batch = encoder.pad([inputs.encodings[i] for i in group])
+            result = model(**{k: torch.from_numpy(v) for k, v in batch.feeds.items()})
+            values = {name: getattr(result, name).float().numpy() for name in outputs}
+            _split(items, group, inputs, values)
+    return items
+
+
+def _split(items: Items, group: list[int], inputs: Inputs, values: dict[str, np.ndarray]) -> None:
+    for row, index in enumerate(group):
+        length = len(inputs.encodings[index].ids)
+        items[index] = {
+            name: value[row, :length] if value.ndim >= 2 and _is_sequence(name, value) else value[row]
+            for name, value in values.items()
+        }
+
+
+def _is_sequence(name: str, value: np.ndarray) -> bool:
+    return name in ("start_logits", "end_logits", "last_hidden_state") or value.ndim == 3
+
+
+@dataclass
+class Figures:
+    """Raw-output figures of one graph against the reference."""
+
+    max_abs: dict[str, float] = field(default_factory=dict)
+    mean_abs: dict[str, float] = field(default_factory=dict)
+    scale: float = 1.0
+    agreement: float | None = None
+    min_cosine: float | None = None
+    mean_cosine: float | None = None
+
+    def fidelity(self) -> Fidelity:
+        score = self.min_cosine if self.agreement is None else self.agreement
+        return Fidelity(score=float(score), error=float(np.mean(list(self.mean_abs.values()))))
+
+    def relative_max_abs(self) -> float:
+        return max(self.max_abs.values()) / self.scale
+
+
+def compare(task: str, reference: Items, got: Items, pooling_mode: str = "mean") -> Figures:
+    figures = Figures()
+    names = list(reference[0])
+    figures.scale = max(1.0, max(float(np.abs(r[n]).max()) for r in reference for n in names))
+    for name in names:
+        diffs = [np.abs(r[name] - g[name]) for r, g in zip(reference, got, strict=True)]
+        figures.max_abs[name] = float(max(d.max() for d in diffs))
+        figures.mean_abs[name] = float(np.mean([d.mean() for d in diffs]))
+    if task == "feature-extraction":
+        cosines = [
+            _cosine(pool(r["last_hidden_state"], pooling_mode), pool(g["last_hidden_state"], pooling_mode))
+            for r, g in zip(reference, got, strict=True)
+        ]
+        figures.min_cosine, figures.mean_cosine = float(min(cosines)), float(np.mean(cosines))
+    else:
+        matches = [
+            np.mean(r[n].argmax(-1) == g[n].argmax(-1)) for r, g in zip(reference, got, strict=True) for n in names
+        ]
+        figures.agreement = float(np.mean(matches))
+    return figures
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.dot(a, b) / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
+
+
+# ---- end-to-end task answers: kiln's runtime pipeline against transformers' pipeline ----------
+
+
+def task_agreement(task: str, hf_pipe: Any, kiln_pipe: Any, inputs: Inputs, pooled: Any = None) -> dict:
+    """Fraction of items whose answer (label, entity spans, answer span, top token) is the same."""
+    texts = inputs.texts
+    if task == "text-classification":
+        theirs = [hf_pipe(t)[0] for t in texts]
+        ours = kiln_pipe(texts)
+        same = [a["label"] == b["label"] for a, b in zip(theirs, ours, strict=True)]
+        score_diff = max(abs(a["score"] - b["score"]) for a, b in zip(theirs, ours, strict=True))
+        return {"agreement": float(np.mean(same)), "max_score_diff": float(score_diff), "items": len(texts)}
+    if task == "token-classification":
+        theirs = [hf_pipe(t, aggregation_strategy="simple") for t in texts]
+        ours = kiln_pipe(texts, aggregation_strategy="simple")
+        same = [_spans(a) == _spans(b) for a, b in zip(theirs, ours, strict=True)]
+        return {"agreement": float(np.mean(same)), "items": len(texts), "aggregation": "simple"}
+    if task == "question-answering":
+        theirs = [hf_pipe(question=q, context=c) for q, c in zip(texts, inputs.pairs, strict=True)]
+        ours = kiln_pipe(texts, inputs.pairs)
+        same = [(a["start"], a["end"]) == (b["start"], b["end"]) for a, b in zip(theirs, ours, strict=True)]
+        return {"agreement": float(np.mean(same)), "items": len(texts)}
+    if task == "fill-mask":
+        theirs = [hf_pipe(t, top_k=1)[0] for t in texts]
+        ours = kiln_pipe(texts, top_k=1)
+        same = [a["token"] == b[0]["token"] for a, b in zip(theirs, ours, strict=True)]
+        return {"agreement": float(np.mean(same)), "items": len(texts)}
+    ours = kiln_pipe(texts)
+    cosines = [_cosine(a, b) for a, b in zip(pooled, ours, strict=True)]
+    return {"min_cosine": float(min(cosines)), "mean_cosine": float(np.mean(cosines)), "items": len(texts)}
+
+
+def _spans(entities: list[dict]) -> list[tuple[str, int, int]]:
+    return [(e["entity_group"], int(e["start"]), int(e["end"])) for e in entities]
+
+
+def torch_pooled(reference: Items, mode: str, do_normalize: bool) -> np.ndarray:
+    vectors = np.stack([pool(item["last_hidden_state"], mode) for item in reference])
+    return normalize(vectors) if do_normalize else vectors
+
+
+# ---- the gate ---------------------------------------------------------------------------------
+
+
+def median_ms(session: Any, encoder: TextEncoder, inputs: Inputs) -> float:
+    """Median latency of one text at a time (after one warm-up pass)."""
+    times = []
+    for repeat in range(2):
+        for enc in inputs.encodings:
+            batch = encoder.pad([enc])
+            start = time.perf_counter()
+            session.run(None, batch.feeds)
+            if repeat:
+                times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1000)
+
+
+@dataclass
+class GateResult:
+    passed: bool
+    report: dict[str, Any]
+    failures: list[str]
+
+
+def run_gate(
+    package: Package,
+    torch_model: Any,
+    hf_pipe: Any,
+    reference: Items,
+    inputs: Inputs,
+    tolerance: Tolerance,
+    fp32_path: Path | None,
+) -> GateResult:
+    """Check a loaded package; returns the report (for kiln.json) and what failed, if anything."""
+    manifest = package.manifest
+    task, encoder, outputs = manifest.task, package.encoder, manifest.outputs
+    mode = manifest.pooling.mode if manifest.pooling else "mean"
+    alone = run_onnx(package.session, encoder, inputs, outputs, alone=True)
+    batched = run_onnx(package.session, encoder, inputs, outputs, alone=False)
+    fig_alone = compare(task, reference, alone, mode)
+    fig_batched = compare(task, reference, batched, mode)
+    drift = compare(task, alone, batched, mode)
+    kiln_pipe = PIPELINES[task](package)
+    pooled = None
+    if task == "feature-extraction":
+        pooled = torch_pooled(reference, mode, manifest.pooling.normalize if manifest.pooling else False)
+    end_to_end = task_agreement(task, hf_pipe, kiln_pipe, inputs, pooled)
+    report: dict[str, Any] = {
+        "precision": manifest.precision,
+        "items": len(inputs.encodings),
+        "batch_sizes": [1, BATCH],
+        "tolerance": asdict(tolerance),
+        "alone": asdict(fig_alone),
+        "batched": asdict(fig_batched),
+        "batch_invariance": {
+            "max_abs": max(drift.max_abs.values()),
+            "agreement": drift.agreement,
+            "min_cosine": drift.min_cosine,
+        },
+        "end_to_end": end_to_end,
+    }
+    if fp32_path is not None:
+        fp32 = create_session(fp32_path, SessionOptions())
+        report["speed_one_text_ms"] = {
+            "fp32": median_ms(fp32, encoder, inputs),
+            manifest.precision: median_ms(package.session, encoder, inputs),
+        }
+    failures = _failures(report, fig_alone, fig_batched, drift, tolerance, end_to_end)
+    report["passed"] = not failures
+    report["failures"] = failures
+    return GateResult(not failures, report, failures)
+
+
+def _failures(
+    report: dict[str, Any], alone: Figures, batched: Figures, drift: Figures, tol: Tolerance, e2e: dict
+) -> list[str]:
+    failures = []
+    for label, fig in (("alone", alone), ("batched", batched)):
+        if tol.max_abs is not None and fig.relative_max_abs() > tol.max_abs:
+            failures.append(
+                f"raw outputs ({label}) differ by up to {max(fig.max_abs.values()):.3g} "
+                f"(relative {fig.relative_max_abs():.3g} > {tol.max_abs:g})"
+            )
+        if fig.agreement is not None and fig.agreement < tol.min_agreement:
+            failures.append(f"top-1 agreement ({label}) {fig.agreement:.4f} < {tol.min_agreement:g}")
+        if fig.min_cosine is not None and fig.min_cosine < tol.min_cosine:
+            failures.append(f"embedding cosine ({label}) down to {fig.min_cosine:.5f} < {tol.min_cosine:g}")
+    if drift.agreement is not None and drift.agreement < 1.0:
+        failures.append(f"answers depend on batch-mates: {1 - drift.agreement:.2%} of top-1 labels change")
+    if drift.relative_max_abs() > tol.max_batch_drift:
+        failures.append(
+            f"outputs depend on batch-mates: up to {max(drift.max_abs.values()):.3g} between alone and batched"
+        )
+    if "agreement" in e2e and e2e["agreement"] < tol.min_agreement:
+        failures.append(f"task answers agree with transformers on {e2e['agreement']:.4f} < {tol.min_agreement:g}")
+    if "min_cosine" in e2e and e2e["min_cosine"] < tol.min_cosine:
+        failures.append(f"pipeline embeddings cosine down to {e2e['min_cosine']:.5f} < {tol.min_cosine:g}")
+    return failures

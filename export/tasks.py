@@ -1,0 +1,120 @@
+"""Which task a model is exported for, decided from its config and checked against its head."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kiln.runtime.errors import UnsupportedModel
+from kiln.runtime.manifest import TASKS, Pooling
+
+# encoder families kiln exports; the value says how many position slots are reserved (RoBERTa's
+# padding offset), which bounds the usable sequence length
+ARCHITECTURES = {
+    "bert": 0,
+    "roberta": 2,
+    "xlm-roberta": 2,
+    "camembert": 2,
+    "distilbert": 0,
+    "electra": 0,
+    "albert": 0,
+    "mpnet": 2,
+    "deberta": 0,
+    "deberta-v2": 0,
+}
+HEADS = {
+    "ForSequenceClassification": "text-classification",
+    "ForTokenClassification": "token-classification",
+    "ForQuestionAnswering": "question-answering",
+    "ForMaskedLM": "fill-mask",
+    "Model": "feature-extraction",
+}
+
+
+@dataclass
+class TaskSpec:
+    """The task and everything about the model the package needs to know up front."""
+
+    task: str
+    model_type: str
+    labels: list[str]
+    problem_type: str | None
+    max_length: int
+    pooling: Pooling | None
+
+
+def head_task(architecture: str) -> str | None:
+    for suffix, task in HEADS.items():
+        if architecture.endswith(suffix) and architecture[: -len(suffix)]:
+            return task
+    return None
+
+
+def detect_task(path: Path, config: dict[str, Any], requested: str | None) -> TaskSpec:
+    model_type = config.get("model_type", "")
+    if model_type not in ARCHITECTURES:
+        raise UnsupportedModel(
+            f"architecture {model_type or '(none)'!r} is not supported; kiln exports {', '.join(sorted(ARCHITECTURES))}"
+        )
+    architectures = config.get("architectures") or []
+    head = head_task(architectures[0]) if architectures else "feature-extraction"
+    if requested is not None and requested not in TASKS:
+        raise UnsupportedModel(f"task {requested!r} is not supported; choose one of {', '.join(TASKS)}")
+    task = requested or head
+    if task is None:
+        raise UnsupportedModel(f"cannot tell the task from architecture {architectures[0]!r}; pass --task")
+    if task != head and task != "feature-extraction":
+        raise UnsupportedModel(
+            f"task {task!r} does not match the model's head ({architectures[0]} is for {head}); "
+            "its weights would be random"
+        )
+    labels = _labels(config) if task in ("text-classification", "token-classification") else []
+    return TaskSpec(
+        task=task,
+        model_type=model_type,
+        labels=labels,
+        problem_type=config.get("problem_type"),
+        max_length=max_length(path, config),
+        pooling=read_pooling(path) if task == "feature-extraction" else None,
+    )
+
+
+def _labels(config: dict[str, Any]) -> list[str]:
+    id2label = config.get("id2label") or {}
+    count = len(id2label) or config.get("num_labels", 2)
+    return [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(count)]
+
+
+def max_length(path: Path, config: dict[str, Any]) -> int:
+    """The longest input the model takes: its position table less reserved slots, capped by the
+    tokenizer's model_max_length when that is set to something real."""
+    positions = config.get("max_position_embeddings") or config.get("n_positions") or 512
+    limit = positions - ARCHITECTURES.get(config.get("model_type", ""), 0)
+    tokenizer_config = path / "tokenizer_config.json"
+    if tokenizer_config.is_file():
+        declared = json.loads(tokenizer_config.read_text(encoding="utf-8")).get("model_max_length")
+        if isinstance(declared, int) and 0 < declared < limit:
+            limit = declared
+    return int(limit)
+
+
+def read_pooling(path: Path) -> Pooling:
+    """Pooling and normalisation from a sentence-transformers layout, else plain mean pooling."""
+    modules_file = path / "modules.json"
+    if not modules_file.is_file():
+        return Pooling()
+    modules = json.loads(modules_file.read_text(encoding="utf-8"))
+    pooling = Pooling(normalize=any(m.get("type", "").endswith("Normalize") for m in modules))
+    for module in modules:
+        if module.get("type", "").endswith("Pooling"):
+            config = json.loads((path / module["path"] / "config.json").read_text(encoding="utf-8"))
+            for mode, key in (
+                ("cls", "pooling_mode_cls_token"),
+                ("max", "pooling_mode_max_tokens"),
+                ("mean", "pooling_mode_mean_tokens"),
+            ):
+                if config.get(key):
+                    pooling.mode = mode
+    return pooling

@@ -1,0 +1,24 @@
+"""kiln's lean runtime: onnxruntime + tokenizers + numpy, never torch/transformers/optimum."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kiln.runtime.package import Package, load_package
+from kiln.runtime.pipelines import PIPELINES, Pipeline
+from kiln.runtime.session import SessionOptions
+
+
+def pipeline(
+    package: str | Path | Package,
+    provider: str = "cpu",
+    threads: int = 0,
+    batch_size: int = 8,
+) -> Pipeline:
+    """Load a package written by `kiln export` and return the pipeline for its task."""
+    if not isinstance(package, Package):
+        package = load_package(package, SessionOptions(provider=provider, intra_op_threads=threads))
+    return PIPELINES[package.manifest.task](package, batch_size=batch_size)
+
+
+__all__ = ["Package", "Pipeline", "SessionOptions", "load_package", "pipeline"]

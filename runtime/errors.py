@@ -1,0 +1,96 @@
+"""Every error kiln raises on purpose, defined once.
+
+Each class carries the process exit code the CLI uses and the gRPC status name the server
+maps it to, so the mapping lives here and nowhere else.
+"""
+
+from __future__ import annotations
+
+
+class KilnError(Exception):
+    """Base of kiln's expected failures: a message a person can act on."""
+
+    exit_code = 1
+    grpc_status = "INTERNAL"
+
+
+class InvalidInput(KilnError, ValueError):
+    """A caller passed something kiln cannot run (empty text, wrong type, mismatched pairs)."""
+
+    exit_code = 2
+    grpc_status = "INVALID_ARGUMENT"
+
+
+class InvalidInputType(InvalidInput, TypeError):
+    """An input of the wrong Python type (None, bytes, a number)."""
+
+
+class InputTooLong(InvalidInput):
+    """Text longer than the model's limit while truncation is off."""
+
+
+class ModelNotFound(KilnError):
+    """The model id or directory could not be resolved (offline cache miss, typo, missing dir)."""
+
+    exit_code = 3
+    grpc_status = "NOT_FOUND"
+
+
+class NotAModel(KilnError):
+    """A directory exists but holds no loadable Hugging Face model."""
+
+    exit_code = 3
+    grpc_status = "INVALID_ARGUMENT"
+
+
+class UnsupportedModel(KilnError):
+    """An architecture or task kiln does not export, or a task that does not match the head."""
+
+    exit_code = 4
+    grpc_status = "INVALID_ARGUMENT"
+
+
+class OutputError(KilnError):
+    """The output location exists (without --force) or cannot be written."""
+
+    exit_code = 5
+    grpc_status = "FAILED_PRECONDITION"
+
+
+class CalibrationError(KilnError):
+    """The calibration/validation text file is missing, empty or unreadable."""
+
+    exit_code = 6
+    grpc_status = "INVALID_ARGUMENT"
+
+
+class ParityError(KilnError):
+    """The exported package does not match its PyTorch original within tolerance."""
+
+    exit_code = 7
+    grpc_status = "INTERNAL"
+
+    def __init__(self, message: str, report: dict | None = None):
+        super().__init__(message)
+        self.report = report
+
+
+class PackageError(KilnError):
+    """A package on disk is missing files, corrupt, or from a newer format."""
+
+    exit_code = 8
+    grpc_status = "FAILED_PRECONDITION"
+
+
+class ProviderUnavailable(KilnError):
+    """An execution provider was asked for that this onnxruntime build or machine lacks."""
+
+    exit_code = 9
+    grpc_status = "FAILED_PRECONDITION"
+
+
+class MissingDependency(KilnError):
+    """An optional extra (e.g. kiln[export]) is needed for this command but not installed."""
+
+    exit_code = 10
+    grpc_status = "UNIMPLEMENTED"

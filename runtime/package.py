@@ -1,0 +1,55 @@
+"""Loading a package directory: manifest, files, tokenizer and session, checked before use."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from kiln.runtime.errors import PackageError
+from kiln.runtime.manifest import MODEL_NAME, Manifest, read_manifest, verify_files
+from kiln.runtime.session import SessionOptions, create_session
+from kiln.runtime.tokenize import Batch, TextEncoder
+
+
+@dataclass
+class Package:
+    """A loaded package: everything a pipeline needs, nothing it has to find out again."""
+
+    directory: Path
+    manifest: Manifest
+    encoder: TextEncoder
+    session: ort.InferenceSession
+    tokenizer_config: dict[str, Any] = field(default_factory=dict)
+
+    def run(self, batch: Batch) -> dict[str, np.ndarray]:
+        values = self.session.run(self.manifest.outputs, batch.feeds)
+        return dict(zip(self.manifest.outputs, values, strict=True))
+
+
+def load_package(directory: str | Path, options: SessionOptions | None = None, verify_hashes: bool = True) -> Package:
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    verify_files(directory, manifest, check_hashes=verify_hashes)
+    for required in (MODEL_NAME, "tokenizer.json"):
+        if not (directory / required).is_file():
+            raise PackageError(f"{directory}: missing {required}")
+    session = create_session(directory / MODEL_NAME, options or SessionOptions())
+    declared = [i.name for i in session.get_inputs()]
+    unknown = [name for name in declared if name not in ("input_ids", "attention_mask", "token_type_ids")]
+    if unknown:
+        raise PackageError(f"{directory}: model takes inputs kiln cannot build: {', '.join(unknown)}")
+    encoder = TextEncoder.from_directory(directory, declared, manifest.max_sequence_length)
+    return Package(directory, manifest, encoder, session, _read_json(directory / "tokenizer_config.json"))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise PackageError(f"{path}: not valid JSON ({exc})") from exc

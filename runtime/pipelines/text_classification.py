@@ -1,0 +1,58 @@
+"""Text classification (single texts and pairs, single- and multi-label), like transformers'."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from kiln.runtime.errors import InvalidInput
+from kiln.runtime.inputs import check_pairs, check_texts
+from kiln.runtime.pipelines.base import Pipeline, sigmoid, softmax
+
+FUNCTIONS = ("softmax", "sigmoid", "none")
+
+
+class TextClassificationPipeline(Pipeline):
+    task = "text-classification"
+
+    def default_function(self) -> str:
+        """The same rule transformers uses: multi-label or a single logit means sigmoid."""
+        if self.manifest.problem_type == "multi_label_classification" or len(self.manifest.labels) == 1:
+            return "sigmoid"
+        return "softmax"
+
+    def logits(
+        self, texts: list[str], text_pair: list[str] | None = None, truncation: bool = True
+    ) -> tuple[np.ndarray, list[bool]]:
+        encodings = self.encoder.encode(texts, text_pair, truncation=truncation)
+        outputs = self.forward(encodings)
+        return np.stack([o["logits"] for o in outputs]), [bool(e.overflowing) for e in encodings]
+
+    def __call__(
+        self,
+        texts: str | list[str],
+        text_pair: str | list[str] | None = None,
+        top_k: int | None = 1,
+        function_to_apply: str | None = None,
+        truncation: bool = True,
+    ) -> list[Any]:
+        texts = check_texts(texts)
+        pairs = check_pairs(texts, text_pair) if text_pair is not None else None
+        function = function_to_apply or self.default_function()
+        if function not in FUNCTIONS:
+            raise InvalidInput(f"function_to_apply must be one of {', '.join(FUNCTIONS)}, got {function!r}")
+        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+            raise InvalidInput(f"top_k must be a positive integer or None, got {top_k!r}")
+        logits, truncated = self.logits(texts, pairs, truncation)
+        scores = {"softmax": softmax, "sigmoid": sigmoid, "none": lambda x: x}[function](logits)
+        return [self._rank(row, top_k, cut) for row, cut in zip(scores, truncated, strict=True)]
+
+    def _rank(self, scores: np.ndarray, top_k: int | None, truncated: bool) -> Any:
+        order = np.argsort(-scores, kind="stable")
+        ranked = [{"label": self.manifest.labels[i], "score": float(scores[i])} for i in order]
+        if truncated:
+            for item in ranked:
+                item["truncated"] = True
+        if top_k == 1:
+            return ranked[0]
+        return ranked if top_k is None else ranked[:top_k]

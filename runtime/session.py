@@ -1,0 +1,60 @@
+"""onnxruntime sessions: provider choice and CPU threading, with no silent fallback."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnxruntime as ort
+from kiln.runtime.errors import PackageError, ProviderUnavailable
+
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+_AUTO_ORDER = ("tensorrt", "cuda", "cpu")
+
+
+@dataclass
+class SessionOptions:
+    provider: str = "cpu"  # cpu | cuda | tensorrt | auto
+    intra_op_threads: int = 0  # 0: one per physical core (onnxruntime's default)
+    inter_op_threads: int = 1
+    allow_fallback: bool = False
+
+
+def resolve_provider(name: str) -> str:
+    """Map a user-facing provider name to onnxruntime's, refusing one this build lacks."""
+    available = ort.get_available_providers()
+    if name == "auto":
+        return next(PROVIDERS[p] for p in _AUTO_ORDER if PROVIDERS[p] in available)
+    if name not in PROVIDERS:
+        raise ProviderUnavailable(f"unknown provider {name!r}; choose one of auto, {', '.join(PROVIDERS)}")
+    if PROVIDERS[name] not in available:
+        raise ProviderUnavailable(
+            f"provider {name!r} is not available in this onnxruntime build ({ort.__version__}; "
+            f"available: {', '.join(available)}); install kiln[gpu] on a machine with a GPU, or use cpu"
+        )
+    return PROVIDERS[name]
+
+
+def create_session(model_path: Path, options: SessionOptions) -> ort.InferenceSession:
+    provider = resolve_provider(options.provider)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = options.intra_op_threads or _default_threads()
+    so.inter_op_num_threads = options.inter_op_threads
+    so.log_severity_level = 3
+    providers = [provider]
+    if options.allow_fallback and provider != PROVIDERS["cpu"]:
+        providers.append(PROVIDERS["cpu"])
+    try:
+        return ort.InferenceSession(str(model_path), so, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own untyped errors
+        raise PackageError(f"{model_path}: onnxruntime {ort.__version__} cannot load this model: {exc}") from exc
+
+
+def _default_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
