@@ -19,6 +19,7 @@ from kiln.export import parity
 from kiln.export.onnx_export import TOKENIZER_FILES, export_onnx
 from kiln.export.optimize import optimize_graph
 from kiln.export.quantize import (
+    Fidelity,
     QuantInfo,
     choose_float_layers,
     convert_fp16,
@@ -30,7 +31,8 @@ from kiln.export.tasks import TaskSpec, detect_task
 from kiln.export.texts import builtin_texts, read_texts
 from kiln.runtime.errors import OutputError, ParityError, UnsupportedModel
 from kiln.runtime.manifest import MODEL_NAME, Manifest, sha256_file
-from kiln.runtime.package import load_package
+from kiln.runtime.package import Package, load_package
+from kiln.runtime.pipelines import PIPELINES
 from kiln.runtime.session import SessionOptions, create_session
 from kiln.runtime.tokenize import TextEncoder
 
@@ -111,12 +113,14 @@ def _export(options: ExportOptions, output: Path, texts: list[str], work: Path, 
     inputs = parity.make_inputs(spec.task, texts[:MAX_VALIDATION_ITEMS], encoder, mask_token)
     outputs = [o.name for o in create_session(fp32_path, SessionOptions()).get_outputs()]
     reference = parity.run_torch(torch_model, encoder, inputs, outputs)
+    expected = parity.hf_answers(
+        spec.task, _hf_pipeline(spec.task, torch_model, raw_dir), inputs, reference, spec.pooling
+    )
     precision = PRECISIONS[options.quantize]
     tolerance = parity.tolerance_for(precision, options.min_agreement)
 
-    model_path, info = _lower_precision(
-        options, precision, fp32_path, work, encoder, inputs, reference, tolerance, texts, spec
-    )
+    candidate = _Candidate(raw_dir, spec, encoder, inputs, reference, expected, outputs, mask_token)
+    model_path, info = _lower_precision(precision, fp32_path, work, candidate, tolerance, texts)
     stage_done("quantize", info.scheme if info else "kept fp32")
 
     package_dir = work / "package"
@@ -135,11 +139,9 @@ def _export(options: ExportOptions, output: Path, texts: list[str], work: Path, 
         mask_token,
     )
     package = load_package(package_dir)
-    hf_pipe = _hf_pipeline(spec.task, torch_model, raw_dir)
     gate = parity.run_gate(
         package,
-        torch_model,
-        hf_pipe,
+        expected,
         reference,
         inputs,
         tolerance,
@@ -216,17 +218,48 @@ def _input_names(path: Path) -> list[str]:
     return [i.name for i in create_session(path, SessionOptions()).get_inputs()]
 
 
+@dataclass
+class _Candidate:
+    """What scoring a candidate int8 graph needs: the validation items and the original's answers."""
+
+    raw_dir: Path
+    spec: TaskSpec
+    encoder: TextEncoder
+    inputs: parity.Inputs
+    reference: parity.Items
+    expected: list[Any]
+    outputs: list[str]
+    mask_token: str | None
+
+    def evaluate(self, path: Path) -> Fidelity:
+        """Raw agreement (or cosine) and end-to-end agreement; the lower one counts."""
+        session = create_session(path, SessionOptions())
+        got = parity.run_onnx(session, self.encoder, self.inputs, self.outputs, alone=False)
+        raw = parity.compare(self.spec.task, self.reference, got).fidelity()
+        manifest = Manifest(
+            task=self.spec.task,
+            precision="int8-dynamic",
+            inputs=self.encoder.input_names,
+            outputs=self.outputs,
+            max_sequence_length=self.spec.max_length,
+            labels=self.spec.labels,
+            problem_type=self.spec.problem_type,
+            pooling=self.spec.pooling,
+            mask_token=self.mask_token,
+        )
+        package = Package(self.raw_dir, manifest, self.encoder, session)
+        answers = parity.kiln_answers(self.spec.task, PIPELINES[self.spec.task](package), self.inputs)
+        e2e = parity.task_agreement(self.spec.task, self.expected, answers)
+        return Fidelity(score=min(raw.score, e2e.get("agreement", e2e.get("min_cosine", 1.0))), error=raw.error)
+
+
 def _lower_precision(
-    options: ExportOptions,
     precision: str,
     fp32_path: Path,
     work: Path,
-    encoder: TextEncoder,
-    inputs: parity.Inputs,
-    reference: parity.Items,
+    candidate: _Candidate,
     tolerance: parity.Tolerance,
     texts: list[str],
-    spec: TaskSpec,
 ) -> tuple[Path, QuantInfo | None]:
     out = work / "lowered.onnx"
     if precision == "fp32":
@@ -234,19 +267,13 @@ def _lower_precision(
     if precision == "fp16":
         return out, convert_fp16(fp32_path, out)
     if precision == "int8-static":
-        return out, quantize_static_int8(fp32_path, out, _calibration_feeds(encoder, texts))
-
-    def evaluate(candidate: Path) -> Any:
-        session = create_session(candidate, SessionOptions())
-        got = parity.run_onnx(session, encoder, inputs, list(reference[0]), alone=False)
-        return parity.compare(spec.task, reference, got).fidelity()
-
-    target = tolerance.min_cosine if spec.task == "feature-extraction" else tolerance.min_agreement
+        return out, quantize_static_int8(fp32_path, out, _calibration_feeds(candidate.encoder, texts))
+    target = tolerance.min_cosine if candidate.spec.task == "feature-extraction" else tolerance.min_agreement
     info = quantize_int8(fp32_path, out, keep_float=[])
-    reached = evaluate(out).score
+    reached = candidate.evaluate(out).score
     info.details["score_all_int8"] = reached
     if reached < target:
-        kept, trials = choose_float_layers(fp32_path, work, evaluate, target)
+        kept, trials = choose_float_layers(fp32_path, work, candidate.evaluate, target)
         info = quantize_int8(fp32_path, out, keep_float=kept)
         info.details.update(score_all_int8=reached, sensitivity=trials)
     return out, info

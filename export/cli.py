@@ -47,7 +47,8 @@ def summary(result: ExportResult) -> str:
     lines = [
         f"kiln package: {result.output}",
         f"  task {manifest.task}, precision {manifest.precision}, max length {manifest.max_sequence_length}",
-        f"  size: fp32 ONNX {result.sizes['fp32_onnx'] / 1e6:.1f} MB -> model {result.sizes['package_model'] / 1e6:.1f} MB",
+        f"  size: fp32 ONNX {result.sizes['fp32_onnx'] / 1e6:.1f} MB -> "
+        f"model {result.sizes['package_model'] / 1e6:.1f} MB",
     ]
     batched = report["batched"]
     if batched.get("agreement") is not None:

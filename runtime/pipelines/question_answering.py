@@ -83,26 +83,31 @@ def _answers(
     max_answer_len: int,
     handle_impossible: bool,
 ) -> list[dict[str, Any]]:
-    answers = []
+    """Best answers over all windows. As in transformers, more candidates than asked for are
+    taken (word alignment can make two spans one answer) and equal answers add their scores."""
+    by_text: dict[str, dict[str, Any]] = {}
     null_score = 1e6
     for enc, out in zip(spans, outputs, strict=True):
         allowed = np.array([s == 1 for s in enc.sequence_ids], dtype=bool)
-        start = _masked_probs(out["start_logits"], enc, allowed)
-        end = _masked_probs(out["end_logits"], enc, allowed)
+        start = _masked_probs(out["start_logits"], allowed)
+        end = _masked_probs(out["end_logits"], allowed)
         if handle_impossible:
             null_score = min(null_score, float(start[0] * end[0]))
         start[0] = end[0] = 0.0
-        for s, e, score in _best_spans(start, end, top_k, max_answer_len, allowed):
+        for s, e, score in _best_spans(start, end, top_k * 2 + 10, max_answer_len, allowed):
             char_start, char_end = _char_span(enc, s, e)
-            answers.append(
-                {"score": score, "start": char_start, "end": char_end, "answer": context[char_start:char_end]}
-            )
+            text = context[char_start:char_end]
+            if text in by_text:
+                by_text[text]["score"] += score
+            else:
+                by_text[text] = {"score": score, "start": char_start, "end": char_end, "answer": text}
+    answers = list(by_text.values())
     if handle_impossible:
         answers.append({"score": null_score, "start": 0, "end": 0, "answer": ""})
     return sorted(answers, key=lambda a: a["score"], reverse=True)[:top_k]
 
 
-def _masked_probs(logits: np.ndarray, enc: Encoding, allowed: np.ndarray) -> np.ndarray:
+def _masked_probs(logits: np.ndarray, allowed: np.ndarray) -> np.ndarray:
     """Softmax over the context tokens (and the CLS token, which stands for 'no answer')."""
     keep = allowed.copy()
     keep[0] = True  # transformers un-masks the first (CLS) position for the null answer
@@ -114,16 +119,16 @@ def _masked_probs(logits: np.ndarray, enc: Encoding, allowed: np.ndarray) -> np.
 def _best_spans(
     start: np.ndarray, end: np.ndarray, top_k: int, max_answer_len: int, allowed: np.ndarray
 ) -> list[tuple[int, int, float]]:
+    """The top_k spans by start x end probability, then those inside the context (the same
+    order of operations as transformers, so both drop the same candidates)."""
     scores = np.tril(np.triu(np.outer(start, end)), max_answer_len - 1)
     flat = scores.ravel()
-    order = np.argsort(-flat, kind="stable")
+    order = np.argsort(-flat, kind="stable")[:top_k]
     picked = []
     for flat_index in order:
         s, e = divmod(int(flat_index), scores.shape[1])
         if allowed[s] and allowed[e]:
             picked.append((s, e, float(flat[flat_index])))
-            if len(picked) == top_k:
-                break
     return picked
 
 

@@ -66,10 +66,10 @@ class TokenClassificationPipeline(Pipeline):
             start, end = enc.offsets[index]
             word = tokenizer.id_to_token(token_id)
             reference = text[start:end]
-            if prefix:
-                is_subword = len(word) != len(reference)
-            else:
-                is_subword = start > 0 and " " not in text[start - 1 : start + 1]
+            # wordpiece marks continuations ("##"); otherwise guess from the surrounding characters
+            is_subword = (
+                (len(word) != len(reference)) if prefix else (start > 0 and " " not in text[start - 1 : start + 1])
+            )
             if token_id == unk_id:
                 word, is_subword = reference, False
             tokens.append(_Token(word, scores[index], start, end, index, is_subword))

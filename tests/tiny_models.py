@@ -1,0 +1,109 @@
+"""Tiny Hugging Face models built locally: random weights, locally trained tokenizers.
+
+No test reaches a hub. Each builder writes a directory with save_pretrained, exactly what a user's
+fine-tuned model directory looks like, and kiln exports from there.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kiln.export.texts import builtin_texts
+
+EXTRA_TEXT = [
+    "Alice lives in Seoul and works for Samsung.",
+    "Bob visited Paris with Carol last summer.",
+    "The quick brown fox jumps over the lazy dog.",
+]
+LABELS = {
+    "text-classification": ["politics", "economy", "sports", "science"],
+    "token-classification": ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG"],
+}
+SIZE = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128}
+
+
+def _corpus() -> list[str]:
+    return builtin_texts() + EXTRA_TEXT
+
+
+def wordpiece_tokenizer(directory: Path, architecture: str = "bert"):
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertTokenizerFast, DistilBertTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator(_corpus(), trainers.WordPieceTrainer(vocab_size=600, special_tokens=specials))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    tok.decoder = decoders.WordPiece()
+    cls = DistilBertTokenizerFast if architecture == "distilbert" else BertTokenizerFast
+    fast = cls(tokenizer_object=tok, model_max_length=128)
+    fast.save_pretrained(directory)
+    return fast
+
+
+def bytelevel_tokenizer(directory: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import RobertaTokenizerFast
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=700, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(_corpus(), trainer)
+    tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0), trim_offsets=True)
+    tok.decoder = decoders.ByteLevel()
+    fast = RobertaTokenizerFast(tokenizer_object=tok, model_max_length=128)
+    fast.save_pretrained(directory)
+    return fast
+
+
+def build(directory: Path, architecture: str, task: str, seed: int = 0) -> Path:
+    """Write a tiny model of `architecture` ('bert', 'roberta', 'distilbert', 'electra') with a
+    head for `task` to directory, and return it."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = (
+        bytelevel_tokenizer(directory) if architecture == "roberta" else wordpiece_tokenizer(directory, architecture)
+    )
+    labels = LABELS.get(task, [])
+    common = {
+        "vocab_size": len(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+        "id2label": dict(enumerate(labels)) if labels else None,
+        "initializer_range": 0.2,  # wide enough that random heads have clear top-1 margins
+    }
+    if architecture == "distilbert":
+        config = transformers.DistilBertConfig(
+            dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_position_embeddings=130, **common
+        )
+    elif architecture == "roberta":
+        config = transformers.RobertaConfig(
+            **SIZE, max_position_embeddings=130, type_vocab_size=1, bos_token_id=0, eos_token_id=2, **common
+        )
+    elif architecture == "electra":
+        config = transformers.ElectraConfig(**SIZE, embedding_size=32, max_position_embeddings=128, **common)
+    else:
+        config = transformers.BertConfig(**SIZE, max_position_embeddings=128, **common)
+    if not labels:
+        config.id2label = {0: "LABEL_0", 1: "LABEL_1"}
+        config.label2id = {"LABEL_0": 0, "LABEL_1": 1}
+    heads = {
+        "text-classification": transformers.AutoModelForSequenceClassification,
+        "token-classification": transformers.AutoModelForTokenClassification,
+        "question-answering": transformers.AutoModelForQuestionAnswering,
+        "fill-mask": transformers.AutoModelForMaskedLM,
+        "feature-extraction": transformers.AutoModel,
+    }
+    model = heads[task].from_config(config).eval()
+    model.save_pretrained(directory)
+    return directory
