@@ -23,6 +23,7 @@ from kiln.export.quantize import (
     QuantInfo,
     choose_float_layers,
     convert_fp16,
+    head_matmuls,
     quantize_int8,
     quantize_static_int8,
 )
@@ -104,7 +105,9 @@ def _export(options: ExportOptions, output: Path, texts: list[str], work: Path, 
     stage_done("export", f"ONNX opset {options.opset}, {_mb(fp32_path)}")
 
     fused: dict[str, int] = {}
-    if options.optimize:
+    # fp16 converts the unfused graph: the converter's casts collide on weights the fused graph shares,
+    # and onnxruntime applies the same fusions to the fp16 graph when it loads it
+    if options.optimize and options.quantize != "fp16":
         fused, fp32_path = _optimize(fp32_path, work / "optimized.onnx", config, options.quantize == "int8")
         stage_done("optimize", f"fused {fused or 'nothing'}")
 
@@ -269,13 +272,21 @@ def _lower_precision(
     if precision == "int8-static":
         return out, quantize_static_int8(fp32_path, out, _calibration_feeds(candidate.encoder, texts))
     target = tolerance.min_cosine if candidate.spec.task == "feature-extraction" else tolerance.min_agreement
-    info = quantize_int8(fp32_path, out, keep_float=[])
+    heads = head_matmuls(fp32_path)  # the task head decides the answer directly and costs little: float
+    info = quantize_int8(fp32_path, out, keep_float=heads)
     reached = candidate.evaluate(out).score
     info.details["score_all_int8"] = reached
     if reached < target:
-        kept, trials = choose_float_layers(fp32_path, work, candidate.evaluate, target)
+        kept, trials = choose_float_layers(fp32_path, work, candidate.evaluate, target, always_float=heads)
         info = quantize_int8(fp32_path, out, keep_float=kept)
         info.details.update(score_all_int8=reached, sensitivity=trials)
+    if info.quantized == 0:
+        raise ParityError(
+            f"int8 cannot reach {target:g} on this model: {reached:.4f} with every encoder layer in int8, and "
+            "below the target until every layer was back in float; export fp32 (--quantize none) or lower "
+            "--min-agreement",
+            {"quantization": info.details},
+        )
     return out, info
 
 

