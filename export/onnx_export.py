@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 from kiln.runtime.errors import UnsupportedModel
@@ -27,16 +28,18 @@ def export_onnx(model_dir: Path, task: str, opset: int, out_dir: Path, trust_rem
     for name in ("optimum", "transformers", "torch.onnx"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
-        main_export(
-            str(model_dir),
-            output=out_dir,
-            task=task,
-            opset=opset,
-            library_name="transformers",  # raw encoder; pooling is the runtime's job
-            do_validation=False,  # kiln's parity gate is stricter and runs next
-            trust_remote_code=trust_remote_code,
-            device="cpu",
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's tracer warns about constants it folds; not actionable
+            main_export(
+                str(model_dir),
+                output=out_dir,
+                task=task,
+                opset=opset,
+                library_name="transformers",  # raw encoder; pooling is the runtime's job
+                do_validation=False,  # kiln's parity gate is stricter and runs next
+                trust_remote_code=trust_remote_code,
+                device="cpu",
+            )
     except (ValueError, KeyError, NotImplementedError) as exc:
         raise UnsupportedModel(f"optimum-onnx cannot export this model for {task}: {exc}") from exc
     _ensure_fast_tokenizer(model_dir, out_dir)
