@@ -37,8 +37,9 @@ def merge_sibling_matmuls(model_path: Path, out_path: Path) -> int:
         sizes = numpy_helper.from_array(np.array([a.shape[1] for a in arrays], dtype=np.int64), f"{name}.split")
         graph.initializer.append(sizes)
         matmul = helper.make_node("MatMul", [activation, f"{name}.weight"], [f"{name}.out"], name=name)
-        split = helper.make_node("Split", [f"{name}.out", sizes.name], [n.output[0] for n in nodes],
-                                 name=f"{name}_split", axis=-1)
+        split = helper.make_node(
+            "Split", [f"{name}.out", sizes.name], [n.output[0] for n in nodes], name=f"{name}_split", axis=-1
+        )
         position = min(list(graph.node).index(n) for n in nodes)
         for node in nodes:
             graph.node.remove(node)

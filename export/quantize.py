@@ -18,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-BLOCK_SIZE = 128
+# the largest block that divides K, up to 256: larger blocks ran faster here (roberta-base, one text
+# at a time: 128 -> 22.5 ms, 256 -> 20.6 ms, 64 -> 26.0 ms) at a small cost in accuracy
+BLOCK_SIZE = 256
 # overflow-prone or precision-critical ops that stay in float32 inside an fp16 graph
 FP16_KEEP_FLOAT = [
     "LayerNormalization",
@@ -101,8 +103,8 @@ def quantize_int8(model_path: Path, out_path: Path, keep_float: list[str]) -> Qu
     quantizer.model.save_model_to_file(str(out_path), use_external_data_format=False)
     kept = sorted({*keep_float, *too_small} & set(weights))
     return QuantInfo(
-        scheme="int8 weights (symmetric, per column, blocks of K) x int8 activations quantised per "
-        "row at run time (onnxruntime MatMulNBits bits=8, accuracy_level=4)",
+        scheme=f"int8 weights (symmetric, per column, blocks of {max(block, 16)} along K) x int8 activations "
+        "quantised per row and block at run time (onnxruntime MatMulNBits bits=8, accuracy_level=4)",
         quantized=len(weights) - len(kept),
         kept_float=kept,
         details={"block_size": max(block, 16), "weights": "int8 symmetric", "activations": "int8 per row"},
