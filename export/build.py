@@ -197,6 +197,7 @@ def _load_torch(resolved: ResolvedModel, task: str, trust_remote_code: bool) -> 
 
     classes = {
         "text-classification": transformers.AutoModelForSequenceClassification,
+        "zero-shot-classification": transformers.AutoModelForSequenceClassification,
         "token-classification": transformers.AutoModelForTokenClassification,
         "question-answering": transformers.AutoModelForQuestionAnswering,
         "fill-mask": transformers.AutoModelForMaskedLM,
@@ -355,6 +356,7 @@ def _assemble(
         opset=options.opset,
         pooling=spec.pooling,
         mask_token=mask_token,
+        max_batch_size=1 if precision == "int8-dynamic" else 0,
         quantization={"optimized": fused, **(_quant_dict(info) if info else {"scheme": "none"})},
         source=_source(resolved),
         files=files,

@@ -63,6 +63,9 @@ def detect_task(path: Path, config: dict[str, Any], requested: str | None) -> Ta
     if requested is not None and requested not in TASKS:
         raise UnsupportedModel(f"task {requested!r} is not supported; choose one of {', '.join(TASKS)}")
     task = requested or head
+    if task == "zero-shot-classification":
+        _check_nli(config, head, architectures)
+        head = task  # an NLI classifier serves zero-shot; its graph is a text-classification graph
     if task is None:
         raise UnsupportedModel(f"cannot tell the task from architecture {architectures[0]!r}; pass --task")
     if task != head and task != "feature-extraction":
@@ -70,7 +73,9 @@ def detect_task(path: Path, config: dict[str, Any], requested: str | None) -> Ta
             f"task {task!r} does not match the model's head ({architectures[0]} is for {head}); "
             "its weights would be random"
         )
-    labels = _labels(config) if task in ("text-classification", "token-classification") else []
+    labels = (
+        _labels(config) if task in ("text-classification", "token-classification", "zero-shot-classification") else []
+    )
     return TaskSpec(
         task=task,
         model_type=model_type,
@@ -79,6 +84,15 @@ def detect_task(path: Path, config: dict[str, Any], requested: str | None) -> Ta
         max_length=max_length(path, config),
         pooling=read_pooling(path) if task == "feature-extraction" else None,
     )
+
+
+def _check_nli(config: dict[str, Any], head: str | None, architectures: list[str]) -> None:
+    labels = [label.lower() for label in _labels(config)]
+    if head != "text-classification" or not any(label.startswith("entail") for label in labels):
+        raise UnsupportedModel(
+            "zero-shot-classification needs an NLI sequence classifier with an 'entailment' label; "
+            f"this model is {architectures[0] if architectures else 'a base model'} with labels {labels}"
+        )
 
 
 def _labels(config: dict[str, Any]) -> list[str]:

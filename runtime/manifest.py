@@ -21,6 +21,7 @@ TASKS = (
     "question-answering",
     "feature-extraction",
     "fill-mask",
+    "zero-shot-classification",
 )
 PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8-static")
 
@@ -46,6 +47,10 @@ class Manifest:
     opset: int = 17
     pooling: Pooling | None = None
     mask_token: str | None = None
+    # 1: run one text per session call. kiln's int8 kernels round a row slightly differently
+    # depending on how many rows share the call (~1e-6, then amplified by int8 rounding), so only
+    # one text per call makes answers exactly independent of batch-mates. 0: any batch size.
+    max_batch_size: int = 0
     quantization: dict[str, Any] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)

@@ -39,7 +39,7 @@ def exported(tiny_model, tmp_path_factory):
         key = (architecture, task, quantize)
         if key not in cache:
             out = tmp_path_factory.mktemp("packages") / f"{architecture}-{task}-{quantize}"
-            export(ExportOptions(model=str(tiny_model(architecture, task)), output=out, quantize=quantize))
+            export(ExportOptions(model=str(tiny_model(architecture, task)), output=out, quantize=quantize, task=task))
             cache[key] = out
         return cache[key]
 

@@ -20,6 +20,7 @@ MATRIX = [
     ("distilbert", "text-classification"),
     ("distilbert", "question-answering"),
     ("electra", "token-classification"),
+    ("bert", "zero-shot-classification"),
 ]
 
 
@@ -52,21 +53,18 @@ def test_roberta_graph_takes_no_token_type_ids(exported):
 
 
 def test_int8_answers_do_not_depend_on_batch_mates(exported):
-    """A text gets the same label, and logits within a small tolerance, alone or in any batch."""
-    clf = pipeline(exported("bert", "text-classification", "int8"))
+    """A text gets exactly the same logits alone or in any batch: int8 packages run one text per call."""
+    package = exported("bert", "text-classification", "int8")
+    assert read_manifest(package).max_batch_size == 1
+    clf = pipeline(package)
     texts = ["short one", "a somewhat longer sentence about the central bank and rates", "세 번째 문장입니다"] * 3
-    alone, _ = clf.logits(texts[:1])
+    alone = np.concatenate([clf.logits([t])[0] for t in texts])
     for batch_size in (1, 2, 9):
         clf.batch_size = batch_size
         logits, _ = clf.logits(texts)
-        assert np.abs(logits[0] - alone[0]).max() < 1e-3
-        assert logits.argmax(1)[0] == alone.argmax(1)[0]
-    clf.batch_size = 1
-    one_by_one, _ = clf.logits(texts)
-    clf.batch_size = 9
-    batched, _ = clf.logits(texts)
-    assert (one_by_one.argmax(1) == batched.argmax(1)).all()
-    assert np.abs(one_by_one - batched).max() < 1e-3
+        assert np.array_equal(logits, alone)
+    report = read_manifest(package).parity["batch_invariance"]
+    assert report["served_one_text_per_call"] is True and report["max_abs"] == 0.0
 
 
 def test_manifest_records_provenance_and_tolerances(exported, tiny_model):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from kiln.runtime import pipeline
 
 TEXTS = [
@@ -155,3 +154,32 @@ def test_feature_extraction_pooling(exported, tiny_model, pooling):
         expected = {"mean": tokens.mean(0), "cls": tokens[0], "max": tokens.max(0)}[pooling]
         expected /= np.linalg.norm(expected)
         assert np.abs(vector - expected).max() < 1e-4
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"candidate_labels": ["politics", "economy", "sports"]},
+        {"candidate_labels": "politics, economy", "multi_label": True},
+        {"candidate_labels": ["weather"]},
+        {"candidate_labels": ["politics", "sports"], "hypothesis_template": "이 글은 {}에 관한 것이다."},
+    ],
+)
+def test_zero_shot_options(exported, hf, options):
+    ours = pipeline(exported("bert", "zero-shot-classification"))(TEXTS, **options)
+    theirs = [hf("bert", "zero-shot-classification")(t, **options) for t in TEXTS]
+    assert_same(theirs, ours)
+
+
+def test_zero_shot_needs_an_nli_model(tiny_model, tmp_path):
+    from kiln.export.build import ExportOptions, export
+    from kiln.runtime.errors import UnsupportedModel
+
+    with pytest.raises(UnsupportedModel, match="needs an NLI sequence classifier"):
+        export(
+            ExportOptions(
+                model=str(tiny_model("bert", "text-classification")),
+                output=tmp_path / "o",
+                task="zero-shot-classification",
+            )
+        )

@@ -18,6 +18,7 @@ EXTRA_TEXT = [
 LABELS = {
     "text-classification": ["politics", "economy", "sports", "science"],
     "token-classification": ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG"],
+    "zero-shot-classification": ["contradiction", "neutral", "entailment"],
 }
 SIZE = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128}
 
@@ -80,6 +81,7 @@ def build(directory: Path, architecture: str, task: str, seed: int = 0) -> Path:
         "vocab_size": len(tokenizer),
         "pad_token_id": tokenizer.pad_token_id,
         "id2label": dict(enumerate(labels)) if labels else None,
+        "label2id": {label: i for i, label in enumerate(labels)} if labels else None,
         "initializer_range": 0.02,
     }
     if architecture == "distilbert":
@@ -99,6 +101,7 @@ def build(directory: Path, architecture: str, task: str, seed: int = 0) -> Path:
         config.label2id = {"LABEL_0": 0, "LABEL_1": 1}
     heads = {
         "text-classification": transformers.AutoModelForSequenceClassification,
+        "zero-shot-classification": transformers.AutoModelForSequenceClassification,
         "token-classification": transformers.AutoModelForTokenClassification,
         "question-answering": transformers.AutoModelForQuestionAnswering,
         "fill-mask": transformers.AutoModelForMaskedLM,
@@ -120,7 +123,7 @@ def _fit(model, tokenizer, task: str, steps: int = 60) -> None:
     batch = tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
     ids, mask = batch["input_ids"], batch["attention_mask"]
     generator = torch.Generator().manual_seed(0)
-    if task == "text-classification":
+    if task in ("text-classification", "zero-shot-classification"):
         labels = {"labels": torch.tensor([len(t) % model.config.num_labels for t in texts])}
     elif task == "token-classification":
         labels = {"labels": torch.where(mask.bool(), ids % model.config.num_labels, -100)}

@@ -6,6 +6,7 @@ from kiln.runtime.pipelines.fill_mask import FillMaskPipeline
 from kiln.runtime.pipelines.question_answering import QuestionAnsweringPipeline
 from kiln.runtime.pipelines.text_classification import TextClassificationPipeline
 from kiln.runtime.pipelines.token_classification import TokenClassificationPipeline
+from kiln.runtime.pipelines.zero_shot import ZeroShotClassificationPipeline
 
 PIPELINES: dict[str, type[Pipeline]] = {
     cls.task: cls
@@ -15,6 +16,7 @@ PIPELINES: dict[str, type[Pipeline]] = {
         QuestionAnsweringPipeline,
         FeatureExtractionPipeline,
         FillMaskPipeline,
+        ZeroShotClassificationPipeline,
     )
 }
 

@@ -37,7 +37,8 @@ class Pipeline:
         Each item's outputs come back trimmed to its own length, in the order given.
         """
         results: list[dict[str, np.ndarray]] = [{} for _ in encodings]
-        for chunk in _length_sorted_chunks(encodings, self.batch_size):
+        size = min(self.batch_size, self.manifest.max_batch_size or self.batch_size)
+        for chunk in _length_sorted_chunks(encodings, size):
             batch = self.encoder.pad([encodings[i] for i in chunk])
             outputs = self.package.run(batch)
             for row, index in enumerate(chunk):
