@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 from kiln.runtime.package import Package
@@ -30,24 +30,27 @@ class Pipeline:
         self.manifest = package.manifest
         self.encoder = package.encoder
         self.batch_size = batch_size
+        self.runner: Callable[[list[Encoding]], list[dict[str, np.ndarray]]] | None = None
 
     def forward(self, encodings: list[Encoding]) -> list[dict[str, np.ndarray]]:
-        """Run encodings through the session, sorted by length so batches carry little padding.
-
-        Each item's outputs come back trimmed to its own length, in the order given.
-        """
+        """Run encodings through the session, each item's outputs trimmed to its own length,
+        in the order given. A server replaces `runner` to merge items of many requests."""
+        if self.runner is not None:
+            return self.runner(encodings)
         results: list[dict[str, np.ndarray]] = [{} for _ in encodings]
         size = min(self.batch_size, self.manifest.max_batch_size or self.batch_size)
         for chunk in _length_sorted_chunks(encodings, size):
-            batch = self.encoder.pad([encodings[i] for i in chunk])
-            outputs = self.package.run(batch)
+            outputs = self.package.run(self.encoder.pad([encodings[i] for i in chunk]))
             for row, index in enumerate(chunk):
-                length = len(encodings[index].ids)
-                results[index] = {
-                    name: value[row, :length] if name in self.sequence_outputs else value[row]
-                    for name, value in outputs.items()
-                }
+                results[index] = self.item(outputs, row, len(encodings[index].ids))
         return results
+
+    def item(self, outputs: dict[str, np.ndarray], row: int, length: int) -> dict[str, np.ndarray]:
+        """One item's outputs from a padded batch; sequence outputs lose their padding."""
+        return {
+            name: value[row, :length] if name in self.sequence_outputs else value[row]
+            for name, value in outputs.items()
+        }
 
 
 def _length_sorted_chunks(encodings: list[Encoding], size: int) -> Iterator[list[int]]:

@@ -1,0 +1,216 @@
+"""Dynamic batching per model, by token budget.
+
+Requests from many callers are tokenized on worker threads and their sequences land here. A
+batching thread waits at most `max_delay` after the oldest pending sequence, then builds a batch
+around it from the pending sequences of the most similar length, while the padded batch stays
+within `max_tokens` (rows x longest row) and `max_size` rows, so little compute goes to padding.
+Expired and cancelled work is dropped, never run. The session runs on this thread (onnxruntime
+releases the GIL), never on the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from kiln.runtime.errors import KilnError
+
+log = logging.getLogger("kiln.serve")
+
+
+class QueueFull(KilnError):
+    grpc_status = "RESOURCE_EXHAUSTED"
+
+
+class DeadlineExceeded(KilnError):
+    grpc_status = "DEADLINE_EXCEEDED"
+
+
+class Cancelled(KilnError):
+    grpc_status = "CANCELLED"
+
+
+class Draining(KilnError):
+    grpc_status = "UNAVAILABLE"
+
+
+@dataclass
+class BatchOptions:
+    max_tokens: int = 8192  # padded tokens per batch
+    max_size: int = 64  # rows per batch
+    max_delay: float = 0.002  # seconds the oldest sequence may wait for company
+    max_queue: int = 1024  # pending sequences before new requests are refused
+
+
+@dataclass
+class RequestState:
+    """What the batcher needs to know about the call a sequence belongs to."""
+
+    deadline: float | None = None  # time.monotonic() value
+    cancelled: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
+
+
+@dataclass
+class _Item:
+    sequence: Any  # has .ids and .type_ids
+    request: RequestState
+    future: Future
+    enqueued: float
+
+    @property
+    def length(self) -> int:
+        return len(self.sequence.ids)
+
+
+@dataclass
+class BatchRecord:
+    """One executed batch, for metrics and statistics."""
+
+    size: int
+    padded_tokens: int
+    real_tokens: int
+    queue_seconds: list[float]
+    infer_seconds: float
+
+
+class Batcher:
+    def __init__(
+        self,
+        name: str,
+        run_batch: Callable[[list[Any]], dict[str, np.ndarray]],
+        split: Callable[[dict[str, np.ndarray], int, int], dict[str, np.ndarray]],
+        options: BatchOptions,
+        on_batch: Callable[[BatchRecord], None] = lambda record: None,
+    ):
+        self.name = name
+        self._run_batch = run_batch
+        self._split = split
+        self.options = options
+        self._on_batch = on_batch
+        self._pending: list[_Item] = []
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def depth(self) -> int:
+        return len(self._pending)
+
+    def submit(self, sequences: list[Any], request: RequestState) -> list[Future]:
+        """Queue a request's sequences; refuse at once when the queue is full."""
+        now = time.monotonic()
+        with self._cond:
+            if self._stopping:
+                raise Draining("server is shutting down")
+            if len(self._pending) + len(sequences) > self.options.max_queue:
+                raise QueueFull(
+                    f"model {self.name}: queue full ({len(self._pending)} sequences waiting, "
+                    f"limit {self.options.max_queue}); retry later"
+                )
+            items = [_Item(seq, request, Future(), now) for seq in sequences]
+            self._pending.extend(items)
+            self._cond.notify()
+        return [item.future for item in items]
+
+    def run(self, sequences: list[Any], request: RequestState) -> list[dict[str, np.ndarray]]:
+        """Submit and wait (from a worker thread): per-sequence outputs, in order."""
+        return [future.result() for future in self.submit(sequences, request)]
+
+    def stop(self) -> None:
+        """Finish what is queued, then end the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._stopping:
+                    self._cond.wait()
+                if not self._pending and self._stopping:
+                    return
+                self._wait_for_company()
+                batch = self._take_batch()
+            if batch:
+                self._execute(batch)
+
+    def _wait_for_company(self) -> None:
+        """Hold the oldest sequence up to max_delay, unless a full batch is already there."""
+        oldest = min(item.enqueued for item in self._pending)
+        while not self._stopping:
+            remaining = oldest + self.options.max_delay - time.monotonic()
+            pending_tokens = sum(item.length for item in self._pending)
+            if (
+                remaining <= 0
+                or pending_tokens >= self.options.max_tokens
+                or len(self._pending) >= self.options.max_size
+            ):
+                return
+            self._cond.wait(remaining)
+
+    def _take_batch(self) -> list[_Item]:
+        """Drop dead items; then the oldest item and its closest neighbours in length."""
+        now = time.monotonic()
+        live = []
+        for item in self._pending:
+            if item.request.cancelled:
+                item.future.set_exception(Cancelled("request was cancelled"))
+            elif item.request.expired(now):
+                item.future.set_exception(DeadlineExceeded("deadline passed while queued; not run"))
+            else:
+                live.append(item)
+        self._pending = live
+        if not live:
+            return []
+        anchor = min(live, key=lambda item: item.enqueued)
+        by_closeness = sorted(live, key=lambda item: (abs(item.length - anchor.length), item.enqueued))
+        batch: list[_Item] = []
+        longest = 0
+        for item in by_closeness:
+            longest_if_added = max(longest, item.length)
+            rows = len(batch) + 1
+            if batch and (rows > self.options.max_size or rows * longest_if_added > self.options.max_tokens):
+                break
+            batch.append(item)
+            longest = longest_if_added
+        chosen = {id(item) for item in batch}
+        self._pending = [item for item in live if id(item) not in chosen]
+        return batch
+
+    def _execute(self, batch: list[_Item]) -> None:
+        start = time.monotonic()
+        try:
+            outputs = self._run_batch([item.sequence for item in batch])
+        except Exception as exc:  # one failing batch must not kill the thread or the server
+            log.exception("model %s: batch of %d failed", self.name, len(batch))
+            for item in batch:
+                item.future.set_exception(exc)
+            return
+        infer = time.monotonic() - start
+        for row, item in enumerate(batch):
+            item.request.timings["infer"] = infer
+            item.future.set_result(self._split(outputs, row, item.length))
+        longest = max(item.length for item in batch)
+        self._on_batch(
+            BatchRecord(
+                size=len(batch),
+                padded_tokens=longest * len(batch),
+                real_tokens=sum(item.length for item in batch),
+                queue_seconds=[start - item.enqueued for item in batch],
+                infer_seconds=infer,
+            )
+        )

@@ -1,0 +1,57 @@
+"""Prometheus metrics of one server, in its own registry (no process-global state)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "kiln_requests",
+            "Requests by model, API and gRPC status code",
+            ["model", "api", "code"],
+            registry=self.registry,
+        )
+        self.stage_seconds = Histogram(
+            "kiln_stage_seconds",
+            "Time per request stage: queue, tokenize, infer, postprocess",
+            ["model", "stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.request_seconds = Histogram(
+            "kiln_request_seconds",
+            "Whole request latency",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "kiln_batch_size",
+            "Sequences per executed batch",
+            ["model"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=self.registry,
+        )
+        self.padded_tokens = Histogram(
+            "kiln_batch_padded_tokens",
+            "Padded tokens (rows x longest) per executed batch",
+            ["model"],
+            buckets=(16, 64, 256, 1024, 4096, 16384, 65536),
+            registry=self.registry,
+        )
+        self.padding_ratio = Histogram(
+            "kiln_batch_padding_ratio",
+            "Share of a batch's tokens that are padding",
+            ["model"],
+            buckets=(0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0),
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge("kiln_queue_depth", "Sequences waiting for a batch", ["model"], registry=self.registry)
+
+    def serve(self, port: int, host: str) -> None:
+        start_http_server(port, addr=host, registry=self.registry)

@@ -1,0 +1,148 @@
+"""KServe v2 tensors: decoding request inputs and encoding outputs, with errors that name the tensor."""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import numpy as np
+from kiln.proto import grpc_service_pb2 as pb
+from kiln.runtime.errors import InvalidInput
+
+DTYPES = {
+    "BOOL": np.bool_,
+    "UINT8": np.uint8,
+    "UINT16": np.uint16,
+    "UINT32": np.uint32,
+    "UINT64": np.uint64,
+    "INT8": np.int8,
+    "INT16": np.int16,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "FP16": np.float16,
+    "FP32": np.float32,
+    "FP64": np.float64,
+}
+CONTENTS_FIELD = {
+    "BOOL": "bool_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+
+def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidInput(f"{len(request.inputs)} inputs but {len(raw)} raw_input_contents")
+    tensors = {}
+    for index, tensor in enumerate(request.inputs):
+        if tensor.name in tensors:
+            raise InvalidInput(f"input {tensor.name!r} given twice")
+        tensors[tensor.name] = decode_tensor(tensor, raw[index] if raw else None)
+    return tensors
+
+
+def decode_tensor(tensor: Any, raw: bytes | None) -> np.ndarray:
+    shape = tuple(int(d) for d in tensor.shape)
+    if any(d < 0 for d in shape):
+        raise InvalidInput(f"input {tensor.name!r}: negative dimension in shape {list(shape)}")
+    count = int(np.prod(shape)) if shape else 1
+    datatype = tensor.datatype
+    if datatype == "BYTES":
+        values = _parse_bytes(raw, tensor.name) if raw is not None else list(tensor.contents.bytes_contents)
+        if len(values) != count:
+            raise InvalidInput(f"input {tensor.name!r}: shape {list(shape)} holds {count} elements, got {len(values)}")
+        array = np.empty(len(values), dtype=object)
+        array[:] = values
+        return array.reshape(shape)
+    if datatype not in DTYPES:
+        raise InvalidInput(f"input {tensor.name!r}: unsupported datatype {datatype!r}")
+    dtype = np.dtype(DTYPES[datatype])
+    if raw is not None:
+        if len(raw) != count * dtype.itemsize:
+            raise InvalidInput(
+                f"input {tensor.name!r}: shape {list(shape)} of {datatype} needs {count * dtype.itemsize} bytes, "
+                f"got {len(raw)}"
+            )
+        return np.frombuffer(raw, dtype=dtype).reshape(shape)
+    values = getattr(tensor.contents, CONTENTS_FIELD.get(datatype, "fp32_contents"))
+    if len(values) != count:
+        raise InvalidInput(f"input {tensor.name!r}: shape {list(shape)} holds {count} elements, got {len(values)}")
+    return np.array(values, dtype=dtype).reshape(shape)
+
+
+def _parse_bytes(raw: bytes, name: str) -> list[bytes]:
+    """BYTES elements on the wire: each a 4-byte little-endian length, then that many bytes."""
+    values, offset = [], 0
+    while offset < len(raw):
+        if offset + 4 > len(raw):
+            raise InvalidInput(f"input {name!r}: truncated BYTES element length at byte {offset}")
+        (length,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        if offset + length > len(raw):
+            raise InvalidInput(f"input {name!r}: BYTES element of {length} bytes runs past the end of the data")
+        values.append(raw[offset : offset + length])
+        offset += length
+    return values
+
+
+def texts(tensors: dict[str, np.ndarray], name: str, required: bool = True) -> list[str] | None:
+    """A BYTES tensor of shape [N] (or [N, 1]) as a list of UTF-8 strings."""
+    if name not in tensors:
+        if required:
+            raise InvalidInput(f"missing input {name!r}")
+        return None
+    array = tensors[name]
+    if array.dtype != object:
+        raise InvalidInput(f"input {name!r} must be BYTES (UTF-8 text), got {array.dtype}")
+    if array.ndim == 2 and array.shape[1] == 1:
+        array = array[:, 0]
+    if array.ndim != 1:
+        raise InvalidInput(f"input {name!r} must have shape [N], got {list(array.shape)}")
+    decoded = []
+    for index, value in enumerate(array):
+        try:
+            decoded.append(bytes(value).decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise InvalidInput(
+                f"input {name!r}[{index}] is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+            ) from exc
+    return decoded
+
+
+def encode_outputs(response: pb.ModelInferResponse, outputs: dict[str, np.ndarray], requested: list[str]) -> None:
+    names = requested or list(outputs)
+    for name in names:
+        if name not in outputs:
+            raise InvalidInput(f"unknown output {name!r}; this model gives {', '.join(outputs)}")
+        array = outputs[name]
+        tensor = response.outputs.add(name=name, shape=list(array.shape))
+        if array.dtype == object:
+            tensor.datatype = "BYTES"
+            response.raw_output_contents.append(
+                b"".join(struct.pack("<I", len(v)) + v for v in (_as_bytes(x) for x in array.ravel()))
+            )
+        else:
+            tensor.datatype = next(k for k, v in DTYPES.items() if np.dtype(v) == array.dtype)
+            response.raw_output_contents.append(np.ascontiguousarray(array).tobytes())
+
+
+def _as_bytes(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode("utf-8")
+
+
+def parameter(params: Any, name: str, default: Any = None) -> Any:
+    if name not in params:
+        return default
+    value = params[name]
+    kind = value.WhichOneof("parameter_choice")
+    return getattr(value, kind) if kind else default
