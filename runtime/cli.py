@@ -95,6 +95,16 @@ def _query(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    try:
+        from kiln.bench.cli import run
+    except ImportError as exc:
+        raise MissingDependency(
+            f"`kiln bench` needs the dev extra ({exc.name} is missing): pip install 'kiln[dev]'"
+        ) from exc
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kiln", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -144,6 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--context", default="", help="context for question-answering")
     query.add_argument("--labels", default="", help="comma-separated candidate labels for zero-shot")
     query.set_defaults(handler=_query)
+
+    bench = commands.add_parser("bench", help="side-by-side benchmarks (needs kiln[dev])")
+    bench.set_defaults(handler=_bench)
+    try:
+        from kiln.bench.cli import add_arguments as add_bench_arguments
+    except ImportError:
+        bench.add_argument("rest", nargs=argparse.REMAINDER)
+    else:
+        add_bench_arguments(bench)
     return parser
 
 

@@ -1,0 +1,100 @@
+"""`kiln bench model|serve|all`: arguments, progress, verdicts against the targets."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from kiln.bench import footprint, report
+from kiln.bench.stats import read_corpus
+
+TARGETS = {
+    "eager_batch1": 4.0,
+    "eager_batch32": 3.0,
+    "agreement": 0.99,
+    "serve_vs_raw": 1.0,
+    "serve_vs_optimum": 2.5,
+    "p99_ratio": 3.0,
+    "overhead_ms": 3.0,
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("what", choices=["model", "serve", "all"])
+    parser.add_argument("package", type=Path, help="package to measure")
+    parser.add_argument("--source", type=Path, help="the PyTorch model it was exported from (model bench)")
+    parser.add_argument("--fp32", type=Path, help="an fp32 package of the same model, to compare with")
+    parser.add_argument("--corpus", type=Path, required=True, help="text file, one text a line")
+    parser.add_argument("--limit", type=int, default=256, help="texts from the corpus")
+    parser.add_argument("--batch-sizes", default="1,32")
+    parser.add_argument("--concurrency", default="1,4,16,64")
+    parser.add_argument("--requests", type=int, default=256, help="requests per concurrency level")
+    parser.add_argument("--server-args", default="", help="extra `kiln serve` flags, quoted")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+
+
+def _progress(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    texts = read_corpus(args.corpus, args.limit)
+    results: dict[str, Any] = {"machine": report.machine(), "package": str(args.package), "corpus": str(args.corpus)}
+    if args.what in ("model", "all"):
+        from kiln.bench.model import bench_model
+
+        if args.source is None:
+            raise SystemExit("kiln bench model needs --source (the PyTorch model directory)")
+        sizes = [int(s) for s in args.batch_sizes.split(",")]
+        results["model"] = bench_model(args.package, args.source, args.fp32, texts, sizes, _progress)
+        results["model"]["verdicts"] = model_verdicts(results["model"])
+        results["footprint"] = footprint.bench_footprint(args.package, args.source, results["model"]["task"])
+    if args.what in ("serve", "all"):
+        from kiln.bench.serve import bench_serve
+
+        levels = [int(c) for c in args.concurrency.split(",")]
+        results["serve"] = bench_serve(args.package, texts, levels, args.requests, args.server_args.split(), _progress)
+        results["serve"]["verdicts"] = serve_verdicts(results["serve"]["checks"])
+    for path in report.write(results, args.out):
+        _progress(f"wrote {path}")
+    print(report.markdown(results))
+    return 0
+
+
+def model_verdicts(data: dict[str, Any]) -> list[str]:
+    """Ratios against PyTorch eager, each with a plain MET / SHORT."""
+    verdicts = []
+    by = {(t["name"], t["setting"]): t for t in data["timings"]}
+    ours = f"kiln-{data['precision']}"
+    for setting, target in (("batch 1", TARGETS["eager_batch1"]), ("batch 32", TARGETS["eager_batch32"])):
+        if (ours, setting) in by and ("pytorch-eager", setting) in by:
+            ratio = by[(ours, setting)]["texts_per_s"] / by[("pytorch-eager", setting)]["texts_per_s"]
+            verdicts.append(
+                f"{ours} vs PyTorch eager at {setting}: {ratio:.2f}x "
+                f"({'MET' if ratio >= target else 'SHORT'} of {target}x)"
+            )
+    for a in data["accuracy"]:
+        if a["engine"] == ours and "agreement" in a:
+            ok = a["agreement"] >= TARGETS["agreement"]
+            verdicts.append(f"{ours} agreement at {a['setting']}: {a['agreement']:.4f} ({'MET' if ok else 'SHORT'})")
+    return verdicts
+
+
+def serve_verdicts(checks: dict[str, Any]) -> list[str]:
+    rows = [
+        ("server vs raw session one at a time", checks["serve_vs_raw_one_at_a_time"], TARGETS["serve_vs_raw"], True),
+        ("server vs optimum pipeline batch 32", checks["serve_vs_optimum_batch32"], TARGETS["serve_vs_optimum"], True),
+        ("p99 at half peak / single-request p50", checks["p99_half_peak_vs_single_p50"], TARGETS["p99_ratio"], False),
+        ("single-request overhead ms", checks["single_request_overhead_ms"], TARGETS["overhead_ms"], False),
+    ]
+    verdicts = []
+    for name, value, target, higher_is_better in rows:
+        if value is None:
+            continue
+        ok = value >= target if higher_is_better else value <= target
+        verdicts.append(
+            f"{name}: {value:.2f} ({'MET' if ok else 'SHORT'}; target {'>=' if higher_is_better else '<='} {target})"
+        )
+    return verdicts

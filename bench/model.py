@@ -1,0 +1,108 @@
+"""`kiln bench model`: PyTorch eager, ONNX fp32 and the package, side by side in one run.
+
+Each engine gets the same corpus texts in corpus order (real traffic is not sorted), at each batch
+size; beside the speed, each ONNX engine's agreement with PyTorch on exactly those texts.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from kiln.bench.stats import Timing
+from kiln.runtime import pipeline
+from kiln.runtime.manifest import read_manifest
+
+
+def _chunks(texts: list[str], size: int) -> list[list[str]]:
+    return [texts[i : i + size] for i in range(0, len(texts), size)]
+
+
+def _time(fn: Any, batches: list[list[str]]) -> tuple[list[float], float, list[Any]]:
+    fn(batches[0])  # warm-up
+    latencies, outputs = [], []
+    start = time.perf_counter()
+    for batch in batches:
+        t = time.perf_counter()
+        outputs.append(fn(batch))
+        latencies.append(time.perf_counter() - t)
+    return latencies, time.perf_counter() - start, outputs
+
+
+def torch_engine(source: Path, task: str, max_length: int, pooling: Any) -> Any:
+    import torch
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    cls = AutoModelForSequenceClassification if task == "text-classification" else AutoModel
+    model = cls.from_pretrained(source).eval()
+
+    def run(batch: list[str]) -> np.ndarray:
+        encoded = tokenizer(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        with torch.inference_mode():
+            out = model(**encoded)
+        if task == "text-classification":
+            return out.logits.numpy()
+        mask = encoded["attention_mask"].unsqueeze(-1).float()
+        vectors = ((out.last_hidden_state * mask).sum(1) / mask.sum(1)).numpy()
+        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True) if pooling.normalize else vectors
+
+    return run
+
+
+def kiln_engine(package: Path, batch_size: int) -> Any:
+    pipe = pipeline(package, batch_size=batch_size)
+    if pipe.task == "text-classification":
+        return lambda batch: pipe.logits(batch)[0]
+    return lambda batch: pipe(batch)
+
+
+def accuracy(task: str, reference: np.ndarray, got: np.ndarray) -> dict[str, float]:
+    if task == "text-classification":
+        return {
+            "agreement": float((reference.argmax(1) == got.argmax(1)).mean()),
+            "max_abs_error": float(np.abs(reference - got).max()),
+        }
+    cos = (reference * got).sum(1) / np.linalg.norm(reference, axis=1) / np.linalg.norm(got, axis=1)
+    return {"min_cosine": float(cos.min()), "mean_cosine": float(cos.mean())}
+
+
+def bench_model(
+    package: Path, source: Path, fp32: Path | None, texts: list[str], batch_sizes: list[int], progress: Any
+) -> dict[str, Any]:
+    manifest = read_manifest(package)
+    if manifest.task not in ("text-classification", "feature-extraction"):
+        raise SystemExit(f"kiln bench model measures text-classification and feature-extraction, not {manifest.task}")
+    engines = {"pytorch-eager": None, **({"onnx-fp32": fp32} if fp32 else {}), f"kiln-{manifest.precision}": package}
+    encoder = pipeline(package).encoder
+    tokens = sum(len(e.ids) for e in encoder.encode(texts))
+    timings, accuracies = [], []
+    for size in batch_sizes:
+        batches = _chunks(texts, size)
+        reference = None
+        for name, path in engines.items():
+            progress(f"model: {name} at batch {size}")
+            if path is None:
+                run = torch_engine(source, manifest.task, manifest.max_sequence_length, manifest.pooling)
+            else:
+                run = kiln_engine(path, size)
+            latencies, wall, outputs = _time(run, batches)
+            values = np.concatenate(outputs)
+            timings.append(Timing.of(name, f"batch {size}", latencies, wall, len(texts), tokens).row())
+            if reference is None:
+                reference = values
+            else:
+                accuracies.append(
+                    {"engine": name, "setting": f"batch {size}", **accuracy(manifest.task, reference, values)}
+                )
+    return {
+        "task": manifest.task,
+        "precision": manifest.precision,
+        "texts": len(texts),
+        "tokens": tokens,
+        "timings": timings,
+        "accuracy": accuracies,
+    }

@@ -1,0 +1,50 @@
+"""Corpus loading and the summary figures every bench reports."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+def read_corpus(path: Path, limit: int | None = None) -> list[str]:
+    texts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if len(line.strip()) > 3]
+    if not texts:
+        raise SystemExit(f"corpus {path} has no usable lines")
+    return texts[:limit] if limit else texts
+
+
+@dataclass
+class Timing:
+    """Latency percentiles (ms) and throughput of one engine at one setting."""
+
+    name: str
+    setting: str
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    texts_per_s: float
+    tokens_per_s: float
+    calls: int
+    errors: int = 0
+
+    @classmethod
+    def of(
+        cls, name: str, setting: str, latencies: list[float], wall: float, texts: int, tokens: int, errors: int = 0
+    ) -> Timing:
+        ms = np.array(latencies) * 1000 if latencies else np.array([np.nan])
+        return cls(
+            name,
+            setting,
+            float(np.percentile(ms, 50)),
+            float(np.percentile(ms, 90)),
+            float(np.percentile(ms, 99)),
+            texts / wall,
+            tokens / wall,
+            len(latencies),
+            errors,
+        )
+
+    def row(self) -> dict:
+        return asdict(self)
