@@ -7,16 +7,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork+exec, so a child started by a big
+# parent would report the parent's peak
 PROBE = """
-import json, resource, sys, time
+import json, sys, time
 start = time.perf_counter()
 {imports}
 imported = time.perf_counter()
 {load}
 loaded = time.perf_counter()
 pipe(["warm up text"])
-print(json.dumps({{"import_s": imported - start, "load_s": loaded - imported,
-                  "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
+print(json.dumps({{"import_s": imported - start, "load_s": loaded - imported, "max_rss_mb": peak_kb / 1024}}))
 """
 
 

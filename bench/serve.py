@@ -129,16 +129,16 @@ async def _open_loop(address: str, task: str, texts: list[str], rate: float, sec
 
 
 def raw_session(package: Path, texts: list[str], batch: int, sort: bool) -> tuple[list[float], float]:
-    """The bare onnxruntime session (tokenization included, no pipeline, no server)."""
+    """The bare onnxruntime session with tokenization and padding (no pipeline, no server)."""
     pkg = pipeline(package).package
-    encodings = pkg.encoder.encode(texts)
-    order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids)) if sort else list(range(len(texts)))
-    groups = [[encodings[i] for i in order[s : s + batch]] for s in range(0, len(order), batch)]
-    pkg.run(pkg.encoder.pad(groups[0]))
+    lengths = [len(e.ids) for e in pkg.encoder.encode(texts)]
+    order = sorted(range(len(texts)), key=lengths.__getitem__) if sort else list(range(len(texts)))
+    groups = [[texts[i] for i in order[s : s + batch]] for s in range(0, len(order), batch)]
+    pkg.run(pkg.encoder.pad(pkg.encoder.encode(groups[0])))
     latencies, start = [], time.perf_counter()
     for group in groups:
         t = time.perf_counter()
-        pkg.run(pkg.encoder.pad(group))
+        pkg.run(pkg.encoder.pad(pkg.encoder.encode(group)))
         latencies.append(time.perf_counter() - t)
     return latencies, time.perf_counter() - start
 

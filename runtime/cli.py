@@ -67,7 +67,7 @@ def _serve(args: argparse.Namespace) -> int:
         ),
         default_deadline=args.default_deadline or None,
         workers=args.workers,
-        session=SessionOptions(provider=args.provider, intra_op_threads=args.threads),
+        session=SessionOptions(provider=args.provider, intra_op_threads=args.threads, spin=False),
         metrics_port=args.metrics_port,
         auth_token=args.auth_token or os.environ.get("KILN_AUTH_TOKEN"),
         tls_cert=args.tls_cert and Path(args.tls_cert),
@@ -134,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--default-deadline", type=float, default=30.0, help="seconds, for calls without one")
     serve.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: one per core)")
     serve.add_argument("--workers", type=int, default=8, help="tokenization/post-processing threads")
+    serve.add_argument("--instances", type=int, default=1, help="batches run at once per model")
     serve.add_argument("--provider", default="cpu", help="cpu | cuda | tensorrt | auto")
     serve.add_argument("--metrics-port", type=int, help="serve Prometheus metrics over HTTP on this port")
     serve.add_argument("--auth-token", help="require 'authorization: Bearer TOKEN' (or set KILN_AUTH_TOKEN)")

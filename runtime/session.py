@@ -23,6 +23,9 @@ class SessionOptions:
     intra_op_threads: int = 0  # 0: one per physical core (onnxruntime's default)
     inter_op_threads: int = 1
     allow_fallback: bool = False
+    # onnxruntime's pool threads busy-wait between ops by default: fastest for one caller, but in a
+    # server they burn the cores that tokenization and gRPC need
+    spin: bool = True
 
 
 def resolve_provider(name: str) -> str:
@@ -47,6 +50,9 @@ def create_session(model_path: Path, options: SessionOptions) -> ort.InferenceSe
     so.intra_op_num_threads = options.intra_op_threads or _default_threads()
     so.inter_op_num_threads = options.inter_op_threads
     so.log_severity_level = 3
+    if not options.spin:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     providers = [provider]
     if options.allow_fallback and provider != PROVIDERS["cpu"]:
         providers.append(PROVIDERS["cpu"])

@@ -46,6 +46,7 @@ class BatchOptions:
     max_size: int = 64  # rows per batch
     max_delay: float = 0.002  # seconds the oldest sequence may wait for company
     max_queue: int = 1024  # pending sequences before new requests are refused
+    instances: int = 1  # batches run at once (threads calling the session), like Triton's instance count
 
 
 @dataclass
@@ -100,10 +101,14 @@ class Batcher:
         self._pending: list[_Item] = []
         self._cond = threading.Condition()
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"batcher-{name}-{i}", daemon=True)
+            for i in range(max(1, options.instances))
+        ]
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     @property
     def depth(self) -> int:
@@ -133,8 +138,9 @@ class Batcher:
         """Finish what is queued, then end the thread."""
         with self._cond:
             self._stopping = True
-            self._cond.notify()
-        self._thread.join()
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join()
 
     def _loop(self) -> None:
         while True:
@@ -151,7 +157,7 @@ class Batcher:
     def _wait_for_company(self) -> None:
         """Hold the oldest sequence up to max_delay, unless a full batch is already there."""
         oldest = min(item.enqueued for item in self._pending)
-        while not self._stopping:
+        while self._pending and not self._stopping:
             remaining = oldest + self.options.max_delay - time.monotonic()
             pending_tokens = sum(item.length for item in self._pending)
             if (
