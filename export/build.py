@@ -141,7 +141,7 @@ def _export(options: ExportOptions, output: Path, texts: list[str], work: Path, 
         fused,
         mask_token,
     )
-    package = load_package(package_dir)
+    package = load_package(package_dir, SessionOptions(allow_fp16_on_cpu=True))  # the gate runs here, on CPU
     gate = parity.run_gate(
         package,
         expected,

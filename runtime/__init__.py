@@ -14,10 +14,12 @@ def pipeline(
     provider: str = "cpu",
     threads: int = 0,
     batch_size: int = 8,
+    allow_fp16_on_cpu: bool = False,
 ) -> Pipeline:
     """Load a package written by `kiln export` and return the pipeline for its task."""
     if not isinstance(package, Package):
-        package = load_package(package, SessionOptions(provider=provider, intra_op_threads=threads))
+        options = SessionOptions(provider=provider, intra_op_threads=threads, allow_fp16_on_cpu=allow_fp16_on_cpu)
+        package = load_package(package, options)
     return PIPELINES[package.manifest.task](package, batch_size=batch_size)
 
 

@@ -11,7 +11,15 @@ import numpy as np
 import onnxruntime as ort
 from kiln.runtime.errors import PackageError
 from kiln.runtime.manifest import MODEL_NAME, Manifest, read_manifest, verify_files
-from kiln.runtime.session import SessionOptions, create_session
+from kiln.runtime.providers import (
+    LENGTH_BUCKET,
+    CudaBinding,
+    ShapeProfile,
+    bucketed,
+    cache_key,
+    tensorrt_options,
+)
+from kiln.runtime.session import PROVIDERS, SessionOptions, create_session, resolve_provider
 from kiln.runtime.tokenize import Batch, TextEncoder
 
 
@@ -25,8 +33,13 @@ class Package:
     session: ort.InferenceSession
     tokenizer_config: dict[str, Any] = field(default_factory=dict)
 
+    binding: CudaBinding | None = None
+
     def run(self, batch: Batch) -> dict[str, np.ndarray]:
-        values = self.session.run(self.manifest.outputs, batch.feeds)
+        if self.binding is not None:
+            values = self.binding.run(batch.feeds)
+        else:
+            values = self.session.run(self.manifest.outputs, batch.feeds)
         return dict(zip(self.manifest.outputs, values, strict=True))
 
 
@@ -37,13 +50,30 @@ def load_package(directory: str | Path, options: SessionOptions | None = None, v
     for required in (MODEL_NAME, "tokenizer.json"):
         if not (directory / required).is_file():
             raise PackageError(f"{directory}: missing {required}")
-    session = create_session(directory / MODEL_NAME, options or SessionOptions())
+    options = options or SessionOptions()
+    provider = resolve_provider(options.provider)
+    if manifest.precision == "fp16" and provider == PROVIDERS["cpu"] and not options.allow_fp16_on_cpu:
+        raise PackageError(
+            f"{directory}: an fp16 package runs on a GPU (provider cuda or tensorrt); on CPU it would be slow "
+            "and is refused unless allow_fp16_on_cpu is set"
+        )
+    extra = None
+    if provider == PROVIDERS["tensorrt"]:
+        profile = ShapeProfile(max_batch=options.max_batch, max_length=bucketed(manifest.max_sequence_length))
+        extra = tensorrt_options(directory, manifest, manifest.inputs, profile, cache_key(directory, manifest))
+    session = create_session(directory / MODEL_NAME, options, extra)
     declared = [i.name for i in session.get_inputs()]
     unknown = [name for name in declared if name not in ("input_ids", "attention_mask", "token_type_ids")]
     if unknown:
         raise PackageError(f"{directory}: model takes inputs kiln cannot build: {', '.join(unknown)}")
-    encoder = TextEncoder.from_directory(directory, declared, manifest.max_sequence_length)
-    return Package(directory, manifest, encoder, session, _read_json(directory / "tokenizer_config.json"))
+    on_gpu = provider != PROVIDERS["cpu"]
+    encoder = TextEncoder.from_directory(
+        directory, declared, manifest.max_sequence_length, pad_multiple=LENGTH_BUCKET if on_gpu else 1
+    )
+    package = Package(directory, manifest, encoder, session, _read_json(directory / "tokenizer_config.json"))
+    if provider == PROVIDERS["cuda"]:
+        package.binding = CudaBinding(session, manifest.outputs)
+    return package
 
 
 def _read_json(path: Path) -> dict[str, Any]:

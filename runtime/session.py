@@ -26,6 +26,8 @@ class SessionOptions:
     # onnxruntime's pool threads busy-wait between ops by default: fastest for one caller, but in a
     # server they burn the cores that tokenization and gRPC need
     spin: bool = True
+    max_batch: int = 64  # the largest batch a GPU shape profile must cover
+    allow_fp16_on_cpu: bool = False  # fp16 graphs run on CPU only through slow casts; refuse unless asked
 
 
 def resolve_provider(name: str) -> str:
@@ -43,7 +45,11 @@ def resolve_provider(name: str) -> str:
     return PROVIDERS[name]
 
 
-def create_session(model_path: Path, options: SessionOptions) -> ort.InferenceSession:
+def create_session(
+    model_path: Path, options: SessionOptions, provider_options: dict | None = None
+) -> ort.InferenceSession:
+    """A session on the chosen provider. For TensorRT, CUDA runs the nodes TensorRT cannot take
+    (graph partitioning); CPU is added only when `allow_fallback` asks for it."""
     provider = resolve_provider(options.provider)
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -53,7 +59,9 @@ def create_session(model_path: Path, options: SessionOptions) -> ort.InferenceSe
     if not options.spin:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    providers = [provider]
+    providers: list = [(provider, provider_options or {})]
+    if provider == PROVIDERS["tensorrt"]:
+        providers.append(PROVIDERS["cuda"])
     if options.allow_fallback and provider != PROVIDERS["cpu"]:
         providers.append(PROVIDERS["cpu"])
     try:

@@ -28,18 +28,23 @@ class Batch:
 class TextEncoder:
     """Encodes text (and text pairs) into exactly the inputs the ONNX graph declares."""
 
-    def __init__(self, tokenizer: Tokenizer, input_names: list[str], max_length: int, pad_id: int):
+    def __init__(
+        self, tokenizer: Tokenizer, input_names: list[str], max_length: int, pad_id: int, pad_multiple: int = 1
+    ):
         tokenizer.no_padding()
         tokenizer.enable_truncation(max_length)
         self.tokenizer = tokenizer
         self.input_names = input_names
         self.max_length = max_length
         self.pad_id = pad_id
+        self.pad_multiple = pad_multiple  # GPUs reuse buffers and engines across lengths in one bucket
 
     @classmethod
-    def from_directory(cls, directory: Path, input_names: list[str], max_length: int) -> TextEncoder:
+    def from_directory(
+        cls, directory: Path, input_names: list[str], max_length: int, pad_multiple: int = 1
+    ) -> TextEncoder:
         tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
-        return cls(tokenizer, input_names, max_length, _pad_id(directory, tokenizer))
+        return cls(tokenizer, input_names, max_length, _pad_id(directory, tokenizer), pad_multiple)
 
     def encode(self, texts: list[str], pairs: list[str] | None = None, truncation: bool = True) -> list[Encoding]:
         items = list(zip(texts, pairs, strict=True)) if pairs is not None else texts
@@ -56,6 +61,7 @@ class TextEncoder:
 
     def pad(self, encodings: list[Encoding]) -> Batch:
         length = max(len(e.ids) for e in encodings)
+        length = -(-length // self.pad_multiple) * self.pad_multiple
         shape = (len(encodings), length)
         ids = np.full(shape, self.pad_id, dtype=np.int64)
         mask = np.zeros(shape, dtype=np.int64)

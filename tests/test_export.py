@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 from kiln.runtime import pipeline
+from kiln.runtime.errors import PackageError
 from kiln.runtime.manifest import read_manifest
 
 MATRIX = [
@@ -83,7 +84,9 @@ def test_fp16_export_keeps_float_io_and_no_overflow(exported):
     package = exported("bert", "text-classification", "fp16")
     manifest = read_manifest(package)
     assert manifest.precision == "fp16"
-    clf = pipeline(package)
+    with pytest.raises(PackageError, match="fp16 package runs on a GPU"):
+        pipeline(package)
+    clf = pipeline(package, allow_fp16_on_cpu=True)
     logits, _ = clf.logits(["word " * 300])  # truncated to the maximum length
     assert logits.dtype == np.float32 and np.isfinite(logits).all()
 

@@ -1,0 +1,106 @@
+"""GPU provider configuration, checked on any machine; the GPU runs themselves skip without one."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from kiln.runtime.manifest import read_manifest
+from kiln.runtime.providers import (
+    CacheKey,
+    ShapeProfile,
+    bucketed,
+    output_shape,
+    tensorrt_cache,
+    tensorrt_options,
+)
+
+HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
+HAS_TENSORRT = "TensorrtExecutionProvider" in ort.get_available_providers()
+
+
+def test_profile_shapes_cover_batch_and_length():
+    profile = ShapeProfile(max_batch=64, max_length=512, opt_batch=8, opt_length=128)
+    names = ["input_ids", "attention_mask"]
+    assert profile.shapes(names, "min") == "input_ids:1x1,attention_mask:1x1"
+    assert profile.shapes(names, "opt") == "input_ids:8x128,attention_mask:8x128"
+    assert profile.shapes(names, "max") == "input_ids:64x512,attention_mask:64x512"
+    assert ShapeProfile(max_batch=4, max_length=64).shapes(names[:1], "opt") == "input_ids:4x64"
+
+
+def test_cache_key_changes_with_gpu_tensorrt_and_model():
+    base = CacheKey("NVIDIA H100", "10.4.0", "abc")
+    assert base.digest == CacheKey("NVIDIA H100", "10.4.0", "abc").digest
+    for other in (
+        CacheKey("NVIDIA A10", "10.4.0", "abc"),
+        CacheKey("NVIDIA H100", "10.5.0", "abc"),
+        CacheKey("NVIDIA H100", "10.4.0", "abd"),
+    ):
+        assert other.digest != base.digest
+
+
+def test_foreign_cache_is_rebuilt_not_used(exported, tmp_path):
+    import shutil
+
+    package = tmp_path / "pkg"
+    shutil.copytree(exported("bert", "text-classification"), package)
+    manifest = read_manifest(package)
+    key = CacheKey("NVIDIA H100", "10.4.0", manifest.files["model.onnx"])
+    directory = tensorrt_cache(package, manifest, key)
+    (directory / "engine.bin").write_bytes(b"engine")
+    assert tensorrt_cache(package, manifest, key) == directory and (directory / "engine.bin").exists()
+    (directory / "key.json").write_text(json.dumps({"gpu": "other", "tensorrt": "x", "model_sha256": "y"}))
+    rebuilt = tensorrt_cache(package, manifest, key)
+    assert rebuilt == directory and not (directory / "engine.bin").exists()
+    assert json.loads((directory / "key.json").read_text())["gpu"] == "NVIDIA H100"
+
+
+def test_tensorrt_options(exported):
+    package = exported("bert", "text-classification")
+    manifest = read_manifest(package)
+    key = CacheKey("gpu", "trt", manifest.files["model.onnx"])
+    options = tensorrt_options(package, manifest, manifest.inputs, ShapeProfile(32, bucketed(128)), key)
+    assert options["trt_engine_cache_enable"] and options["trt_engine_cache_path"].endswith(key.digest)
+    assert options["trt_profile_max_shapes"].startswith("input_ids:32x128")
+    assert options["trt_fp16_enable"] is True and options["trt_int8_enable"] is False
+
+
+def test_output_shapes_and_buckets():
+    assert bucketed(1) == 16 and bucketed(16) == 16 and bucketed(17) == 32
+    assert output_shape(["batch_size", "sequence_length", 384], "batch_size", "sequence_length", 4, 32) == (4, 32, 384)
+    assert output_shape(["batch_size", 7], "batch_size", "sequence_length", 4, 32) == (4, 7)
+    with pytest.raises(ValueError, match="cannot size"):
+        output_shape(["mystery"], "batch_size", "sequence_length", 1, 1)
+
+
+def test_gpu_padding_to_buckets_does_not_change_answers(exported):
+    """GPU runs pad to multiples of 16; checked on CPU, where the same code path can run."""
+    from kiln.runtime import load_package
+    from kiln.runtime.pipelines import PIPELINES
+
+    package = load_package(exported("bert", "token-classification"))
+    plain = PIPELINES["token-classification"](package)(["Alice lives in Seoul"])
+    package.encoder.pad_multiple = 16
+    assert package.encoder.pad(package.encoder.encode(["Alice"])).feeds["input_ids"].shape[1] == 16
+    assert PIPELINES["token-classification"](package)(["Alice lives in Seoul"]) == plain
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu and a CUDA GPU")
+def test_cuda_matches_cpu(exported):
+    from kiln.runtime import pipeline
+
+    texts = ["Alice lives in Seoul", "a somewhat longer sentence about rates"]
+    cpu, _ = pipeline(exported("bert", "text-classification")).logits(texts)
+    gpu, _ = pipeline(exported("bert", "text-classification"), provider="cuda").logits(texts)
+    assert np.abs(cpu - gpu).max() < 1e-3
+
+
+@pytest.mark.skipif(not HAS_TENSORRT, reason="needs TensorRT and a GPU")
+def test_tensorrt_builds_and_caches(exported):
+    from kiln.runtime import pipeline
+
+    package = exported("bert", "text-classification")
+    pipeline(package, provider="tensorrt")(["warm"])
+    assert any((package / "cache" / "tensorrt").rglob("*.engine"))
