@@ -1,14 +1,19 @@
 """Lower-precision graphs: kiln's accurate int8, calibrated static int8, and fp16.
 
-kiln's int8 stores MatMul weights as 8-bit symmetric blocks (per output column, 128 rows a block)
-and runs onnxruntime's MatMulNBits kernel with accuracy_level 4, which quantises activations per
-row and per block at run time. Each token row gets its own scale, so a text's answer never depends
-on what else is in its batch (per-tensor dynamic int8 shares one scale across the batch), and
-outlier tokens cost only their own row's precision.
+kiln's int8 uses two kernels, each where it is right:
+- MatMuls that read a LayerNorm or attention output: activations smoothed (kiln.export.smooth),
+  then onnxruntime's fused dynamic int8 (per-tensor u8 activations, per-channel s8 weights, VNNI).
+- MatMuls that read a GELU output (the FFN's second projection, where outliers are worst and
+  smoothing does not reach): MatMulNBits with 8-bit symmetric weight blocks and accuracy_level 4,
+  which quantises activations per row and per block of K at run time.
+- The task head stays in float.
+Packages run one text per session call (manifest max_batch_size 1), so a per-tensor scale is a
+per-text scale and no text's answer depends on its batch-mates.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections import defaultdict
@@ -49,9 +54,19 @@ class QuantInfo:
     details: dict[str, object] = field(default_factory=dict)
 
 
-def _silence() -> None:
-    logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)
-    logging.disable(logging.INFO)
+def _quietly(function: Callable) -> Callable:
+    """onnxruntime's quantizers log advice through the root logger; keep it out of kiln's output."""
+
+    @functools.wraps(function)
+    def wrapper(*args: object, **kwargs: object) -> object:
+        previous = logging.root.manager.disable
+        logging.disable(logging.WARNING)
+        try:
+            return function(*args, **kwargs)
+        finally:
+            logging.disable(previous)
+
+    return wrapper
 
 
 def matmul_weights(model_path: Path) -> dict[str, tuple[int, int]]:
@@ -81,33 +96,83 @@ def layer_groups(nodes: list[str]) -> dict[str, list[str]]:
     return dict(groups)
 
 
-def quantize_int8(model_path: Path, out_path: Path, keep_float: list[str]) -> QuantInfo:
+def post_activation_matmuls(model_path: Path) -> set[str]:
+    """MatMuls whose input comes straight from a GELU/ReLU (the FFN's second projection)."""
     import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    producers = {out: node for node in model.graph.node for out in node.output}
+    return {
+        node.name
+        for node in model.graph.node
+        if node.op_type == "MatMul"
+        and node.input[0] in producers
+        and producers[node.input[0]].op_type in ("Gelu", "BiasGelu", "FastGelu", "Relu", "QuickGelu")
+    }
+
+
+@_quietly
+def quantize_int8(
+    model_path: Path,
+    out_path: Path,
+    keep_float: list[str],
+    feeds: list[dict[str, np.ndarray]],
+    rowwise_everywhere: bool = False,
+) -> QuantInfo:
+    """kiln's int8 (see the module docstring). `rowwise_everywhere` puts every MatMul on the
+    per-row kernel: slower, more accurate, the step before keeping layers in float."""
+    import onnx
+    from kiln.export.smooth import smooth
+    from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    _silence()
     weights = matmul_weights(model_path)
-    # the kernel needs K to be a multiple of the block; tiny models get a smaller block
-    block = min(BLOCK_SIZE, *(_largest_pow2_divisor(k) for k, _ in weights.values()))
-    too_small = [name for name, (k, _) in weights.items() if k < 16]
+    too_small = {name for name, (k, _) in weights.items() if k < 16}
+    floating = {*keep_float, *too_small} & set(weights)
+    rowwise = (set(weights) if rowwise_everywhere else post_activation_matmuls(model_path)) - floating
+    dynamic = set(weights) - floating - rowwise
+    smoothed_path = out_path.with_suffix(".smoothed.onnx")
+    dynamic_path = out_path.with_suffix(".dynamic.onnx")
+    smoothed = 0
+    if dynamic:
+        smoothed = smooth(model_path, smoothed_path, dynamic, feeds)
+        quantize_dynamic(
+            str(smoothed_path),
+            str(dynamic_path),
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul"],
+            nodes_to_exclude=sorted(floating | rowwise),
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
+    block = min(BLOCK_SIZE, *(_largest_pow2_divisor(weights[n][0]) for n in rowwise)) if rowwise else BLOCK_SIZE
     quantizer = MatMulNBitsQuantizer(
-        onnx.load(str(model_path)),
+        onnx.load(str(dynamic_path if dynamic else model_path)),
         bits=8,
         block_size=max(block, 16),
         is_symmetric=True,
         accuracy_level=4,
-        nodes_to_exclude=sorted({*keep_float, *too_small}),
+        nodes_to_exclude=sorted(floating),
         op_types_to_quantize=("MatMul",),
     )
     quantizer.process()
     quantizer.model.save_model_to_file(str(out_path), use_external_data_format=False)
-    kept = sorted({*keep_float, *too_small} & set(weights))
+    smoothed_path.unlink(missing_ok=True)
+    dynamic_path.unlink(missing_ok=True)
     return QuantInfo(
-        scheme=f"int8 weights (symmetric, per column, blocks of {max(block, 16)} along K) x int8 activations "
-        "quantised per row and block at run time (onnxruntime MatMulNBits bits=8, accuracy_level=4)",
-        quantized=len(weights) - len(kept),
-        kept_float=kept,
-        details={"block_size": max(block, 16), "weights": "int8 symmetric", "activations": "int8 per row"},
+        scheme="int8: smoothed per-tensor dynamic activations x per-channel weights (onnxruntime dynamic int8) "
+        f"for {len(dynamic)} MatMuls; per-row blocked activations x 8-bit weight blocks of {max(block, 16)} "
+        f"(MatMulNBits, accuracy_level 4) for {len(rowwise)} post-GELU MatMuls; one text per call",
+        quantized=len(dynamic) + len(rowwise),
+        kept_float=sorted(floating),
+        details={
+            "dynamic_matmuls": len(dynamic),
+            "rowwise_matmuls": len(rowwise),
+            "smoothed_activations": smoothed,
+            "smoothing_alpha": 0.5,
+            "block_size": max(block, 16),
+            "calibration_texts": len(feeds),
+        },
     )
 
 
@@ -129,6 +194,8 @@ def choose_float_layers(
     evaluate: Callable[[Path], Fidelity],
     target: float,
     always_float: list[str],
+    feeds: list[dict[str, np.ndarray]],
+    rowwise_everywhere: bool = True,
 ) -> tuple[list[str], list[dict[str, object]]]:
     """Keep the fewest encoder layers in float that bring the score up to target.
 
@@ -141,14 +208,14 @@ def choose_float_layers(
     trials: list[dict[str, object]] = []
     for name in groups:
         others = [n for group, members in groups.items() if group != name for n in members]
-        quantize_int8(model_path, probe, keep_float=others + always_float)
+        quantize_int8(model_path, probe, others + always_float, feeds, rowwise_everywhere)
         alone = evaluate(probe)
         trials.append({"group": name, "alone_score": alone.score, "alone_error": alone.error})
     trials.sort(key=lambda t: (t["alone_score"], -t["alone_error"]))
     kept: list[str] = list(always_float)
     for trial in trials:
         kept.extend(groups[str(trial["group"])])
-        quantize_int8(model_path, probe, keep_float=kept)
+        quantize_int8(model_path, probe, kept, feeds, rowwise_everywhere)
         trial["score_after_keeping"] = evaluate(probe).score
         if trial["score_after_keeping"] >= target:
             break
@@ -156,6 +223,7 @@ def choose_float_layers(
     return kept, trials
 
 
+@_quietly
 def quantize_static_int8(model_path: Path, out_path: Path, feeds: list[dict[str, np.ndarray]]) -> QuantInfo:
     """Symmetric int8 QDQ with MinMax calibration, the form TensorRT consumes.
 
@@ -169,8 +237,6 @@ def quantize_static_int8(model_path: Path, out_path: Path, feeds: list[dict[str,
         QuantType,
         quantize_static,
     )
-
-    _silence()
 
     class _Reader(CalibrationDataReader):
         def __init__(self) -> None:
