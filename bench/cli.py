@@ -35,30 +35,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
 
 
-def _progress(message: str) -> None:
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
+class Progress:
+    """Numbered stages on stderr: `[3/11] serve: kiln serve, 16 concurrent clients`."""
+
+    def __init__(self, total: int):
+        self.total, self.done = total, 0
+
+    def __call__(self, message: str) -> None:
+        self.done += 1
+        width = 20
+        filled = int(width * min(self.done, self.total) / max(self.total, 1))
+        bar = "#" * filled + "." * (width - filled)
+        print(f"[{bar}] {self.done}/{self.total} {message}", file=sys.stderr, flush=True)
 
 
 def run(args: argparse.Namespace) -> int:
     texts = read_corpus(args.corpus, args.limit)
+    sizes = [int(s) for s in args.batch_sizes.split(",")]
+    levels = [int(c) for c in args.concurrency.split(",")]
+    model_steps = 3 * len(sizes) if args.what in ("model", "all") else 0
+    serve_steps = 4 + len(levels) if args.what in ("serve", "all") else 0
+    progress = Progress(model_steps + serve_steps)
     results: dict[str, Any] = {"machine": report.machine(), "package": str(args.package), "corpus": str(args.corpus)}
     if args.what in ("model", "all"):
         from kiln.bench.model import bench_model
 
         if args.source is None:
             raise SystemExit("kiln bench model needs --source (the PyTorch model directory)")
-        sizes = [int(s) for s in args.batch_sizes.split(",")]
-        results["model"] = bench_model(args.package, args.source, args.fp32, texts, sizes, _progress)
+        results["model"] = bench_model(args.package, args.source, args.fp32, texts, sizes, progress)
         results["model"]["verdicts"] = model_verdicts(results["model"])
         results["footprint"] = footprint.bench_footprint(args.package, args.source, results["model"]["task"])
     if args.what in ("serve", "all"):
         from kiln.bench.serve import bench_serve
 
-        levels = [int(c) for c in args.concurrency.split(",")]
-        results["serve"] = bench_serve(args.package, texts, levels, args.requests, args.server_args.split(), _progress)
+        results["serve"] = bench_serve(args.package, texts, levels, args.requests, args.server_args.split(), progress)
         results["serve"]["verdicts"] = serve_verdicts(results["serve"]["checks"])
     for path in report.write(results, args.out):
-        _progress(f"wrote {path}")
+        print(f"wrote {path}", file=sys.stderr)
     print(report.markdown(results))
     return 0
 

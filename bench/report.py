@@ -70,9 +70,11 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6, 4))
         levels = [int(t["setting"].split()[0]) for t in closed]
         ax.plot(levels, [t["texts_per_s"] for t in closed], marker="o", label="kiln serve")
-        for t in results["serve"]["timings"]:
-            if t["name"] != "kiln serve":
-                ax.axhline(t["texts_per_s"], linestyle="--", linewidth=1, label=f"{t['name']}, {t['setting']}")
+        baselines = [t for t in results["serve"]["timings"] if t["name"] != "kiln serve"]
+        for t, color in zip(baselines, ("tab:green", "tab:orange", "tab:red", "tab:purple"), strict=False):
+            ax.axhline(
+                t["texts_per_s"], linestyle="--", linewidth=1.2, color=color, label=f"{t['name']}, {t['setting']}"
+            )
         ax.set(xscale="log", xlabel="concurrent clients", ylabel="texts/s", title="throughput against concurrency")
         ax.legend(fontsize=7)
         written.append(_save(fig, out / "throughput.png"))
@@ -106,3 +108,17 @@ def write(results: dict[str, Any], out: Path) -> list[Path]:
     (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
     (out / "results.md").write_text(markdown(results))
     return [out / "results.json", out / "results.md", *plots(results, out)]
+
+
+def main() -> None:
+    """Re-render the table and plots of a results.json: python -m kiln.bench.report DIR."""
+    import sys
+
+    out = Path(sys.argv[1])
+    results = json.loads((out / "results.json").read_text())
+    for path in write(results, out):
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

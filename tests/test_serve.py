@@ -322,10 +322,11 @@ def test_int8_model_runs_one_text_per_call(server):
     )
 
 
-def test_full_queue_is_refused_then_recovers(packages):
+@pytest.mark.parametrize("package", ["cls", "cls8"])  # the batcher, and the one-text-per-call runner of int8
+def test_full_queue_is_refused_then_recovers(packages, package):
     flags = ("--max-queue", "8", "--max-queue-delay-ms", "50", "--max-batch-size", "2")
     with (
-        running_server(*flags, models={"cls": packages["cls"]}) as (address, metrics_url, _),
+        running_server(*flags, models={"cls": packages[package]}) as (address, metrics_url, _),
         KilnClient(address) as client,
         concurrent.futures.ThreadPoolExecutor(32) as pool,
     ):

@@ -220,3 +220,68 @@ class Batcher:
                 infer_seconds=infer,
             )
         )
+
+
+class SerialRunner:
+    """For packages that run one text per session call (int8): nothing to batch, so no batching
+    thread either. The caller's worker thread runs the session itself once one of `instances`
+    slots is free; admission, deadlines and cancellation work as in Batcher."""
+
+    def __init__(
+        self,
+        name: str,
+        run_batch: Callable[[list[Any]], dict[str, np.ndarray]],
+        split: Callable[[dict[str, np.ndarray], int, int], dict[str, np.ndarray]],
+        options: BatchOptions,
+        on_batch: Callable[[BatchRecord], None] = lambda record: None,
+    ):
+        self.name = name
+        self._run_batch = run_batch
+        self._split = split
+        self.options = options
+        self._on_batch = on_batch
+        self._slots = threading.Semaphore(max(1, options.instances))
+        self._lock = threading.Lock()
+        self._waiting = 0
+        self._stopping = False
+
+    @property
+    def depth(self) -> int:
+        return self._waiting
+
+    def start(self) -> None:
+        return None
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    def run(self, sequences: list[Any], request: RequestState) -> list[dict[str, np.ndarray]]:
+        with self._lock:
+            if self._stopping:
+                raise Draining("server is shutting down")
+            if self._waiting + len(sequences) > self.options.max_queue:
+                raise QueueFull(
+                    f"model {self.name}: queue full ({self._waiting} sequences waiting, "
+                    f"limit {self.options.max_queue}); retry later"
+                )
+            self._waiting += len(sequences)
+        try:
+            return [self._run_one(sequence, request) for sequence in sequences]
+        finally:
+            with self._lock:
+                self._waiting -= len(sequences)
+
+    def _run_one(self, sequence: Any, request: RequestState) -> dict[str, np.ndarray]:
+        enqueued = time.monotonic()
+        with self._slots:
+            start = time.monotonic()
+            if request.cancelled:
+                raise Cancelled("request was cancelled")
+            if request.expired(start):
+                raise DeadlineExceeded("deadline passed while queued; not run")
+            outputs = self._run_batch([sequence])
+            infer = time.monotonic() - start
+        request.timings["infer"] = infer
+        length = len(sequence.ids)
+        self._on_batch(BatchRecord(1, length, length, [start - enqueued], infer))
+        return self._split(outputs, 0, length)
