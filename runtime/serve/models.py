@@ -14,7 +14,7 @@ import numpy as np
 from kiln.runtime import pipeline as make_pipeline
 from kiln.runtime.package import load_package
 from kiln.runtime.pipelines import Pipeline
-from kiln.runtime.serve.batcher import Batcher, BatchOptions, BatchRecord, RequestState, SerialRunner
+from kiln.runtime.serve.batcher import Batcher, BatchOptions, BatchRecord, RequestState
 from kiln.runtime.serve.metrics import Metrics
 from kiln.runtime.session import SessionOptions
 
@@ -64,8 +64,7 @@ class ServedModel:
         self.stats = Statistics()
         if self.manifest.max_batch_size:
             batching = BatchOptions(**{**batching.__dict__, "max_size": self.manifest.max_batch_size})
-        scheduler = SerialRunner if batching.max_size == 1 else Batcher
-        self.batcher = scheduler(name, self._run_batch, self.pipeline.item, batching, self._record_batch)
+        self.batcher = Batcher(name, self._run_batch, self.pipeline.item, batching, self._record_batch)
         self.pipeline.runner = self.run_sequences
         self.batcher.start()
         self._warm_up()
