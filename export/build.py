@@ -28,7 +28,7 @@ from kiln.export.quantize import (
     quantize_static_int8,
 )
 from kiln.export.resolve import ResolvedModel, resolve_model
-from kiln.export.tasks import TaskSpec, detect_task
+from kiln.export.tasks import TaskSpec, detect_task, torch_class
 from kiln.export.texts import builtin_texts, read_texts
 from kiln.runtime.errors import OutputError, ParityError, UnsupportedModel
 from kiln.runtime.manifest import MODEL_NAME, Manifest, sha256_file
@@ -195,17 +195,9 @@ def _move_into_place(package_dir: Path, output: Path) -> None:
 def _load_torch(resolved: ResolvedModel, task: str, trust_remote_code: bool) -> Any:
     import transformers
 
-    classes = {
-        "text-classification": transformers.AutoModelForSequenceClassification,
-        "zero-shot-classification": transformers.AutoModelForSequenceClassification,
-        "token-classification": transformers.AutoModelForTokenClassification,
-        "question-answering": transformers.AutoModelForQuestionAnswering,
-        "fill-mask": transformers.AutoModelForMaskedLM,
-        "feature-extraction": transformers.AutoModel,
-    }
     transformers.logging.set_verbosity_error()
     try:
-        model = classes[task].from_pretrained(resolved.path, trust_remote_code=trust_remote_code)
+        model = torch_class(task).from_pretrained(resolved.path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise UnsupportedModel(f"{resolved.model_id}: transformers cannot load it for {task}: {exc}") from exc
     return model.eval().float()

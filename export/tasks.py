@@ -133,3 +133,17 @@ def read_pooling(path: Path) -> Pooling:
                 if config.get(key):
                     pooling.mode = mode
     return pooling
+
+
+def torch_class(task: str) -> Any:
+    """The transformers Auto class that loads a model's head for a task."""
+    import transformers
+
+    return {
+        "text-classification": transformers.AutoModelForSequenceClassification,
+        "zero-shot-classification": transformers.AutoModelForSequenceClassification,
+        "token-classification": transformers.AutoModelForTokenClassification,
+        "question-answering": transformers.AutoModelForQuestionAnswering,
+        "fill-mask": transformers.AutoModelForMaskedLM,
+        "feature-extraction": transformers.AutoModel,
+    }[task]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kiln.export.tasks import torch_class
 from kiln.export.texts import builtin_texts
 
 EXTRA_TEXT = [
@@ -99,15 +100,7 @@ def build(directory: Path, architecture: str, task: str, seed: int = 0) -> Path:
     if not labels:
         config.id2label = {0: "LABEL_0", 1: "LABEL_1"}
         config.label2id = {"LABEL_0": 0, "LABEL_1": 1}
-    heads = {
-        "text-classification": transformers.AutoModelForSequenceClassification,
-        "zero-shot-classification": transformers.AutoModelForSequenceClassification,
-        "token-classification": transformers.AutoModelForTokenClassification,
-        "question-answering": transformers.AutoModelForQuestionAnswering,
-        "fill-mask": transformers.AutoModelForMaskedLM,
-        "feature-extraction": transformers.AutoModel,
-    }
-    model = heads[task].from_config(config)
+    model = torch_class(task).from_config(config)
     if task != "feature-extraction":
         _fit(model, tokenizer, task)
     model.eval().save_pretrained(directory)

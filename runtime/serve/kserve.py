@@ -244,27 +244,16 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         model = await self._model(request.model_name, request.model_version, context)
         if any(name in tensors for name in TOKEN_INPUTS):
             rows = len(tensors.get("input_ids", []))
-            outputs = await run_model(
-                self.state,
-                context,
-                model.name,
-                request.model_version,
-                "kserve",
-                lambda m: infer_tokens(m, tensors),
-                count=rows,
-            )
+
+            def work(m: ServedModel) -> dict[str, np.ndarray]:
+                return infer_tokens(m, tensors)
         else:
-            first = TASK_INPUTS[model.manifest.task][0][0]
-            rows = len(tensors.get(first, []))
-            outputs = await run_model(
-                self.state,
-                context,
-                model.name,
-                request.model_version,
-                "kserve",
-                lambda m: infer_text(m, tensors, request.parameters),
-                count=rows,
-            )
+            rows = len(tensors.get(TASK_INPUTS[model.manifest.task][0][0], []))
+
+            def work(m: ServedModel) -> dict[str, np.ndarray]:
+                return infer_text(m, tensors, request.parameters)
+
+        outputs = await run_model(self.state, context, model.name, request.model_version, "kserve", work, count=rows)
         response = pb.ModelInferResponse(model_name=model.name, model_version="1", id=request.id)
         try:
             encode_outputs(response, outputs, requested)
