@@ -475,6 +475,7 @@ def test_structured_logs(packages):
     lines = [json.loads(line) for line in process.stderr.read().splitlines() if line.startswith("{")]
     loaded = next(line for line in lines if line["msg"] == "model loaded")
     assert loaded["model"] == "cls" and loaded["precision"] == "fp32" and "load_s" in loaded
+    assert loaded["provider"] == "CPUExecutionProvider" and loaded["warm_up_s"] >= 0
 
 
 def test_generated_code_is_current():

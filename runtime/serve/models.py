@@ -67,7 +67,9 @@ class ServedModel:
         self.batcher = Batcher(name, self._run_batch, self.pipeline.item, batching, self._record_batch)
         self.pipeline.runner = self.run_sequences
         self.batcher.start()
+        warm_start = time.monotonic()
         self._warm_up()
+        self.warm_up_seconds = time.monotonic() - warm_start
         self.load_seconds = time.monotonic() - started
         log.info(
             "model loaded",
@@ -79,6 +81,7 @@ class ServedModel:
                     "provider": self.provider,
                     "max_batch_size": batching.max_size,
                     "load_s": round(self.load_seconds, 2),
+                    "warm_up_s": round(self.warm_up_seconds, 3),
                     "path": str(path),
                 }
             },
