@@ -111,19 +111,29 @@ def _fit(model, tokenizer, task: str, steps: int = 60) -> None:
     """A few steps of training on synthetic labels, so the head is confident as a fine-tuned
     model's is. A random head scores every label almost alike, and any rounding flips its top-1."""
     import torch
+    from kiln.export.parity import QUESTIONS, ZERO_SHOT_LABELS
 
     texts = _corpus()
-    batch = tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
+    # pair tasks train on pairs, as the parity gate will ask them
+    if task == "question-answering":
+        seconds = [QUESTIONS[i % len(QUESTIONS)] for i in range(len(texts))]
+        batch = tokenizer(seconds, texts, padding=True, truncation="only_second", max_length=64, return_tensors="pt")
+    elif task == "zero-shot-classification":
+        seconds = [f"This example is {ZERO_SHOT_LABELS[i % len(ZERO_SHOT_LABELS)]}." for i in range(len(texts))]
+        batch = tokenizer(texts, seconds, padding=True, truncation="only_first", max_length=64, return_tensors="pt")
+    else:
+        batch = tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
     ids, mask = batch["input_ids"], batch["attention_mask"]
     generator = torch.Generator().manual_seed(0)
     if task in ("text-classification", "zero-shot-classification"):
         labels = {"labels": torch.tensor([len(t) % model.config.num_labels for t in texts])}
     elif task == "token-classification":
         labels = {"labels": torch.where(mask.bool(), ids % model.config.num_labels, -100)}
-    elif task == "question-answering":
-        lengths = mask.sum(1)
-        start = (lengths * 0.6).long()
-        labels = {"start_positions": start, "end_positions": torch.minimum(start + 2, lengths - 2)}
+    elif task == "question-answering":  # the answer: the context's second and third tokens
+        starts = [batch.sequence_ids(i).index(1) + 1 for i in range(len(texts))]
+        ends = [min(start + 2, int(mask[i].sum()) - 2) for i, start in enumerate(starts)]
+        labels = {"start_positions": torch.tensor(starts), "end_positions": torch.tensor(ends)}
+        steps *= 2
     else:  # fill-mask: learn to restore masked tokens
         masked = (torch.rand(ids.shape, generator=generator) < 0.15) & mask.bool()
         labels = {"labels": torch.where(masked, ids, -100)}
