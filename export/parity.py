@@ -169,14 +169,14 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 def hf_answers(task: str, hf_pipe: Any, inputs: Inputs, reference: Items, pooling: Any) -> list[Any]:
     """The original's answers: transformers' pipeline, or pooled PyTorch vectors for embeddings."""
     texts = inputs.texts
-    if task == "text-classification":
-        return [hf_pipe(t)[0] for t in texts]
+    if task == "text-classification":  # truncated like kiln's default (transformers' default is not to)
+        return [hf_pipe(t, truncation=True)[0] for t in texts]
     if task == "token-classification":
         return [hf_pipe(t, aggregation_strategy="simple") for t in texts]
     if task == "question-answering":
         return [hf_pipe(question=q, context=c) for q, c in zip(texts, inputs.pairs, strict=True)]
     if task == "fill-mask":
-        return [hf_pipe(t, top_k=1)[0] for t in texts]
+        return [hf_pipe(t, top_k=1, tokenizer_kwargs={"truncation": True})[0] for t in texts]
     if task == "zero-shot-classification":
         return [hf_pipe(t, candidate_labels=list(ZERO_SHOT_LABELS)) for t in texts]
     vectors = np.stack([pool(item["last_hidden_state"], pooling.mode) for item in reference])
