@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-# our model_type -> (onnxruntime optimizer model type, config keys for heads and hidden size)
+# config keys holding the number of attention heads and the hidden size, where they are not the usual ones
 _SHAPES = {"distilbert": ("n_heads", "dim")}
 _DEFAULT_SHAPE = ("num_attention_heads", "hidden_size")
 

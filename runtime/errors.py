@@ -94,3 +94,40 @@ class MissingDependency(KilnError):
 
     exit_code = 10
     grpc_status = "UNIMPLEMENTED"
+
+
+class ModelNotServed(KilnError):
+    """A request named a model (or version) the server does not serve."""
+
+    grpc_status = "NOT_FOUND"
+
+
+class QueueFull(KilnError):
+    """A model's queue is at its bound; the caller should retry later."""
+
+    grpc_status = "RESOURCE_EXHAUSTED"
+
+
+class DeadlineExceeded(KilnError):
+    """The call's deadline passed before its work ran."""
+
+    grpc_status = "DEADLINE_EXCEEDED"
+
+
+class Cancelled(KilnError):
+    """The caller cancelled; its queued work was dropped."""
+
+    grpc_status = "CANCELLED"
+
+
+class Draining(KilnError):
+    """The server is shutting down and takes no new work."""
+
+    grpc_status = "UNAVAILABLE"
+
+
+class ConfigError(KilnError):
+    """`kiln serve` options that cannot work together (names, TLS files, address)."""
+
+    exit_code = 2
+    grpc_status = "INVALID_ARGUMENT"

@@ -19,25 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from kiln.runtime.errors import KilnError
+from kiln.runtime.errors import Cancelled, DeadlineExceeded, Draining, QueueFull
 
 log = logging.getLogger("kiln.serve")
-
-
-class QueueFull(KilnError):
-    grpc_status = "RESOURCE_EXHAUSTED"
-
-
-class DeadlineExceeded(KilnError):
-    grpc_status = "DEADLINE_EXCEEDED"
-
-
-class Cancelled(KilnError):
-    grpc_status = "CANCELLED"
-
-
-class Draining(KilnError):
-    grpc_status = "UNAVAILABLE"
 
 
 @dataclass

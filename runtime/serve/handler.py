@@ -11,17 +11,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from kiln.runtime.errors import KilnError
+from kiln.runtime.errors import KilnError, ModelNotServed
 from kiln.runtime.serve.batcher import RequestState
 from kiln.runtime.serve.metrics import Metrics
 from kiln.runtime.serve.models import ServedModel
 from kiln.runtime.serve.status import status_of
 
 log = logging.getLogger("kiln.serve")
-
-
-class ModelNotServed(KilnError):
-    grpc_status = "NOT_FOUND"
 
 
 @dataclass

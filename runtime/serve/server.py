@@ -16,7 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from kiln.proto import grpc_service_pb2, grpc_service_pb2_grpc, kiln_pb2, kiln_pb2_grpc
-from kiln.runtime.errors import KilnError
+from kiln.runtime.errors import ConfigError
 from kiln.runtime.serve.batcher import BatchOptions
 from kiln.runtime.serve.handler import ServerState
 from kiln.runtime.serve.kserve import InferenceService
@@ -45,10 +45,6 @@ class ServeOptions:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     grace: float = 30.0
-
-
-class ConfigError(KilnError):
-    exit_code = 2
 
 
 class _BearerAuth(grpc.aio.ServerInterceptor):
