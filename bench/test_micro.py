@@ -45,7 +45,7 @@ def test_token_postprocess_first(benchmark, classifier):
     from kiln.runtime.pipelines.base import softmax
 
     scores = softmax(logits)
-    benchmark(lambda: classifier._aggregate(classifier._tokens(TEXTS[0], encodings[0], scores, "first"), "first"))
+    benchmark(lambda: classifier._aggregate(classifier._tokens(TEXTS[0], encodings[0], scores), "first"))
 
 
 def test_batcher_round_trip(benchmark, classifier):

@@ -302,15 +302,13 @@ def run_gate(
             "fp32": median_ms(fp32, encoder, inputs),
             manifest.precision: median_ms(package.session, encoder, inputs),
         }
-    failures = _failures(report, fig_alone, fig_batched, drift, tolerance, end_to_end)
+    failures = _failures(fig_alone, fig_batched, drift, tolerance, end_to_end)
     report["passed"] = not failures
     report["failures"] = failures
     return GateResult(not failures, report, failures)
 
 
-def _failures(
-    report: dict[str, Any], alone: Figures, batched: Figures, drift: Figures, tol: Tolerance, e2e: dict
-) -> list[str]:
+def _failures(alone: Figures, batched: Figures, drift: Figures, tol: Tolerance, e2e: dict) -> list[str]:
     failures = []
     for label, fig in (("alone", alone), ("batched", batched)):
         if tol.max_abs is not None and fig.relative_max_abs() > tol.max_abs:

@@ -60,7 +60,7 @@ def load_package(directory: str | Path, options: SessionOptions | None = None, v
     extra = None
     if provider == PROVIDERS["tensorrt"]:
         profile = ShapeProfile(max_batch=options.max_batch, max_length=bucketed(manifest.max_sequence_length))
-        extra = tensorrt_options(directory, manifest, manifest.inputs, profile, cache_key(directory, manifest))
+        extra = tensorrt_options(directory, manifest, manifest.inputs, profile, cache_key(manifest))
     session = create_session(directory / MODEL_NAME, options, extra)
     declared = [i.name for i in session.get_inputs()]
     unknown = [name for name in declared if name not in ("input_ids", "attention_mask", "token_type_ids")]

@@ -77,7 +77,7 @@ def tensorrt_version() -> str:
         return "unknown-tensorrt"
 
 
-def tensorrt_cache(package_dir: Path, manifest: Manifest, key: CacheKey) -> Path:
+def tensorrt_cache(package_dir: Path, key: CacheKey) -> Path:
     """The cache directory for exactly this GPU, TensorRT and model; written with its key so a
     person can see what it was built for."""
     directory = package_dir / "cache" / "tensorrt" / key.digest
@@ -93,7 +93,7 @@ def tensorrt_cache(package_dir: Path, manifest: Manifest, key: CacheKey) -> Path
 def tensorrt_options(
     package_dir: Path, manifest: Manifest, inputs: list[str], profile: ShapeProfile, key: CacheKey
 ) -> dict[str, Any]:
-    cache = tensorrt_cache(package_dir, manifest, key)
+    cache = tensorrt_cache(package_dir, key)
     return {
         "trt_fp16_enable": manifest.precision in ("fp16", "fp32"),  # fp32 packages opt in to fp16 kernels
         "trt_int8_enable": manifest.precision == "int8-static",
@@ -108,7 +108,7 @@ def tensorrt_options(
     }
 
 
-def cache_key(package_dir: Path, manifest: Manifest) -> CacheKey:
+def cache_key(manifest: Manifest) -> CacheKey:
     return CacheKey(gpu_name(), tensorrt_version(), manifest.files.get(MODEL_NAME, "unhashed"))
 
 

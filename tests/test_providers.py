@@ -48,11 +48,11 @@ def test_foreign_cache_is_rebuilt_not_used(exported, tmp_path):
     shutil.copytree(exported("bert", "text-classification"), package)
     manifest = read_manifest(package)
     key = CacheKey("NVIDIA H100", "10.4.0", manifest.files["model.onnx"])
-    directory = tensorrt_cache(package, manifest, key)
+    directory = tensorrt_cache(package, key)
     (directory / "engine.bin").write_bytes(b"engine")
-    assert tensorrt_cache(package, manifest, key) == directory and (directory / "engine.bin").exists()
+    assert tensorrt_cache(package, key) == directory and (directory / "engine.bin").exists()
     (directory / "key.json").write_text(json.dumps({"gpu": "other", "tensorrt": "x", "model_sha256": "y"}))
-    rebuilt = tensorrt_cache(package, manifest, key)
+    rebuilt = tensorrt_cache(package, key)
     assert rebuilt == directory and not (directory / "engine.bin").exists()
     assert json.loads((directory / "key.json").read_text())["gpu"] == "NVIDIA H100"
 

@@ -49,12 +49,12 @@ class TokenClassificationPipeline(Pipeline):
         outputs = self.forward(encodings)
         results = []
         for text, enc, out in zip(texts, encodings, outputs, strict=True):
-            tokens = self._tokens(text, enc, softmax(out["logits"]), aggregation_strategy)
+            tokens = self._tokens(text, enc, softmax(out["logits"]))
             entities = self._aggregate(tokens, aggregation_strategy)
             results.append([e for e in entities if e.get("entity", e.get("entity_group")) not in ignore])
         return results
 
-    def _tokens(self, text: str, enc: Encoding, scores: np.ndarray, strategy: str) -> list[_Token]:
+    def _tokens(self, text: str, enc: Encoding, scores: np.ndarray) -> list[_Token]:
         tokenizer = self.encoder.tokenizer
         prefix = getattr(tokenizer.model, "continuing_subword_prefix", None)
         unk = getattr(tokenizer.model, "unk_token", None)
