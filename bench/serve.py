@@ -14,6 +14,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,9 @@ import numpy as np
 from kiln.bench.stats import Timing
 from kiln.runtime import pipeline
 from kiln.runtime.manifest import read_manifest
+
+ROUNDS = 4  # alternating rounds for the side-by-side figures
+OPTIMUM_BATCH = 32
 
 
 def _free_port() -> int:
@@ -128,23 +133,24 @@ async def _open_loop(address: str, task: str, texts: list[str], rate: float, sec
         return latencies, time.perf_counter() - start, errors
 
 
-def raw_session(package: Path, texts: list[str], batch: int, sort: bool) -> tuple[list[float], float]:
-    """The bare onnxruntime session with tokenization and padding (no pipeline, no server)."""
-    pkg = pipeline(package).package
-    lengths = [len(e.ids) for e in pkg.encoder.encode(texts)]
+def raw_session(package: Any, texts: list[str], batch: int, sort: bool) -> tuple[list[float], float]:
+    """The bare onnxruntime session of a loaded package, with tokenization and padding (no
+    pipeline, no server)."""
+    lengths = [len(e.ids) for e in package.encoder.encode(texts)]
     order = sorted(range(len(texts)), key=lengths.__getitem__) if sort else list(range(len(texts)))
     groups = [[texts[i] for i in order[s : s + batch]] for s in range(0, len(order), batch)]
-    pkg.run(pkg.encoder.pad(pkg.encoder.encode(groups[0])))
+    package.run(package.encoder.pad(package.encoder.encode(groups[0])))
     latencies, start = [], time.perf_counter()
     for group in groups:
         t = time.perf_counter()
-        pkg.run(pkg.encoder.pad(pkg.encoder.encode(group)))
+        package.run(package.encoder.pad(package.encoder.encode(group)))
         latencies.append(time.perf_counter() - t)
     return latencies, time.perf_counter() - start
 
 
-def optimum_pipeline(package: Path, texts: list[str], batch: int) -> tuple[list[float], float] | None:
-    """optimum's ORTModel in a transformers pipeline at a static batch size (its usual deployment)."""
+def optimum_pipeline(package: Path) -> Callable[[list[str]], Any] | None:
+    """optimum's ORTModel in a transformers pipeline at batch 32 (its usual deployment), or None
+    where optimum is not installed."""
     try:
         from optimum.onnxruntime import ORTModelForFeatureExtraction, ORTModelForSequenceClassification
         from transformers import AutoTokenizer
@@ -155,58 +161,107 @@ def optimum_pipeline(package: Path, texts: list[str], batch: int) -> tuple[list[
     cls = ORTModelForSequenceClassification if task == "text-classification" else ORTModelForFeatureExtraction
     model = cls.from_pretrained(package, file_name="model.onnx")
     pipe = hf_pipeline(task, model=model, tokenizer=AutoTokenizer.from_pretrained(package), device="cpu")
-    groups = [texts[s : s + batch] for s in range(0, len(texts), batch)]
-    pipe(groups[0], batch_size=batch, truncation=True)
+    return lambda group: pipe(group, batch_size=OPTIMUM_BATCH, truncation=True)
+
+
+@dataclass
+class Samples:
+    """Latencies and busy time of one engine, summed over the rounds it ran in."""
+
+    latencies: list[float] = field(default_factory=list)
+    wall: float = 0.0
+    texts: int = 0
+    errors: int = 0
+
+    def add(self, latencies: list[float], wall: float, texts: int, errors: int = 0) -> None:
+        self.latencies += latencies
+        self.wall += wall
+        self.texts += texts
+        self.errors += errors
+
+
+def timed_batches(run: Callable[[list[str]], Any], texts: list[str], batch: int) -> tuple[list[float], float]:
     latencies, start = [], time.perf_counter()
-    for group in groups:
+    for s in range(0, len(texts), batch):
         t = time.perf_counter()
-        pipe(group, batch_size=batch, truncation=True)
+        run(texts[s : s + batch])
         latencies.append(time.perf_counter() - t)
     return latencies, time.perf_counter() - start
+
+
+def serve_steps(concurrency: list[int]) -> int:
+    """Progress stages of bench_serve, for the progress bar."""
+    return 2 + ROUNDS + len(_other_levels(concurrency))
+
+
+def _other_levels(concurrency: list[int]) -> list[int]:
+    return [level for level in concurrency if level not in (1, max(concurrency))]
 
 
 def bench_serve(
     package: Path, texts: list[str], concurrency: list[int], requests: int, server_args: list[str], progress: Any
 ) -> dict[str, Any]:
+    """The issue's comparisons are measured in alternating rounds (raw session one at a time, the
+    server with one client on the same texts, the server under the most clients, optimum), so
+    that this machine's drift, often +-30% within minutes, hits every engine alike."""
     task = read_manifest(package).task
-    tokens_per_text = np.mean([len(e.ids) for e in pipeline(package).encoder.encode(texts)])
+    raw = pipeline(package).package
+    tokens_per_text = np.mean([len(e.ids) for e in raw.encoder.encode(texts)])
+    top = max(concurrency)
     timings = []
 
-    def add(name: str, setting: str, latencies: list[float], wall: float, n: int, errors: int = 0) -> Timing:
-        timing = Timing.of(name, setting, latencies, wall, n, int(n * tokens_per_text), errors)
+    def add(name: str, setting: str, samples: Samples) -> Timing:
+        tokens = int(samples.texts * tokens_per_text)
+        timing = Timing.of(name, setting, samples.latencies, samples.wall, samples.texts, tokens, samples.errors)
         timings.append(timing.row())
         return timing
 
-    progress("serve: raw session, one text at a time")
-    lat, wall = raw_session(package, texts, 1, sort=False)
-    raw_one = add("raw session", "one at a time", lat, wall, len(texts))
     progress("serve: raw session, length-sorted batches of 32")
-    lat, wall = raw_session(package, texts, 32, sort=True)
-    add("raw session", "sorted batches of 32", lat, wall, len(texts))
-    progress("serve: optimum ORTModel pipeline, batch 32")
-    result = optimum_pipeline(package, texts, 32)
-    optimum = add("optimum pipeline", "batch 32", *result, len(texts)) if result else None
-
-    closed = []
+    sorted32 = Samples()
+    sorted32.add(*raw_session(raw, texts, 32, sort=True), len(texts))
+    optimum = optimum_pipeline(package)
+    paired = {name: Samples() for name in ("raw", "single", "top", "optimum")}
+    chunks = [texts[r::ROUNDS] for r in range(ROUNDS)]
     with Server(package, server_args) as server:
         asyncio.run(_closed_loop(server.address, task, texts, 4, 20))  # warm-up
-        for level in concurrency:
+        if optimum:
+            optimum(texts[:OPTIMUM_BATCH])
+        for r, chunk in enumerate(chunks):
+            progress(f"serve: round {r + 1}/{ROUNDS}: raw session, kiln serve with 1 and {top} clients, optimum")
+            paired["raw"].add(*raw_session(raw, chunk, 1, sort=False), len(chunk))
+            lat, wall, errors = asyncio.run(_closed_loop(server.address, task, chunk, 1, len(chunk)))
+            paired["single"].add(lat, wall, len(lat), errors)
+            n = max(requests // ROUNDS, 4 * top)
+            lat, wall, errors = asyncio.run(_closed_loop(server.address, task, texts, top, n))
+            paired["top"].add(lat, wall, len(lat), errors)
+            if optimum:
+                paired["optimum"].add(*timed_batches(optimum, chunk, OPTIMUM_BATCH), len(chunk))
+        raw_one = add("raw session", "one at a time", paired["raw"])
+        add("raw session", "sorted batches of 32", sorted32)
+        best = add("optimum pipeline", f"batch {OPTIMUM_BATCH}", paired["optimum"]) if optimum else None
+        single = add("kiln serve", "1 clients", paired["single"])
+        closed = [single]
+        for level in _other_levels(concurrency):
             progress(f"serve: kiln serve, {level} concurrent clients")
-            n = max(requests, 4 * level)
-            lat, wall, errors = asyncio.run(_closed_loop(server.address, task, texts, level, n))
-            closed.append(add("kiln serve", f"{level} clients", lat, wall, len(lat), errors))
-        peak = max(closed, key=lambda t: t.texts_per_s)
-        rate = peak.texts_per_s / 2
+            lat, wall, errors = asyncio.run(_closed_loop(server.address, task, texts, level, max(requests, 4 * level)))
+            closed.append(add("kiln serve", f"{level} clients", Samples(lat, wall, len(lat), errors)))
+        loaded = add("kiln serve", f"{top} clients", paired["top"])
+        closed.append(loaded)
+        rate = max(t.texts_per_s for t in closed) / 2
         progress(f"serve: kiln serve, open loop at {rate:.1f} req/s (half of peak)")
         lat, wall, errors = asyncio.run(_open_loop(server.address, task, texts, rate, 20.0))
-        half = add("kiln serve", f"open loop {rate:.1f}/s", lat, wall, len(lat), errors)
-    single = closed[0] if concurrency[0] == 1 else None
-    top = next((t for t in closed if t.setting == f"{max(concurrency)} clients"), closed[-1])
+        half = add("kiln serve", f"open loop {rate:.1f}/s", Samples(lat, wall, len(lat), errors))
+    single_lat, raw_lat = paired["single"].latencies, paired["raw"].latencies
+    same_text = np.array(single_lat) - np.array(raw_lat) if len(single_lat) == len(raw_lat) else None
     checks = {
-        "single_request_overhead_ms": single.p50_ms - raw_one.p50_ms if single else None,
-        "serve_vs_raw_one_at_a_time": top.texts_per_s / raw_one.texts_per_s,
-        "serve_vs_optimum_batch32": top.texts_per_s / optimum.texts_per_s if optimum else None,
-        "p99_half_peak_vs_single_p50": half.p99_ms / single.p50_ms if single else None,
+        # on the same texts, one by one; the p50 difference where a failed call broke the pairing
+        "single_request_overhead_ms": float(np.median(same_text) * 1000)
+        if same_text is not None
+        else single.p50_ms - raw_one.p50_ms,
+        "serve_vs_raw_one_at_a_time": loaded.texts_per_s / raw_one.texts_per_s,
+        "serve_vs_optimum_batch32": loaded.texts_per_s / best.texts_per_s if best else None,
+        "p99_half_peak_vs_single_p50": half.p99_ms / single.p50_ms,
+        "p99_half_peak_vs_single_p99": half.p99_ms / single.p99_ms,
         "latencies_ms": {"half_peak": [x * 1000 for x in lat]},
     }
     return {"task": task, "texts": len(texts), "timings": timings, "checks": checks}

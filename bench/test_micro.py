@@ -54,7 +54,7 @@ def test_batcher_round_trip(benchmark, classifier):
 
     batcher = Batcher(
         "micro",
-        lambda seqs: {"x": np.zeros((len(seqs), 1))},
+        lambda seqs, alone: {"x": np.zeros((len(seqs), 1))},
         lambda out, row, n: {"x": out["x"][row]},
         BatchOptions(max_delay=0.0),
     )

@@ -49,7 +49,7 @@ def _serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from kiln.runtime.serve.batcher import BatchOptions
-    from kiln.runtime.serve.server import ServeOptions, configure_logging, serve
+    from kiln.runtime.serve.server import SPIN_AFTER_RUN_US, ServeOptions, configure_logging, serve
     from kiln.runtime.session import SessionOptions
 
     configure_logging(args.log_format == "json")
@@ -64,10 +64,13 @@ def _serve(args: argparse.Namespace) -> int:
             max_size=args.max_batch_size,
             max_delay=args.max_queue_delay_ms / 1000,
             max_queue=args.max_queue,
+            instances=args.instances,
         ),
         default_deadline=args.default_deadline or None,
         workers=args.workers,
-        session=SessionOptions(provider=args.provider, intra_op_threads=args.threads, spin=False),
+        session=SessionOptions(
+            provider=args.provider, intra_op_threads=args.threads, spin=args.spin, spin_after_us=SPIN_AFTER_RUN_US
+        ),
         metrics_port=args.metrics_port,
         auth_token=args.auth_token or os.environ.get("KILN_AUTH_TOKEN"),
         tls_cert=args.tls_cert and Path(args.tls_cert),
@@ -134,7 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--default-deadline", type=float, default=30.0, help="seconds, for calls without one")
     serve.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: one per core)")
     serve.add_argument("--workers", type=int, default=8, help="tokenization/post-processing threads")
-    serve.add_argument("--instances", type=int, default=1, help="batches run at once per model")
+    serve.add_argument(
+        "--instances",
+        type=int,
+        default=0,
+        help="batches run at once per model (0: one per core on CPU, 1 on a GPU)",
+    )
+    serve.add_argument(
+        "--spin",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="let onnxruntime's pool threads busy-wait between ops (lower latency, more CPU)",
+    )
     serve.add_argument("--provider", default="cpu", help="cpu | cuda | tensorrt | auto")
     serve.add_argument("--metrics-port", type=int, help="serve Prometheus metrics over HTTP on this port")
     serve.add_argument("--auth-token", help="require 'authorization: Bearer TOKEN' (or set KILN_AUTH_TOKEN)")

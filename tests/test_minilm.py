@@ -47,3 +47,12 @@ def test_fixed_padding_in_tokenizer_json_is_ignored(minilm_packages):
     encoder = pipeline(minilm_packages["int8"]).encoder
     batch = encoder.pad(encoder.encode(["hi"]))
     assert batch.feeds["input_ids"].shape == (1, 3)  # [CLS] hi [SEP], not 128
+
+
+def test_int8_answer_does_not_depend_on_thread_count(minilm_packages):
+    """kiln serve runs a batch on every core when it runs alone and on one core beside other
+    batches under load; the answer must be the same bit for bit either way."""
+    texts = builtin_texts()
+    one_core = pipeline(minilm_packages["int8"], threads=1, batch_size=1)(texts)
+    two_cores = pipeline(minilm_packages["int8"], threads=2, batch_size=1)(texts)
+    assert np.array_equal(one_core, two_cores)

@@ -322,6 +322,19 @@ def test_int8_model_runs_one_text_per_call(server):
     )
 
 
+def test_answers_are_the_same_alone_and_under_load(packages):
+    """Alone, a batch runs on every core; under load, instances run side by side on one core each.
+    Either way a text gets the same answer, bit for bit."""
+    texts = [f"{TEXTS[i % 4]} {i}" for i in range(24)]
+    with running_server("--instances", "2", models={"cls8": packages["cls8"]}) as (address, metrics_url, _):
+        with KilnClient(address) as client, concurrent.futures.ThreadPoolExecutor(12) as pool:
+            alone = [client.classify("cls8", [text], top_k=-1) for text in texts]
+            loaded = list(pool.map(lambda text: client.classify("cls8", [text], top_k=-1), texts * 4))
+        assert loaded == alone * 4
+        assert metric(metrics_url, "kiln_batches_total", model="cls8", cores="all") >= len(texts)
+        assert metric(metrics_url, "kiln_batches_total", model="cls8", cores="one") >= 1
+
+
 @pytest.mark.parametrize("package", ["cls", "cls8"])  # the batcher, and the one-text-per-call runner of int8
 def test_full_queue_is_refused_then_recovers(packages, package):
     flags = ("--max-queue", "8", "--max-queue-delay-ms", "50", "--max-batch-size", "2")

@@ -4,8 +4,15 @@ Requests from many callers are tokenized on worker threads and their sequences l
 batching thread waits at most `max_delay` after the oldest pending sequence, then builds a batch
 around it from the pending sequences of the most similar length, while the padded batch stays
 within `max_tokens` (rows x longest row) and `max_size` rows, so little compute goes to padding.
-Expired and cancelled work is dropped, never run. The session runs on this thread (onnxruntime
+A request that finds the model idle (nothing queued, nothing running) and could not gain from
+waiting (it fills a batch by itself, as every request to a one-text-per-call int8 model does, or
+no delay is allowed) runs at once on its caller's thread, skipping two thread hand-offs.
+Expired and cancelled work is dropped, never run. Sessions run on these threads (onnxruntime
 releases the GIL), never on the event loop.
+
+With several instances, each batch is told whether it runs alone (no other batch running and
+nothing else waiting): the model can then give it every core, and otherwise one core per instance
+(see kiln.runtime.serve.models).
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ class BatchOptions:
     max_size: int = 64  # rows per batch
     max_delay: float = 0.002  # seconds the oldest sequence may wait for company
     max_queue: int = 1024  # pending sequences before new requests are refused
-    instances: int = 1  # batches run at once (threads calling the session), like Triton's instance count
+    instances: int = 0  # batches run at once, like Triton's instance count (0: one per core on CPU, 1 on GPU)
 
 
 @dataclass
@@ -66,13 +73,14 @@ class BatchRecord:
     real_tokens: int
     queue_seconds: list[float]
     infer_seconds: float
+    alone: bool
 
 
 class Batcher:
     def __init__(
         self,
         name: str,
-        run_batch: Callable[[list[Any]], dict[str, np.ndarray]],
+        run_batch: Callable[[list[Any], bool], dict[str, np.ndarray]],
         split: Callable[[dict[str, np.ndarray], int, int], dict[str, np.ndarray]],
         options: BatchOptions,
         on_batch: Callable[[BatchRecord], None] = lambda record: None,
@@ -85,9 +93,10 @@ class Batcher:
         self._pending: list[_Item] = []
         self._cond = threading.Condition()
         self._stopping = False
+        self._running = 0  # batches being executed now, by instances or inline
+        self._instances = max(1, options.instances)
         self._threads = [
-            threading.Thread(target=self._loop, name=f"batcher-{name}-{i}", daemon=True)
-            for i in range(max(1, options.instances))
+            threading.Thread(target=self._loop, name=f"batcher-{name}-{i}", daemon=True) for i in range(self._instances)
         ]
 
     def start(self) -> None:
@@ -111,12 +120,41 @@ class Batcher:
                 )
             items = [_Item(seq, request, Future(), now) for seq in sequences]
             self._pending.extend(items)
-            self._cond.notify()
+            self._cond.notify_all()
         return [item.future for item in items]
 
     def run(self, sequences: list[Any], request: RequestState) -> list[dict[str, np.ndarray]]:
-        """Submit and wait (from a worker thread): per-sequence outputs, in order."""
-        return [future.result() for future in self.submit(sequences, request)]
+        """Per-sequence outputs, in order (called from a worker thread, which it may use to run
+        the batch itself when the model is idle)."""
+        inline = self._claim_idle(sequences, request)
+        if inline is None:
+            return [future.result() for future in self.submit(sequences, request)]
+        try:
+            self._execute(inline, alone=True)
+        finally:
+            self._release()
+        return [item.future.result() for item in inline]
+
+    def _claim_idle(self, sequences: list[Any], request: RequestState) -> list[_Item] | None:
+        """The request's items, if it may run at once (see the module docstring); else None."""
+        longest = max((len(seq.ids) for seq in sequences), default=0)
+        fits = 0 < len(sequences) <= self.options.max_size and len(sequences) * longest <= self.options.max_tokens
+        waiting_helps = len(sequences) < self.options.max_size and self.options.max_delay > 0
+        now = time.monotonic()
+        with self._cond:
+            if not fits or waiting_helps or self._stopping or self._pending or self._running:
+                return None
+            if request.cancelled:
+                raise Cancelled("request was cancelled")
+            if request.expired(now):
+                raise DeadlineExceeded("deadline passed before the request could run; not run")
+            self._running += 1
+        return [_Item(seq, request, Future(), now) for seq in sequences]
+
+    def _release(self) -> None:
+        with self._cond:
+            self._running -= 1
+            self._cond.notify_all()
 
     def stop(self) -> None:
         """Finish what is queued, then end the thread."""
@@ -129,14 +167,19 @@ class Batcher:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._pending and not self._stopping:
+                while not self._stopping and (not self._pending or self._running >= self._instances):
                     self._cond.wait()
                 if not self._pending and self._stopping:
                     return
                 self._wait_for_company()
                 batch = self._take_batch()
-            if batch:
-                self._execute(batch)
+                alone = self._running == 0 and not self._pending
+                self._running += 1
+            try:
+                if batch:
+                    self._execute(batch, alone)
+            finally:
+                self._release()
 
     def _wait_for_company(self) -> None:
         """Hold the oldest sequence up to max_delay, unless a full batch is already there."""
@@ -181,10 +224,10 @@ class Batcher:
         self._pending = [item for item in live if id(item) not in chosen]
         return batch
 
-    def _execute(self, batch: list[_Item]) -> None:
+    def _execute(self, batch: list[_Item], alone: bool) -> None:
         start = time.monotonic()
         try:
-            outputs = self._run_batch([item.sequence for item in batch])
+            outputs = self._run_batch([item.sequence for item in batch], alone)
         except Exception as exc:  # one failing batch must not kill the thread or the server
             log.exception("model %s: batch of %d failed", self.name, len(batch))
             for item in batch:
@@ -202,5 +245,6 @@ class Batcher:
                 real_tokens=sum(item.length for item in batch),
                 queue_seconds=[start - item.enqueued for item in batch],
                 infer_seconds=infer,
+                alone=alone,
             )
         )

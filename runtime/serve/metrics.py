@@ -51,6 +51,13 @@ class Metrics:
             buckets=(0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0),
             registry=self.registry,
         )
+        self.batches = Counter(
+            "kiln_batches",
+            "Executed batches by the session that ran them: 'all' cores (a batch running alone) or 'one' core "
+            "(instances side by side under load)",
+            ["model", "cores"],
+            registry=self.registry,
+        )
         self.queue_depth = Gauge("kiln_queue_depth", "Sequences waiting for a batch", ["model"], registry=self.registry)
 
     def serve(self, port: int, host: str) -> None:

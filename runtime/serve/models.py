@@ -6,17 +6,19 @@ import contextvars
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 from kiln.runtime import pipeline as make_pipeline
+from kiln.runtime.manifest import MODEL_NAME
 from kiln.runtime.package import load_package
 from kiln.runtime.pipelines import Pipeline
 from kiln.runtime.serve.batcher import Batcher, BatchOptions, BatchRecord, RequestState
 from kiln.runtime.serve.metrics import Metrics
-from kiln.runtime.session import SessionOptions
+from kiln.runtime.session import PROVIDERS, SessionOptions, cpu_count, create_session
 
 log = logging.getLogger("kiln.serve")
 
@@ -52,6 +54,11 @@ class Statistics:
 
 
 class ServedModel:
+    """On CPU with several instances the model has two sessions: the package's own, on every core,
+    for a batch that runs alone (the lowest latency for a lone request), and a single-threaded one
+    the instances share under load, so that batches run side by side, one per core, instead of
+    splitting each op across cores (measured: more texts/s, since small ops scale poorly)."""
+
     def __init__(self, name: str, path: Path, session: SessionOptions, batching: BatchOptions, metrics: Metrics):
         started = time.monotonic()
         self.name = name
@@ -62,8 +69,15 @@ class ServedModel:
         self.pipeline: Pipeline = make_pipeline(self.package)
         self.metrics = metrics
         self.stats = Statistics()
-        if self.manifest.max_batch_size:
-            batching = BatchOptions(**{**batching.__dict__, "max_size": self.manifest.max_batch_size})
+        on_cpu = self.provider == PROVIDERS["cpu"]
+        batching = replace(
+            batching,
+            max_size=self.manifest.max_batch_size or batching.max_size,
+            instances=batching.instances or (cpu_count() if on_cpu else 1),
+        )
+        self.narrow: ort.InferenceSession | None = None
+        if on_cpu and batching.instances > 1:
+            self.narrow = create_session(path / MODEL_NAME, replace(session, intra_op_threads=1))
         self.batcher = Batcher(name, self._run_batch, self.pipeline.item, batching, self._record_batch)
         self.pipeline.runner = self.run_sequences
         self.batcher.start()
@@ -80,6 +94,7 @@ class ServedModel:
                     "precision": self.manifest.precision,
                     "provider": self.provider,
                     "max_batch_size": batching.max_size,
+                    "instances": batching.instances,
                     "load_s": round(self.load_seconds, 2),
                     "warm_up_s": round(self.warm_up_seconds, 3),
                     "path": str(path),
@@ -87,8 +102,12 @@ class ServedModel:
             },
         )
 
-    def _run_batch(self, sequences: list[Any]) -> dict[str, np.ndarray]:
-        return self.package.run(self.package.encoder.pad(sequences))
+    def _run_batch(self, sequences: list[Any], alone: bool) -> dict[str, np.ndarray]:
+        batch = self.package.encoder.pad(sequences)
+        if alone or self.narrow is None:
+            return self.package.run(batch)
+        outputs = self.manifest.outputs
+        return dict(zip(outputs, self.narrow.run(outputs, batch.feeds), strict=True))
 
     def run_sequences(self, sequences: list[Any]) -> list[dict[str, np.ndarray]]:
         """Sequences of the current request through the batcher (called on a worker thread)."""
@@ -101,11 +120,15 @@ class ServedModel:
     def _warm_up(self) -> None:
         """One pass through the session, so the first caller does not pay for lazy initialisation."""
         sequence = self.package.encoder.encode(["warm up"])[0]
-        self._run_batch([sequence])
+        self._run_batch([sequence], alone=True)
+        if self.narrow is not None:
+            self._run_batch([sequence], alone=False)
 
     def _record_batch(self, record: BatchRecord) -> None:
         labels = {"model": self.name}
         self.metrics.batch_size.labels(**labels).observe(record.size)
+        cores = "all" if record.alone or self.narrow is None else "one"
+        self.metrics.batches.labels(model=self.name, cores=cores).inc()
         self.metrics.padded_tokens.labels(**labels).observe(record.padded_tokens)
         self.metrics.padding_ratio.labels(**labels).observe(1 - record.real_tokens / record.padded_tokens)
         self.metrics.stage_seconds.labels(model=self.name, stage="infer").observe(record.infer_seconds)

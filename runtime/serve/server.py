@@ -27,6 +27,8 @@ from kiln.runtime.session import SessionOptions
 
 log = logging.getLogger("kiln.serve")
 OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # probes need no token
+# how long onnxruntime's pool threads may keep spinning after a run (see SessionOptions.spin_after_us)
+SPIN_AFTER_RUN_US = 500
 
 
 @dataclass

@@ -1,0 +1,95 @@
+"""The batcher's scheduling, with a recording stand-in for the session: which thread runs a batch,
+whether it is told it runs alone, how many batches run at once."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+from kiln.runtime.serve.batcher import Batcher, BatchOptions, RequestState
+
+
+@dataclass
+class Sequence:
+    ids: list[int]
+    type_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Run:
+    thread: str
+    alone: bool
+    size: int
+    start: float
+    end: float
+
+
+class RecordingSession:
+    """Stands in for a session: records each batch and takes `seconds` to run it."""
+
+    def __init__(self, seconds: float = 0.0):
+        self.seconds = seconds
+        self.runs: list[Run] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, sequences: list[Sequence], alone: bool) -> dict[str, np.ndarray]:
+        start = time.monotonic()
+        time.sleep(self.seconds)
+        with self._lock:
+            run = Run(threading.current_thread().name, alone, len(sequences), start, time.monotonic())
+            self.runs.append(run)
+        return {"length": np.array([[len(s.ids)] for s in sequences])}
+
+
+def split(outputs: dict[str, np.ndarray], row: int, length: int) -> dict[str, np.ndarray]:
+    return {name: value[row] for name, value in outputs.items()}
+
+
+def started(session: RecordingSession, options: BatchOptions) -> Batcher:
+    batcher = Batcher("test", session, split, options)
+    batcher.start()
+    return batcher
+
+
+def test_lone_request_to_an_idle_one_text_model_runs_at_once_on_the_callers_thread():
+    session = RecordingSession()
+    batcher = started(session, BatchOptions(max_size=1, instances=2))
+    try:
+        outputs = batcher.run([Sequence([1, 2, 3])], RequestState())
+    finally:
+        batcher.stop()
+    assert outputs[0]["length"].tolist() == [3]
+    assert [(run.thread, run.alone) for run in session.runs] == [(threading.current_thread().name, True)]
+
+
+def test_lone_request_to_a_batching_model_waits_for_company_on_a_batcher_thread():
+    session = RecordingSession()
+    batcher = started(session, BatchOptions(max_size=8, max_delay=0.01, instances=2))
+    try:
+        batcher.run([Sequence([1, 2, 3])], RequestState())
+    finally:
+        batcher.stop()
+    assert session.runs[0].thread.startswith("batcher-test-")
+
+
+def test_under_load_instances_run_side_by_side_and_are_told_so():
+    session = RecordingSession(seconds=0.02)
+    batcher = started(session, BatchOptions(max_size=1, instances=2))
+    try:
+        with ThreadPoolExecutor(12) as callers:
+            outputs = list(callers.map(lambda n: batcher.run([Sequence([7] * n)], RequestState()), range(1, 13)))
+    finally:
+        batcher.stop()
+    assert [o[0]["length"].tolist() for o in outputs] == [[n] for n in range(1, 13)]
+    runs = session.runs
+    assert len(runs) == 12
+    most_at_once = max(sum(other.start <= run.start < other.end for other in runs) for run in runs)
+    assert most_at_once == 2  # never more batches at once than instances
+    assert any(run.alone for run in runs) and any(not run.alone for run in runs)
+    jitter = 0.005  # between the batcher's decision and the stand-in's clock
+    for run in runs:
+        if run.alone:  # nothing else was running when it started
+            assert not any(other.start < run.start - jitter < other.end for other in runs if other is not run)
