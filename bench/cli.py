@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     texts = read_corpus(args.corpus, args.limit)
     sizes = [int(s) for s in args.batch_sizes.split(",")]
     levels = [int(c) for c in args.concurrency.split(",")]
-    model_steps = 3 * len(sizes) if args.what in ("model", "all") else 0
+    model_steps = len(sizes) if args.what in ("model", "all") else 0
     serve_steps = serve.serve_steps(levels) if args.what in ("serve", "all") else 0
     progress = Progress(model_steps + serve_steps)
     results: dict[str, Any] = {"machine": report.machine(), "package": str(args.package), "corpus": str(args.corpus)}

@@ -1,17 +1,20 @@
 """`kiln bench model`: PyTorch eager, ONNX fp32 and the package, side by side in one run.
 
 Each engine gets the same corpus texts in corpus order (real traffic is not sorted), at each batch
-size; beside the speed, each ONNX engine's agreement with PyTorch on exactly those texts.
+size; beside the speed, each ONNX engine's agreement with PyTorch on exactly those texts. The
+engines take turns, ROUNDS times over a share of the batches each, so this machine's drift (often
++-30% within minutes) does not favour whichever engine ran in a fast minute.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from kiln.bench.stats import Timing
+from kiln.bench.stats import ROUNDS, Timing
 from kiln.runtime import pipeline
 from kiln.runtime.manifest import read_manifest
 
@@ -20,15 +23,28 @@ def _chunks(texts: list[str], size: int) -> list[list[str]]:
     return [texts[i : i + size] for i in range(0, len(texts), size)]
 
 
-def _time(fn: Any, batches: list[list[str]]) -> tuple[list[float], float, list[Any]]:
-    fn(batches[0])  # warm-up
-    latencies, outputs = [], []
-    start = time.perf_counter()
-    for batch in batches:
-        t = time.perf_counter()
-        outputs.append(fn(batch))
-        latencies.append(time.perf_counter() - t)
-    return latencies, time.perf_counter() - start, outputs
+@dataclass
+class _Measured:
+    latencies: list[float] = field(default_factory=list)
+    wall: float = 0.0
+    outputs: dict[int, Any] = field(default_factory=dict)  # by batch index
+
+
+def _time_rounds(engines: dict[str, Any], batches: list[list[str]]) -> dict[str, _Measured]:
+    """Every engine over every batch, taking turns by round; outputs kept by batch index."""
+    measured = {name: _Measured() for name in engines}
+    for run in engines.values():
+        run(batches[0])  # warm-up
+    for r in range(ROUNDS):
+        indices = range(r, len(batches), ROUNDS)
+        for name, run in engines.items():
+            start = time.perf_counter()
+            for i in indices:
+                t = time.perf_counter()
+                measured[name].outputs[i] = run(batches[i])
+                measured[name].latencies.append(time.perf_counter() - t)
+            measured[name].wall += time.perf_counter() - start
+    return measured
 
 
 def torch_engine(source: Path, task: str, max_length: int, pooling: Any) -> Any:
@@ -82,16 +98,18 @@ def bench_model(
     timings, accuracies = [], []
     for size in batch_sizes:
         batches = _chunks(texts, size)
+        progress(f"model: {', '.join(engines)} at batch {size}, in {ROUNDS} alternating rounds")
+        runs = {
+            name: torch_engine(source, manifest.task, manifest.max_sequence_length, manifest.pooling)
+            if path is None
+            else kiln_engine(path, size)
+            for name, path in engines.items()
+        }
+        measured = _time_rounds(runs, batches)
         reference = None
-        for name, path in engines.items():
-            progress(f"model: {name} at batch {size}")
-            if path is None:
-                run = torch_engine(source, manifest.task, manifest.max_sequence_length, manifest.pooling)
-            else:
-                run = kiln_engine(path, size)
-            latencies, wall, outputs = _time(run, batches)
-            values = np.concatenate(outputs)
-            timings.append(Timing.of(name, f"batch {size}", latencies, wall, len(texts), tokens).row())
+        for name, m in measured.items():
+            values = np.concatenate([m.outputs[i] for i in range(len(batches))])
+            timings.append(Timing.of(name, f"batch {size}", m.latencies, m.wall, len(texts), tokens).row())
             if reference is None:
                 reference = values
             else:

@@ -20,11 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from kiln.bench.stats import Timing
+from kiln.bench.stats import ROUNDS, Timing
 from kiln.runtime import pipeline
 from kiln.runtime.manifest import read_manifest
 
-ROUNDS = 4  # alternating rounds for the side-by-side figures
 OPTIMUM_BATCH = 32
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+ROUNDS = 4  # engines compared side by side take turns this many times (see bench/README.md)
+
 
 def read_corpus(path: Path, limit: int | None = None) -> list[str]:
     texts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if len(line.strip()) > 3]
