@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from kiln.bench.stats import ROUNDS, Timing
+from kiln.bench.stats import ROUNDS, Timing, fifo_sojourns
 from kiln.runtime import pipeline
 from kiln.runtime.manifest import read_manifest
+from kiln.runtime.package import load_package
+from kiln.runtime.session import SessionOptions, cpu_count
 
 OPTIMUM_BATCH = 32
 
@@ -205,6 +207,7 @@ def bench_serve(
     that this machine's drift, often +-30% within minutes, hits every engine alike."""
     task = read_manifest(package).task
     raw = pipeline(package).package
+    one_core = load_package(package, SessionOptions(intra_op_threads=1))  # service times of the ideal queue
     tokens_per_text = np.mean([len(e.ids) for e in raw.encoder.encode(texts)])
     top = max(concurrency)
     timings = []
@@ -219,7 +222,7 @@ def bench_serve(
     sorted32 = Samples()
     sorted32.add(*raw_session(raw, texts, 32, sort=True), len(texts))
     optimum = optimum_pipeline(package)
-    paired = {name: Samples() for name in ("raw", "single", "top", "optimum")}
+    paired = {name: Samples() for name in ("raw", "one_core", "single", "top", "optimum")}
     chunks = [texts[r::ROUNDS] for r in range(ROUNDS)]
     with Server(package, server_args) as server:
         asyncio.run(_closed_loop(server.address, task, texts, 4, 20))  # warm-up
@@ -228,6 +231,7 @@ def bench_serve(
         for r, chunk in enumerate(chunks):
             progress(f"serve: round {r + 1}/{ROUNDS}: raw session, kiln serve with 1 and {top} clients, optimum")
             paired["raw"].add(*raw_session(raw, chunk, 1, sort=False), len(chunk))
+            paired["one_core"].add(*raw_session(one_core, chunk, 1, sort=False), len(chunk))
             lat, wall, errors = asyncio.run(_closed_loop(server.address, task, chunk, 1, len(chunk)))
             paired["single"].add(lat, wall, len(lat), errors)
             n = max(requests // ROUNDS, 4 * top)
@@ -236,6 +240,7 @@ def bench_serve(
             if optimum:
                 paired["optimum"].add(*timed_batches(optimum, chunk, OPTIMUM_BATCH), len(chunk))
         raw_one = add("raw session", "one at a time", paired["raw"])
+        add("raw session", "one at a time, one core", paired["one_core"])
         add("raw session", "sorted batches of 32", sorted32)
         best = add("optimum pipeline", f"batch {OPTIMUM_BATCH}", paired["optimum"]) if optimum else None
         single = add("kiln serve", "1 clients", paired["single"])
@@ -250,6 +255,8 @@ def bench_serve(
         progress(f"serve: kiln serve, open loop at {rate:.1f} req/s (half of peak)")
         lat, wall, errors = asyncio.run(_open_loop(server.address, task, texts, rate, 20.0))
         half = add("kiln serve", f"open loop {rate:.1f}/s", Samples(lat, wall, len(lat), errors))
+    ideal = fifo_sojourns(np.array(paired["one_core"].latencies), rate, cpu_count())
+    ideal_ms = float(np.percentile(ideal, 99) * 1000)
     single_lat, raw_lat = paired["single"].latencies, paired["raw"].latencies
     same_text = np.array(single_lat) - np.array(raw_lat) if len(single_lat) == len(raw_lat) else None
     checks = {
@@ -261,6 +268,9 @@ def bench_serve(
         "serve_vs_optimum_batch32": loaded.texts_per_s / best.texts_per_s if best else None,
         "p99_half_peak_vs_single_p50": half.p99_ms / single.p50_ms,
         "p99_half_peak_vs_single_p99": half.p99_ms / single.p99_ms,
+        # the same open loop through an ideal queue: one text per core, no overhead of any kind
+        "ideal_p99_at_that_rate_ms": ideal_ms,
+        "ideal_p99_vs_single_p50": ideal_ms / single.p50_ms,
         "latencies_ms": {"half_peak": [x * 1000 for x in lat]},
     }
     return {"task": task, "texts": len(texts), "timings": timings, "checks": checks}

@@ -28,10 +28,10 @@ from kiln.runtime.session import SessionOptions
 log = logging.getLogger("kiln.serve")
 OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # probes need no token
 # how long onnxruntime's pool threads keep spinning when idle (SessionOptions.spin_after_us). Measured
-# here, one int8 MiniLM text every 15 ms: 500 us let the threads fall asleep inside a run (7.4 ms a
-# run, as slow as no spinning); 5 ms kept the speed of onnxruntime's default (4.8 ms; it spins for
-# tens of ms) at 18.6 ms of CPU per run instead of 26.6.
-SPIN_AFTER_RUN_US = 5000
+# here, one int8 MiniLM text every 15 ms: at 500-1000 us the threads fell asleep inside a run (6-7 ms
+# a run, as slow as one thread); 2 ms kept the speed of onnxruntime's default (4.7 ms; it spins for
+# tens of ms) at 13.6 ms of CPU per run instead of 26.6 (5 ms: 18.9).
+SPIN_AFTER_RUN_US = 2000
 
 
 @dataclass
