@@ -75,8 +75,9 @@ class ServedModel:
             max_size=self.manifest.max_batch_size or batching.max_size,
             instances=batching.instances or (cpu_count() if on_cpu else 1),
         )
-        self.narrow: ort.InferenceSession | None = None
-        if on_cpu and batching.instances > 1:
+        self.narrow: ort.InferenceSession | None = None  # None: every batch runs on the package's session
+        self.single_threaded = on_cpu and (session.intra_op_threads or cpu_count()) == 1
+        if on_cpu and not self.single_threaded and batching.instances > 1:
             self.narrow = create_session(path / MODEL_NAME, replace(session, intra_op_threads=1))
         self.batcher = Batcher(name, self._run_batch, self.pipeline.item, batching, self._record_batch)
         self.pipeline.runner = self.run_sequences
@@ -127,7 +128,8 @@ class ServedModel:
     def _record_batch(self, record: BatchRecord) -> None:
         labels = {"model": self.name}
         self.metrics.batch_size.labels(**labels).observe(record.size)
-        cores = "all" if record.alone or self.narrow is None else "one"
+        on_narrow = self.narrow is not None and not record.alone
+        cores = "one" if on_narrow or self.single_threaded else "all"
         self.metrics.batches.labels(model=self.name, cores=cores).inc()
         self.metrics.padded_tokens.labels(**labels).observe(record.padded_tokens)
         self.metrics.padding_ratio.labels(**labels).observe(1 - record.real_tokens / record.padded_tokens)
