@@ -236,17 +236,22 @@ def _spans(entities: list[dict]) -> list[tuple[str, int, int]]:
 # ---- the gate ---------------------------------------------------------------------------------
 
 
-def median_ms(session: Any, encoder: TextEncoder, inputs: Inputs) -> float:
-    """Median latency of one text at a time (after one warm-up pass)."""
-    times = []
-    for repeat in range(2):
-        for enc in inputs.encodings:
-            batch = encoder.pad([enc])
-            start = time.perf_counter()
+def median_ms(sessions: dict[str, Any], encoder: TextEncoder, inputs: Inputs, rounds: int = 4) -> dict[str, float]:
+    """Median latency of one text at a time, per session. The sessions take turns over shares of
+    the texts (after a warm-up pass), so that the machine's drift does not favour one of them;
+    text by text alternation would not do either: one session's spinning threads slow the next."""
+    batches = [encoder.pad([enc]) for enc in inputs.encodings]
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for session in sessions.values():
+        for batch in batches:
             session.run(None, batch.feeds)
-            if repeat:
-                times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1000)
+    for r in range(rounds):
+        for name, session in sessions.items():
+            for batch in batches[r::rounds]:
+                start = time.perf_counter()
+                session.run(None, batch.feeds)
+                times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t) * 1000) for name, t in times.items()}
 
 
 @dataclass
@@ -298,10 +303,7 @@ def run_gate(
     }
     if fp32_path is not None:
         fp32 = create_session(fp32_path, SessionOptions())
-        report["speed_one_text_ms"] = {
-            "fp32": median_ms(fp32, encoder, inputs),
-            manifest.precision: median_ms(package.session, encoder, inputs),
-        }
+        report["speed_one_text_ms"] = median_ms({"fp32": fp32, manifest.precision: package.session}, encoder, inputs)
     failures = _failures(fig_alone, fig_batched, drift, tolerance, end_to_end)
     report["passed"] = not failures
     report["failures"] = failures
