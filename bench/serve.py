@@ -199,15 +199,44 @@ def _other_levels(concurrency: list[int]) -> list[int]:
     return [level for level in concurrency if level not in (1, max(concurrency))]
 
 
+def _paired_rounds(
+    server: Server, task: str, texts: list[str], engines: dict[str, Any], top: int, requests: int, progress: Any
+) -> dict[str, Samples]:
+    """The issue's comparisons in alternating rounds, each on a share of the texts: the raw session
+    one at a time (on every core, and on one core for the ideal queue), the server with one client
+    on the same texts, the server under `top` clients, optimum."""
+    paired = {name: Samples() for name in ("raw", "one_core", "single", "top", "optimum")}
+    for r in range(ROUNDS):
+        chunk = texts[r::ROUNDS]
+        progress(f"serve: round {r + 1}/{ROUNDS}: raw session, kiln serve with 1 and {top} clients, optimum")
+        paired["raw"].add(*raw_session(engines["raw"], chunk, 1, sort=False), len(chunk))
+        paired["one_core"].add(*raw_session(engines["one_core"], chunk, 1, sort=False), len(chunk))
+        lat, wall, errors = asyncio.run(_closed_loop(server.address, task, chunk, 1, len(chunk)))
+        paired["single"].add(lat, wall, len(lat), errors)
+        n = max(requests // ROUNDS, 4 * top)
+        lat, wall, errors = asyncio.run(_closed_loop(server.address, task, texts, top, n))
+        paired["top"].add(lat, wall, len(lat), errors)
+        if engines["optimum"]:
+            paired["optimum"].add(*timed_batches(engines["optimum"], chunk, OPTIMUM_BATCH), len(chunk))
+    return paired
+
+
+def _overhead_ms(single: Samples, raw: Samples) -> float:
+    """Median over texts of (server - raw session) on the same text; the p50 difference where a
+    failed call broke the pairing."""
+    if len(single.latencies) == len(raw.latencies):
+        return float(np.median(np.array(single.latencies) - np.array(raw.latencies)) * 1000)
+    return float(np.median(single.latencies) - np.median(raw.latencies)) * 1000
+
+
 def bench_serve(
     package: Path, texts: list[str], concurrency: list[int], requests: int, server_args: list[str], progress: Any
 ) -> dict[str, Any]:
-    """The issue's comparisons are measured in alternating rounds (raw session one at a time, the
-    server with one client on the same texts, the server under the most clients, optimum), so
-    that this machine's drift, often +-30% within minutes, hits every engine alike."""
+    """kiln serve against the raw session and optimum. The issue's comparisons are measured in
+    alternating rounds, so that this machine's drift, often +-30% within minutes, hits every
+    engine alike; then the other concurrency levels and the open loop at half the peak."""
     task = read_manifest(package).task
     raw = pipeline(package).package
-    one_core = load_package(package, SessionOptions(intra_op_threads=1))  # service times of the ideal queue
     tokens_per_text = np.mean([len(e.ids) for e in raw.encoder.encode(texts)])
     top = max(concurrency)
     timings = []
@@ -221,28 +250,20 @@ def bench_serve(
     progress("serve: raw session, length-sorted batches of 32")
     sorted32 = Samples()
     sorted32.add(*raw_session(raw, texts, 32, sort=True), len(texts))
-    optimum = optimum_pipeline(package)
-    paired = {name: Samples() for name in ("raw", "one_core", "single", "top", "optimum")}
-    chunks = [texts[r::ROUNDS] for r in range(ROUNDS)]
+    engines = {
+        "raw": raw,
+        "one_core": load_package(package, SessionOptions(intra_op_threads=1)),
+        "optimum": optimum_pipeline(package),
+    }
     with Server(package, server_args) as server:
         asyncio.run(_closed_loop(server.address, task, texts, 4, 20))  # warm-up
-        if optimum:
-            optimum(texts[:OPTIMUM_BATCH])
-        for r, chunk in enumerate(chunks):
-            progress(f"serve: round {r + 1}/{ROUNDS}: raw session, kiln serve with 1 and {top} clients, optimum")
-            paired["raw"].add(*raw_session(raw, chunk, 1, sort=False), len(chunk))
-            paired["one_core"].add(*raw_session(one_core, chunk, 1, sort=False), len(chunk))
-            lat, wall, errors = asyncio.run(_closed_loop(server.address, task, chunk, 1, len(chunk)))
-            paired["single"].add(lat, wall, len(lat), errors)
-            n = max(requests // ROUNDS, 4 * top)
-            lat, wall, errors = asyncio.run(_closed_loop(server.address, task, texts, top, n))
-            paired["top"].add(lat, wall, len(lat), errors)
-            if optimum:
-                paired["optimum"].add(*timed_batches(optimum, chunk, OPTIMUM_BATCH), len(chunk))
+        if engines["optimum"]:
+            engines["optimum"](texts[:OPTIMUM_BATCH])
+        paired = _paired_rounds(server, task, texts, engines, top, requests, progress)
         raw_one = add("raw session", "one at a time", paired["raw"])
         add("raw session", "one at a time, one core", paired["one_core"])
         add("raw session", "sorted batches of 32", sorted32)
-        best = add("optimum pipeline", f"batch {OPTIMUM_BATCH}", paired["optimum"]) if optimum else None
+        best = add("optimum pipeline", f"batch {OPTIMUM_BATCH}", paired["optimum"]) if engines["optimum"] else None
         single = add("kiln serve", "1 clients", paired["single"])
         closed = [single]
         for level in _other_levels(concurrency):
@@ -255,20 +276,14 @@ def bench_serve(
         progress(f"serve: kiln serve, open loop at {rate:.1f} req/s (half of peak)")
         lat, wall, errors = asyncio.run(_open_loop(server.address, task, texts, rate, 20.0))
         half = add("kiln serve", f"open loop {rate:.1f}/s", Samples(lat, wall, len(lat), errors))
-    ideal = fifo_sojourns(np.array(paired["one_core"].latencies), rate, cpu_count())
-    ideal_ms = float(np.percentile(ideal, 99) * 1000)
-    single_lat, raw_lat = paired["single"].latencies, paired["raw"].latencies
-    same_text = np.array(single_lat) - np.array(raw_lat) if len(single_lat) == len(raw_lat) else None
+    # the same arrivals through an ideal queue: one text per core, no overhead of any kind
+    ideal_ms = float(np.percentile(fifo_sojourns(np.array(paired["one_core"].latencies), rate, cpu_count()), 99) * 1000)
     checks = {
-        # on the same texts, one by one; the p50 difference where a failed call broke the pairing
-        "single_request_overhead_ms": float(np.median(same_text) * 1000)
-        if same_text is not None
-        else single.p50_ms - raw_one.p50_ms,
+        "single_request_overhead_ms": _overhead_ms(paired["single"], paired["raw"]),
         "serve_vs_raw_one_at_a_time": loaded.texts_per_s / raw_one.texts_per_s,
         "serve_vs_optimum_batch32": loaded.texts_per_s / best.texts_per_s if best else None,
         "p99_half_peak_vs_single_p50": half.p99_ms / single.p50_ms,
         "p99_half_peak_vs_single_p99": half.p99_ms / single.p99_ms,
-        # the same open loop through an ideal queue: one text per core, no overhead of any kind
         "ideal_p99_at_that_rate_ms": ideal_ms,
         "ideal_p99_vs_single_p50": ideal_ms / single.p50_ms,
         "latencies_ms": {"half_peak": [x * 1000 for x in lat]},
