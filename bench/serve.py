@@ -137,16 +137,15 @@ async def _open_loop(address: str, task: str, texts: list[str], rate: float, sec
 def raw_session(package: Any, texts: list[str], batch: int, sort: bool) -> tuple[list[float], float]:
     """The bare onnxruntime session of a loaded package, with tokenization and padding (no
     pipeline, no server)."""
-    lengths = [len(e.ids) for e in package.encoder.encode(texts)]
-    order = sorted(range(len(texts)), key=lengths.__getitem__) if sort else list(range(len(texts)))
-    groups = [[texts[i] for i in order[s : s + batch]] for s in range(0, len(order), batch)]
-    package.run(package.encoder.pad(package.encoder.encode(groups[0])))
-    latencies, start = [], time.perf_counter()
-    for group in groups:
-        t = time.perf_counter()
+    if sort:
+        lengths = [len(e.ids) for e in package.encoder.encode(texts)]
+        texts = [texts[i] for i in sorted(range(len(texts)), key=lengths.__getitem__)]
+
+    def run(group: list[str]) -> None:
         package.run(package.encoder.pad(package.encoder.encode(group)))
-        latencies.append(time.perf_counter() - t)
-    return latencies, time.perf_counter() - start
+
+    run(texts[:batch])  # warm-up
+    return timed_batches(run, texts, batch)
 
 
 def optimum_pipeline(package: Path) -> Callable[[list[str]], Any] | None:

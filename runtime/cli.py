@@ -49,7 +49,7 @@ def _serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from kiln.runtime.serve.batcher import BatchOptions
-    from kiln.runtime.serve.server import SPIN_AFTER_RUN_US, ServeOptions, configure_logging, serve
+    from kiln.runtime.serve.server import ServeOptions, configure_logging, serve
     from kiln.runtime.session import SessionOptions
 
     configure_logging(args.log_format == "json")
@@ -68,9 +68,7 @@ def _serve(args: argparse.Namespace) -> int:
         ),
         default_deadline=args.default_deadline or None,
         workers=args.workers,
-        session=SessionOptions(
-            provider=args.provider, intra_op_threads=args.threads, spin=args.spin, spin_after_us=SPIN_AFTER_RUN_US
-        ),
+        session=SessionOptions(provider=args.provider, intra_op_threads=args.threads, spin=args.spin),
         metrics_port=args.metrics_port,
         auth_token=args.auth_token or os.environ.get("KILN_AUTH_TOKEN"),
         tls_cert=args.tls_cert and Path(args.tls_cert),

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from kiln.runtime.errors import Cancelled, DeadlineExceeded, Draining, QueueFull
+from kiln.runtime.errors import Cancelled, DeadlineExceeded, Draining, KilnError, QueueFull
 
 log = logging.getLogger("kiln.serve")
 
@@ -50,6 +50,14 @@ class RequestState:
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
+
+    def why_not_run(self, now: float) -> KilnError | None:
+        """The error its work ends with instead of running, if it must not run any more."""
+        if self.cancelled:
+            return Cancelled("request was cancelled")
+        if self.expired(now):
+            return DeadlineExceeded("deadline passed before the request ran; not run")
+        return None
 
 
 @dataclass
@@ -144,10 +152,9 @@ class Batcher:
         with self._cond:
             if not fits or waiting_helps or self._stopping or self._pending or self._running:
                 return None
-            if request.cancelled:
-                raise Cancelled("request was cancelled")
-            if request.expired(now):
-                raise DeadlineExceeded("deadline passed before the request could run; not run")
+            dead = request.why_not_run(now)
+            if dead is not None:
+                raise dead
             self._running += 1
         return [_Item(seq, request, Future(), now) for seq in sequences]
 
@@ -200,10 +207,9 @@ class Batcher:
         now = time.monotonic()
         live = []
         for item in self._pending:
-            if item.request.cancelled:
-                item.future.set_exception(Cancelled("request was cancelled"))
-            elif item.request.expired(now):
-                item.future.set_exception(DeadlineExceeded("deadline passed while queued; not run"))
+            dead = item.request.why_not_run(now)
+            if dead is not None:
+                item.future.set_exception(dead)
             else:
                 live.append(item)
         self._pending = live

@@ -9,7 +9,7 @@ import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
@@ -84,7 +84,7 @@ def model_names(options: ServeOptions) -> list[str]:
 async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> int:
     metrics = Metrics()
     models = {
-        name: ServedModel(name, path, options.session, options.batching, metrics)
+        name: ServedModel(name, path, _bounded_spin(options.session), options.batching, metrics)
         for name, path in zip(model_names(options), options.packages, strict=True)
     }
     state = ServerState(models, ThreadPoolExecutor(options.workers, "kiln-worker"), metrics, options.default_deadline)
@@ -149,6 +149,11 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> in
     state.executor.shutdown(wait=True)
     log.info("stopped", extra={"fields": {"drain_s": round(time.monotonic() - started, 2)}})
     return 0
+
+
+def _bounded_spin(session: SessionOptions) -> SessionOptions:
+    """A server caps onnxruntime's spinning (SPIN_AFTER_RUN_US) unless the options set a cap."""
+    return session if session.spin_after_us is not None else replace(session, spin_after_us=SPIN_AFTER_RUN_US)
 
 
 def _tls(options: ServeOptions) -> grpc.ServerCredentials:
