@@ -15,6 +15,7 @@ TARGETS = {
     "eager_batch32": 3.0,
     "agreement": 0.99,
     "serve_vs_raw": 1.0,
+    "serve_vs_raw_batched": 0.9,  # on a GPU: the server against the raw session fed ideal batches
     "serve_vs_optimum": 2.5,
     "p99_ratio": 3.0,
     "overhead_ms": 3.0,
@@ -22,13 +23,20 @@ TARGETS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("what", choices=["model", "serve", "all"])
-    parser.add_argument("package", type=Path, help="package to measure")
+    parser.add_argument("what", choices=["model", "serve", "all", "gpu"])
+    parser.add_argument("package", type=Path, nargs="+", help="package to measure (gpu: one or more)")
     parser.add_argument("--source", type=Path, help="the PyTorch model it was exported from (model bench)")
     parser.add_argument("--fp32", type=Path, help="an fp32 package of the same model, to compare with")
     parser.add_argument("--corpus", type=Path, required=True, help="text file, one text a line")
     parser.add_argument("--limit", type=int, default=256, help="texts from the corpus")
-    parser.add_argument("--batch-sizes", default="1,32")
+    parser.add_argument("--batch-sizes", help="default 1,32 (model), 1,8,32,128 (gpu)")
+    parser.add_argument("--lengths", default="128,512", help="gpu: sequence lengths of the table")
+    parser.add_argument("--torch", default="fp32,fp16,compile", help="gpu: PyTorch engines (fp32 is the reference)")
+    parser.add_argument("--cell-seconds", type=float, default=2.0, help="gpu: time per engine per table cell")
+    parser.add_argument(
+        "--provider",
+        help="cpu | cuda | tensorrt: where packages run (default: cpu; gpu: each package's export target)",
+    )
     parser.add_argument("--concurrency", default="1,4,16,64")
     parser.add_argument("--requests", type=int, default=256, help="requests per concurrency level")
     parser.add_argument("--server-args", default="", help="extra `kiln serve` flags, quoted")
@@ -51,8 +59,13 @@ class Progress:
 
 def run(args: argparse.Namespace) -> int:
     texts = read_corpus(args.corpus, args.limit)
-    sizes = [int(s) for s in args.batch_sizes.split(",")]
-    levels = [int(c) for c in args.concurrency.split(",")]
+    if args.what == "gpu":
+        return _run_gpu(args, texts)
+    if len(args.package) > 1:
+        raise SystemExit(f"kiln bench {args.what} measures one package (kiln bench gpu takes several)")
+    args.package = args.package[0]
+    sizes = _ints(args.batch_sizes or "1,32")
+    levels = _ints(args.concurrency)
     model_steps = len(sizes) if args.what in ("model", "all") else 0
     serve_steps = serve.serve_steps(levels) if args.what in ("serve", "all") else 0
     progress = Progress(model_steps + serve_steps)
@@ -62,14 +75,45 @@ def run(args: argparse.Namespace) -> int:
 
         if args.source is None:
             raise SystemExit("kiln bench model needs --source (the PyTorch model directory)")
-        results["model"] = bench_model(args.package, args.source, args.fp32, texts, sizes, progress)
+        results["model"] = bench_model(
+            args.package, args.source, args.fp32, texts, sizes, progress, args.provider or "cpu"
+        )
         results["model"]["verdicts"] = model_verdicts(results["model"])
         results["footprint"] = footprint.bench_footprint(args.package, args.source, results["model"]["task"])
     if args.what in ("serve", "all"):
         results["serve"] = serve.bench_serve(
-            args.package, texts, levels, args.requests, args.server_args.split(), progress
+            args.package, texts, levels, args.requests, args.server_args.split(), progress, args.provider or "cpu"
         )
         results["serve"]["verdicts"] = serve_verdicts(results["serve"]["checks"])
+    for path in report.write(results, args.out):
+        print(f"wrote {path}", file=sys.stderr)
+    print(report.markdown(results))
+    return 0
+
+
+def _ints(text: str) -> list[int]:
+    return [int(part) for part in text.split(",")]
+
+
+def _run_gpu(args: argparse.Namespace, texts: list[str]) -> int:
+    from kiln.bench.gpu import bench_gpu
+
+    if args.source is None:
+        raise SystemExit("kiln bench gpu needs --source (the PyTorch model directory)")
+    sizes, lengths = _ints(args.batch_sizes or "1,8,32,128"), _ints(args.lengths)
+    progress = Progress(1 + 1 + len(sizes) * len(lengths))
+    results: dict[str, Any] = {"machine": report.machine(), "package": [str(p) for p in args.package]}
+    results["gpu"] = bench_gpu(
+        args.package,
+        args.source,
+        texts,
+        args.provider,
+        sizes,
+        lengths,
+        args.torch.split(","),
+        args.cell_seconds,
+        progress,
+    )
     for path in report.write(results, args.out):
         print(f"wrote {path}", file=sys.stderr)
     print(report.markdown(results))
@@ -98,7 +142,24 @@ def model_verdicts(data: dict[str, Any]) -> list[str]:
 def serve_verdicts(checks: dict[str, Any]) -> list[str]:
     rows = [
         ("server vs raw session one at a time", checks["serve_vs_raw_one_at_a_time"], TARGETS["serve_vs_raw"], True),
-        ("server vs optimum pipeline batch 32", checks["serve_vs_optimum_batch32"], TARGETS["serve_vs_optimum"], True),
+        (
+            "KServe through tritonclient vs raw session one at a time",
+            checks.get("kserve_tritonclient_vs_raw_one_at_a_time"),
+            TARGETS["serve_vs_raw"],
+            True,
+        ),
+        (
+            "KServe through tritonclient vs raw session in batches (GPU)",
+            checks.get("kserve_tritonclient_vs_raw_batched"),
+            TARGETS["serve_vs_raw_batched"],
+            True,
+        ),
+        (
+            "server vs optimum pipeline batch 32",
+            checks.get("serve_vs_optimum_batch32"),
+            TARGETS["serve_vs_optimum"],
+            True,
+        ),
         ("p99 at half peak / single-request p50", checks["p99_half_peak_vs_single_p50"], TARGETS["p99_ratio"], False),
         (
             "p99 at half peak / single-request p99",

@@ -47,30 +47,30 @@ def _time_rounds(engines: dict[str, Any], batches: list[list[str]]) -> dict[str,
     return measured
 
 
-def torch_engine(source: Path, task: str, max_length: int, pooling: Any) -> Any:
+def torch_engine(source: Path, task: str, max_length: int, pooling: Any, device: str = "cpu") -> Any:
     import torch
     from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     tokenizer = AutoTokenizer.from_pretrained(source)
     cls = AutoModelForSequenceClassification if task == "text-classification" else AutoModel
-    model = cls.from_pretrained(source).eval()
+    model = cls.from_pretrained(source).to(device).eval()
 
     def run(batch: list[str]) -> np.ndarray:
         encoded = tokenizer(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         with torch.inference_mode():
-            out = model(**encoded)
+            out = model(**encoded.to(device))
         if task == "text-classification":
-            return out.logits.numpy()
+            return out.logits.cpu().numpy()
         mask = encoded["attention_mask"].unsqueeze(-1).float()
-        vectors = ((out.last_hidden_state * mask).sum(1) / mask.sum(1)).numpy()
+        vectors = ((out.last_hidden_state * mask).sum(1) / mask.sum(1)).cpu().numpy()
         return vectors / np.linalg.norm(vectors, axis=1, keepdims=True) if pooling.normalize else vectors
 
     return run
 
 
-def kiln_engine(package: Path, batch_size: int) -> Any:
-    pipe = pipeline(package, batch_size=batch_size)
+def kiln_engine(package: Path, batch_size: int, provider: str = "cpu") -> Any:
+    pipe = pipeline(package, batch_size=batch_size, provider=provider)
     if pipe.task == "text-classification":
         return lambda batch: pipe.logits(batch)[0]
     return lambda batch: pipe(batch)
@@ -87,22 +87,30 @@ def accuracy(task: str, reference: np.ndarray, got: np.ndarray) -> dict[str, flo
 
 
 def bench_model(
-    package: Path, source: Path, fp32: Path | None, texts: list[str], batch_sizes: list[int], progress: Any
+    package: Path,
+    source: Path,
+    fp32: Path | None,
+    texts: list[str],
+    batch_sizes: list[int],
+    progress: Any,
+    provider: str = "cpu",
 ) -> dict[str, Any]:
+    """On a GPU provider PyTorch runs on the GPU too (fp32 eager, the reference)."""
     manifest = read_manifest(package)
     if manifest.task not in ("text-classification", "feature-extraction"):
         raise SystemExit(f"kiln bench model measures text-classification and feature-extraction, not {manifest.task}")
     engines = {"pytorch-eager": None, **({"onnx-fp32": fp32} if fp32 else {}), f"kiln-{manifest.precision}": package}
-    encoder = pipeline(package).encoder
+    device = "cpu" if provider == "cpu" else "cuda"
+    encoder = pipeline(package, allow_fp16_on_cpu=True).encoder
     tokens = sum(len(e.ids) for e in encoder.encode(texts))
     timings, accuracies = [], []
     for size in batch_sizes:
         batches = _chunks(texts, size)
         progress(f"model: {', '.join(engines)} at batch {size}, in {ROUNDS} alternating rounds")
         runs = {
-            name: torch_engine(source, manifest.task, manifest.max_sequence_length, manifest.pooling)
+            name: torch_engine(source, manifest.task, manifest.max_sequence_length, manifest.pooling, device)
             if path is None
-            else kiln_engine(path, size)
+            else kiln_engine(path, size, provider)
             for name, path in engines.items()
         }
         measured = _time_rounds(runs, batches)

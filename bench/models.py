@@ -46,8 +46,9 @@ def minilm_topics(out: Path, corpus: Path, epochs: int = 5, holdout: float = 0.3
     from sentence_transformers import SentenceTransformer
     from transformers import AutoTokenizer, BertForSequenceClassification
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # on a GPU machine this takes seconds
     texts = read_corpus(corpus)
-    embeddings = SentenceTransformer(str(_minilm_dir()), device="cpu").encode(texts, normalize_embeddings=True)
+    embeddings = SentenceTransformer(str(_minilm_dir()), device=device).encode(texts, normalize_embeddings=True)
     labels = _kmeans(embeddings, len(YNAT), seed)
     order = np.random.default_rng(seed).permutation(len(texts))
     cut = int(len(texts) * (1 - holdout))
@@ -57,7 +58,7 @@ def minilm_topics(out: Path, corpus: Path, epochs: int = 5, holdout: float = 0.3
     tokenizer = AutoTokenizer.from_pretrained(_minilm_dir())
     model = BertForSequenceClassification.from_pretrained(
         _minilm_dir(), num_labels=len(YNAT), id2label=dict(enumerate(YNAT)), label2id={n: i for i, n in enumerate(YNAT)}
-    )
+    ).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1.5e-4)
     model.train()
     for epoch in range(epochs):
@@ -66,12 +67,12 @@ def minilm_topics(out: Path, corpus: Path, epochs: int = 5, holdout: float = 0.3
             batch = tokenizer(
                 [texts[i] for i in idx], padding=True, truncation=True, max_length=128, return_tensors="pt"
             )
-            loss = model(**batch, labels=torch.tensor(labels[idx])).loss
+            loss = model(**batch.to(device), labels=torch.tensor(labels[idx], device=device)).loss
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
         print(f"epoch {epoch + 1}/{epochs}: loss {loss.item():.3f}")
-    model.eval()
+    model.eval().cpu()
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -51,6 +51,10 @@ def markdown(results: dict[str, Any]) -> str:
         for verdict in data.get("verdicts", []):
             lines.append(f"- {verdict}")
         lines.append("")
+    if "gpu" in results:
+        from kiln.bench.gpu import markdown as gpu_markdown
+
+        lines.append(gpu_markdown(results["gpu"]))
     if "footprint" in results:
         lines += ["## footprint", "", "| engine | import s | load s | max RSS MB |", "|---|---:|---:|---:|"]
         for row in results["footprint"]:
@@ -84,6 +88,10 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
             ax.hist(samples, bins=50)
         ax.set(xlabel="latency ms", ylabel="requests", title="latency at half of peak throughput (open loop)")
         written.append(_save(fig, out / "latency.png"))
+    if "gpu" in results:
+        from kiln.bench.gpu import plot as gpu_plot
+
+        written.append(gpu_plot(results["gpu"], out))
     if "model" in results:
         model = results["model"]
         fig, ax = plt.subplots(figsize=(6, 4))

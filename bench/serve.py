@@ -1,8 +1,11 @@
 """`kiln bench serve`: the real server under load, next to the raw session and optimum, in one run.
 
-The load generator is asyncio gRPC on the typed API, one text per request (the way independent
-callers arrive): closed loop at several concurrency levels, then open loop at half the peak rate,
-where latency is measured from each request's scheduled send time (no coordinated omission).
+The load generator is asyncio gRPC, one text per request (the way independent callers arrive), on
+the typed API and, at the top concurrency, on KServe v2 through Triton's own client (tritonclient's
+grpc.aio): closed loop at several concurrency levels, then open loop at half the peak rate, where
+latency is measured from each request's scheduled send time (no coordinated omission). With a GPU
+provider the raw session is also run in batches the size of the top concurrency, in corpus order:
+what a server at best turns that many concurrent callers into.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from typing import Any
 
 import numpy as np
 from kiln.bench.stats import ROUNDS, Timing, fifo_sojourns
-from kiln.runtime import pipeline
 from kiln.runtime.manifest import read_manifest
 from kiln.runtime.package import load_package
 from kiln.runtime.session import SessionOptions, cpu_count
@@ -103,6 +105,36 @@ async def _closed_loop(address: str, task: str, texts: list[str], concurrency: i
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         return latencies, time.perf_counter() - start, errors
+
+
+async def _closed_loop_kserve(address: str, texts: list[str], concurrency: int, requests: int) -> tuple:
+    """The same closed loop through tritonclient, as a Triton user would call kiln: one BYTES `text`."""
+    import tritonclient.grpc.aio as triton
+    from tritonclient.utils import InferenceServerException
+
+    latencies: list[float] = []
+    errors = 0
+    queue = iter(range(requests))
+    client = triton.InferenceServerClient(address)
+
+    async def worker() -> None:
+        nonlocal errors
+        for index in queue:
+            text = triton.InferInput("text", [1], "BYTES")
+            text.set_data_from_numpy(np.array([texts[index % len(texts)].encode()], dtype=object))
+            start = time.perf_counter()
+            try:
+                await client.infer("bench", [text], client_timeout=60)
+                latencies.append(time.perf_counter() - start)
+            except InferenceServerException:
+                errors += 1
+
+    try:
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return latencies, time.perf_counter() - start, errors
+    finally:
+        await client.close()
 
 
 async def _open_loop(address: str, task: str, texts: list[str], rate: float, seconds: float) -> tuple:
@@ -204,17 +236,22 @@ def _paired_rounds(
     """The issue's comparisons in alternating rounds, each on a share of the texts: the raw session
     one at a time (on every core, and on one core for the ideal queue), the server with one client
     on the same texts, the server under `top` clients, optimum."""
-    paired = {name: Samples() for name in ("raw", "one_core", "single", "top", "optimum")}
+    paired = {name: Samples() for name in ("raw", "raw_batched", "one_core", "single", "top", "kserve", "optimum")}
     for r in range(ROUNDS):
         chunk = texts[r::ROUNDS]
         progress(f"serve: round {r + 1}/{ROUNDS}: raw session, kiln serve with 1 and {top} clients, optimum")
         paired["raw"].add(*raw_session(engines["raw"], chunk, 1, sort=False), len(chunk))
-        paired["one_core"].add(*raw_session(engines["one_core"], chunk, 1, sort=False), len(chunk))
+        if engines["one_core"]:
+            paired["one_core"].add(*raw_session(engines["one_core"], chunk, 1, sort=False), len(chunk))
+        else:  # a GPU: the raw session at its best, batches of `top` callers' texts
+            paired["raw_batched"].add(*raw_session(engines["raw"], texts, top, sort=False), len(texts))
         lat, wall, errors = asyncio.run(_closed_loop(server.address, task, chunk, 1, len(chunk)))
         paired["single"].add(lat, wall, len(lat), errors)
         n = max(requests // ROUNDS, 4 * top)
         lat, wall, errors = asyncio.run(_closed_loop(server.address, task, texts, top, n))
         paired["top"].add(lat, wall, len(lat), errors)
+        lat, wall, errors = asyncio.run(_closed_loop_kserve(server.address, texts, top, n))
+        paired["kserve"].add(lat, wall, len(lat), errors)
         if engines["optimum"]:
             paired["optimum"].add(*timed_batches(engines["optimum"], chunk, OPTIMUM_BATCH), len(chunk))
     return paired
@@ -229,15 +266,24 @@ def _overhead_ms(single: Samples, raw: Samples) -> float:
 
 
 def bench_serve(
-    package: Path, texts: list[str], concurrency: list[int], requests: int, server_args: list[str], progress: Any
+    package: Path,
+    texts: list[str],
+    concurrency: list[int],
+    requests: int,
+    server_args: list[str],
+    progress: Any,
+    provider: str = "cpu",
 ) -> dict[str, Any]:
     """kiln serve against the raw session and optimum. The issue's comparisons are measured in
     alternating rounds, so that this machine's drift, often +-30% within minutes, hits every
     engine alike; then the other concurrency levels and the open loop at half the peak."""
     task = read_manifest(package).task
-    raw = pipeline(package).package
-    tokens_per_text = np.mean([len(e.ids) for e in raw.encoder.encode(texts)])
     top = max(concurrency)
+    on_cpu = provider == "cpu"
+    raw = load_package(package, SessionOptions(provider=provider, max_batch=max(top, 64)))
+    if not on_cpu:
+        server_args = [*server_args, "--provider", provider]
+    tokens_per_text = np.mean([len(e.ids) for e in raw.encoder.encode(texts)])
     timings = []
 
     def add(name: str, setting: str, samples: Samples) -> Timing:
@@ -251,8 +297,8 @@ def bench_serve(
     sorted32.add(*raw_session(raw, texts, 32, sort=True), len(texts))
     engines = {
         "raw": raw,
-        "one_core": load_package(package, SessionOptions(intra_op_threads=1)),
-        "optimum": optimum_pipeline(package),
+        "one_core": load_package(package, SessionOptions(intra_op_threads=1)) if on_cpu else None,
+        "optimum": optimum_pipeline(package) if on_cpu else None,
     }
     with Server(package, server_args) as server:
         asyncio.run(_closed_loop(server.address, task, texts, 4, 20))  # warm-up
@@ -260,7 +306,9 @@ def bench_serve(
             engines["optimum"](texts[:OPTIMUM_BATCH])
         paired = _paired_rounds(server, task, texts, engines, top, requests, progress)
         raw_one = add("raw session", "one at a time", paired["raw"])
-        add("raw session", "one at a time, one core", paired["one_core"])
+        raw_batched = add("raw session", f"batches of {top}", paired["raw_batched"]) if not on_cpu else None
+        if on_cpu:
+            add("raw session", "one at a time, one core", paired["one_core"])
         add("raw session", "sorted batches of 32", sorted32)
         best = add("optimum pipeline", f"batch {OPTIMUM_BATCH}", paired["optimum"]) if engines["optimum"] else None
         single = add("kiln serve", "1 clients", paired["single"])
@@ -270,21 +318,25 @@ def bench_serve(
             lat, wall, errors = asyncio.run(_closed_loop(server.address, task, texts, level, max(requests, 4 * level)))
             closed.append(add("kiln serve", f"{level} clients", Samples(lat, wall, len(lat), errors)))
         loaded = add("kiln serve", f"{top} clients", paired["top"])
+        kserve = add("kiln serve, KServe (tritonclient)", f"{top} clients", paired["kserve"])
         closed.append(loaded)
         rate = max(t.texts_per_s for t in closed) / 2
         progress(f"serve: kiln serve, open loop at {rate:.1f} req/s (half of peak)")
         lat, wall, errors = asyncio.run(_open_loop(server.address, task, texts, rate, 20.0))
         half = add("kiln serve", f"open loop {rate:.1f}/s", Samples(lat, wall, len(lat), errors))
-    # the same arrivals through an ideal queue: one text per core, no overhead of any kind
-    ideal_ms = float(np.percentile(fifo_sojourns(np.array(paired["one_core"].latencies), rate, cpu_count()), 99) * 1000)
     checks = {
         "single_request_overhead_ms": _overhead_ms(paired["single"], paired["raw"]),
         "serve_vs_raw_one_at_a_time": loaded.texts_per_s / raw_one.texts_per_s,
+        "kserve_tritonclient_vs_raw_one_at_a_time": kserve.texts_per_s / raw_one.texts_per_s,
+        "kserve_tritonclient_vs_raw_batched": kserve.texts_per_s / raw_batched.texts_per_s if raw_batched else None,
+        "serve_vs_raw_batched": loaded.texts_per_s / raw_batched.texts_per_s if raw_batched else None,
         "serve_vs_optimum_batch32": loaded.texts_per_s / best.texts_per_s if best else None,
         "p99_half_peak_vs_single_p50": half.p99_ms / single.p50_ms,
         "p99_half_peak_vs_single_p99": half.p99_ms / single.p99_ms,
-        "ideal_p99_at_that_rate_ms": ideal_ms,
-        "ideal_p99_vs_single_p50": ideal_ms / single.p50_ms,
         "latencies_ms": {"half_peak": [x * 1000 for x in lat]},
     }
+    if on_cpu:  # the same arrivals through an ideal queue: one text per core, no overhead of any kind
+        sojourns = fifo_sojourns(np.array(paired["one_core"].latencies), rate, cpu_count())
+        checks["ideal_p99_at_that_rate_ms"] = ideal_ms = float(np.percentile(sojourns, 99) * 1000)
+        checks["ideal_p99_vs_single_p50"] = ideal_ms / single.p50_ms
     return {"task": task, "texts": len(texts), "timings": timings, "checks": checks}

@@ -13,6 +13,13 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--revision", help="Hub branch, tag or commit")
     parser.add_argument("--task", help="task (default: from the model's head)")
     parser.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES, help="precision of the package")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda", "tensorrt"),
+        help="the execution provider the graph is shaped for: cpu (CPU fusions, kiln's int8), cuda (fused "
+        "contrib ops, fp16), tensorrt (standard ops only; int8 as explicit Q/DQ)",
+    )
     parser.add_argument("--output", type=Path, help="package directory (default: ./<model name>-<precision>)")
     parser.add_argument("--opset", type=int, default=17)
     parser.add_argument("--max-length", type=int, help="maximum sequence length (default: the model's)")

@@ -10,6 +10,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 from kiln.export import parity
 from kiln.export.onnx_export import TOKENIZER_FILES, export_onnx
 from kiln.export.optimize import optimize_graph
+from kiln.export.qdq import quantize_qdq
 from kiln.export.quantize import (
     Fidelity,
     QuantInfo,
@@ -25,19 +27,18 @@ from kiln.export.quantize import (
     convert_fp16,
     head_matmuls,
     quantize_int8,
-    quantize_static_int8,
 )
 from kiln.export.resolve import ResolvedModel, resolve_model
+from kiln.export.targets import GraphForm, graph_form
 from kiln.export.tasks import TaskSpec, detect_task, torch_class
 from kiln.export.texts import builtin_texts, read_texts
-from kiln.runtime.errors import OutputError, ParityError, UnsupportedModel
+from kiln.runtime.errors import OutputError, ParityError, ProviderMismatch, ProviderUnavailable, UnsupportedModel
 from kiln.runtime.manifest import MODEL_NAME, Manifest, sha256_file
 from kiln.runtime.package import Package, load_package
 from kiln.runtime.pipelines import PIPELINES
-from kiln.runtime.session import SessionOptions, create_session
+from kiln.runtime.session import SessionOptions, create_session, provider_available
 from kiln.runtime.tokenize import TextEncoder
 
-PRECISIONS = {"none": "fp32", "int8": "int8-dynamic", "int8-static": "int8-static", "fp16": "fp16"}
 MAX_VALIDATION_ITEMS = 64
 Progress = Callable[[str, str], None]
 
@@ -49,6 +50,7 @@ class ExportOptions:
     revision: str | None = None
     task: str | None = None
     quantize: str = "none"
+    device: str = "cpu"  # the execution target the graph is shaped for (kiln.export.targets)
     opset: int = 17
     max_length: int | None = None
     calibration: Path | None = None
@@ -67,19 +69,20 @@ class ExportResult:
 
 
 def export(options: ExportOptions, progress: Progress = lambda stage, message: None) -> ExportResult:
-    if options.quantize not in PRECISIONS:
-        raise UnsupportedModel(f"--quantize must be one of {', '.join(PRECISIONS)}, got {options.quantize!r}")
+    form = graph_form(options.device, options.quantize)
     output = Path(options.output).expanduser().absolute()
     _check_output(output, options.force)
     texts = read_texts(options.calibration) if options.calibration else builtin_texts()
     work = _temporary_dir(output)
     try:
-        return _export(options, output, texts, work, progress)
+        return _export(options, form, output, texts, work, progress)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _export(options: ExportOptions, output: Path, texts: list[str], work: Path, progress: Progress) -> ExportResult:
+def _export(
+    options: ExportOptions, form: GraphForm, output: Path, texts: list[str], work: Path, progress: Progress
+) -> ExportResult:
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -105,11 +108,10 @@ def _export(options: ExportOptions, output: Path, texts: list[str], work: Path, 
     stage_done("export", f"ONNX opset {options.opset}, {_mb(fp32_path)}")
 
     fused: dict[str, int] = {}
-    # fp16 converts the unfused graph: the converter's casts collide on weights the fused graph shares,
-    # and onnxruntime applies the same fusions to the fp16 graph when it loads it
-    if options.optimize and options.quantize != "fp16":
-        fused, fp32_path = _optimize(fp32_path, work / "optimized.onnx", config, options.quantize == "int8")
-        stage_done("optimize", f"fused {fused or 'nothing'}")
+    if options.optimize and form.fusions:
+        for_int8 = form.precision == "int8-dynamic"
+        fused, fp32_path = _optimize(fp32_path, work / "optimized.onnx", config, for_int8, form.fusions)
+        stage_done("optimize", f"fused for {form.fusions}: {fused or 'nothing'}")
 
     encoder = TextEncoder.from_directory(raw_dir, _input_names(fp32_path), spec.max_length)
     mask_token = _mask_token(raw_dir) if spec.task == "fill-mask" else None
@@ -119,11 +121,11 @@ def _export(options: ExportOptions, output: Path, texts: list[str], work: Path, 
     expected = parity.hf_answers(
         spec.task, _hf_pipeline(spec.task, torch_model, raw_dir), inputs, reference, spec.pooling
     )
-    precision = PRECISIONS[options.quantize]
+    precision = form.precision
     tolerance = parity.tolerance_for(precision, options.min_agreement)
 
     candidate = _Candidate(raw_dir, spec, encoder, inputs, reference, expected, outputs, mask_token)
-    model_path, info = _lower_precision(precision, fp32_path, work, candidate, tolerance, texts)
+    model_path, info = _lower_precision(form, fp32_path, work, candidate, tolerance, texts)
     stage_done("quantize", info.scheme if info else "kept fp32")
 
     package_dir = work / "package"
@@ -133,27 +135,34 @@ def _export(options: ExportOptions, output: Path, texts: list[str], work: Path, 
         model_path,
         resolved,
         spec,
-        precision,
+        form,
         outputs,
         options,
         info,
         fused,
         mask_token,
     )
-    package = load_package(package_dir, SessionOptions(allow_fp16_on_cpu=True))  # the gate runs here, on CPU
-    gate = parity.run_gate(
-        package,
-        expected,
-        reference,
-        inputs,
-        tolerance,
-        fp32_path if precision != "fp32" else None,
-    )
+    # the gate runs on CPU everywhere, and again on the target's provider where this machine has it
+    timed_against = fp32_path if precision != "fp32" and form.target == "cpu" else None
+    gate = parity.run_gate(_gate_package(package_dir, "cpu"), expected, reference, inputs, tolerance, timed_against)
+    gate.report["provider"] = "cpu"
+    if form.target != "cpu" and provider_available(form.target):
+        try:
+            on_target = parity.run_gate(
+                _gate_package(package_dir, form.target), expected, reference, inputs, tolerance, None
+            )
+        except ProviderUnavailable as exc:  # in this onnxruntime build, but not startable on this machine
+            gate.report["on_target"] = {"provider": form.target, "skipped": str(exc)}
+        else:
+            gate.report["on_target"] = {**on_target.report, "provider": form.target}
+            gate.failures += [f"on {form.target}: {failure}" for failure in on_target.failures]
+            gate.passed = gate.passed and on_target.passed
     manifest.parity = gate.report
     if not gate.passed:
         raise ParityError("parity gate failed:\n  - " + "\n  - ".join(gate.failures), gate.report)
     manifest.write(package_dir)
-    stage_done("validate", f"parity passed on {len(inputs.encodings)} items")
+    where = "CPU" + (f" and {form.target}" if "passed" in gate.report.get("on_target", {}) else "")
+    stage_done("validate", f"parity passed on {len(inputs.encodings)} items ({where})")
 
     sizes = {
         "fp32_onnx": fp32_path.stat().st_size,
@@ -202,11 +211,20 @@ def _load_torch(resolved: ResolvedModel, task: str, trust_remote_code: bool) -> 
     return model.eval().float()
 
 
-def _optimize(path: Path, out: Path, config: dict[str, Any], for_int8: bool) -> tuple[dict[str, int], Path]:
+def _optimize(
+    path: Path, out: Path, config: dict[str, Any], for_int8: bool, target: str
+) -> tuple[dict[str, int], Path]:
     try:
-        return optimize_graph(path, out, config, for_int8), out
+        return optimize_graph(path, out, config, for_int8, target), out
     except Exception as exc:  # the optimizer is best-effort; the unfused graph is still correct
         return {"skipped": f"{type(exc).__name__}: {exc}"}, path  # type: ignore[dict-item]
+
+
+def _gate_package(package_dir: Path, provider: str) -> Package:
+    """The package as the gate loads it: fp16 allowed on CPU, no warning that the CPU is not its target."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ProviderMismatch)
+        return load_package(package_dir, SessionOptions(provider=provider, allow_fp16_on_cpu=True))
 
 
 def _input_names(path: Path) -> list[str]:
@@ -250,7 +268,7 @@ class _Candidate:
 
 
 def _lower_precision(
-    precision: str,
+    form: GraphForm,
     fp32_path: Path,
     work: Path,
     candidate: _Candidate,
@@ -258,13 +276,13 @@ def _lower_precision(
     texts: list[str],
 ) -> tuple[Path, QuantInfo | None]:
     out = work / "lowered.onnx"
-    if precision == "fp32":
+    if form.precision == "fp32":
         return fp32_path, None
-    if precision == "fp16":
-        return out, convert_fp16(fp32_path, out)
-    if precision == "int8-static":
-        return out, quantize_static_int8(fp32_path, out, _calibration_feeds(candidate.encoder, texts))
+    if form.precision == "fp16":
+        return out, convert_fp16(fp32_path, out, fused=form.fusions is not None)
     target = tolerance.min_cosine if candidate.spec.task == "feature-extraction" else tolerance.min_agreement
+    if form.precision == "int8-static":
+        return out, quantize_qdq(fp32_path, out, _one_text_feeds(candidate.encoder, texts), candidate.evaluate, target)
     heads = head_matmuls(fp32_path)  # the task head decides the answer directly and costs little: float
     feeds = _one_text_feeds(candidate.encoder, texts)
     # fastest first; each step trades speed for accuracy until the target is met
@@ -294,25 +312,6 @@ def _one_text_feeds(encoder: TextEncoder, texts: list[str]) -> list[dict[str, An
     return [encoder.pad([e]).feeds for e in encoder.encode(texts[:MAX_VALIDATION_ITEMS])]
 
 
-def _calibration_feeds(encoder: TextEncoder, texts: list[str]) -> list[dict[str, Any]]:
-    """Batches of 8 texts, every batch padded to one length (calibrators need equal shapes)."""
-    encodings = encoder.encode(texts[:MAX_VALIDATION_ITEMS])
-    longest = max(len(e.ids) for e in encodings)
-    feeds = []
-    for start in range(0, len(encodings), 8):
-        batch = encoder.pad(encodings[start : start + 8])
-        feeds.append(
-            {k: _pad_to(v, longest, encoder.pad_id if k == "input_ids" else 0) for k, v in batch.feeds.items()}
-        )
-    return feeds
-
-
-def _pad_to(array: Any, length: int, value: int) -> Any:
-    import numpy as np
-
-    return np.pad(array, ((0, 0), (0, length - array.shape[1])), constant_values=value)
-
-
 def _mask_token(directory: Path) -> str | None:
     import json
 
@@ -333,7 +332,7 @@ def _assemble(
     model_path: Path,
     resolved: ResolvedModel,
     spec: TaskSpec,
-    precision: str,
+    form: GraphForm,
     outputs: list[str],
     options: ExportOptions,
     info: QuantInfo | None,
@@ -348,7 +347,8 @@ def _assemble(
     files = {p.name: sha256_file(p) for p in sorted(package_dir.iterdir()) if p.is_file()}
     manifest = Manifest(
         task=spec.task,
-        precision=precision,
+        precision=form.precision,
+        target=form.target,
         inputs=_input_names(package_dir / MODEL_NAME),
         outputs=outputs,
         max_sequence_length=spec.max_length,
@@ -358,7 +358,7 @@ def _assemble(
         opset=options.opset,
         pooling=spec.pooling,
         mask_token=mask_token,
-        max_batch_size=1 if precision == "int8-dynamic" else 0,
+        max_batch_size=1 if form.precision == "int8-dynamic" else 0,
         quantization={"optimized": fused, **(_quant_dict(info) if info else {"scheme": "none"})},
         source=_source(resolved),
         files=files,

@@ -8,19 +8,23 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kiln.export.build import PRECISIONS, ExportOptions, ExportResult, export
+from kiln.export.build import ExportOptions, ExportResult, export
+from kiln.export.targets import graph_form
 
 
 def run(args: argparse.Namespace) -> int:
     if not 0.0 < args.min_agreement <= 1.0:
         raise SystemExit("kiln export: --min-agreement must be in (0, 1]")
-    output = args.output or Path(f"{Path(args.model).name}-{PRECISIONS[args.quantize]}")
+    form = graph_form(args.device, args.quantize)
+    suffix = form.precision if form.target == "cpu" else f"{form.precision}-{form.target}"
+    output = args.output or Path(f"{Path(args.model).name}-{suffix}")
     options = ExportOptions(
         model=args.model,
         output=output,
         revision=args.revision,
         task=args.task,
         quantize=args.quantize,
+        device=args.device,
         opset=args.opset,
         max_length=args.max_length,
         calibration=args.calibration,
@@ -46,7 +50,8 @@ def summary(result: ExportResult) -> str:
     manifest, report = result.manifest, result.manifest.parity
     lines = [
         f"kiln package: {result.output}",
-        f"  task {manifest.task}, precision {manifest.precision}, max length {manifest.max_sequence_length}",
+        f"  task {manifest.task}, precision {manifest.precision}, for {manifest.target}, "
+        f"max length {manifest.max_sequence_length}",
         f"  size: fp32 ONNX {result.sizes['fp32_onnx'] / 1e6:.1f} MB -> "
         f"model {result.sizes['package_model'] / 1e6:.1f} MB",
     ]
@@ -69,6 +74,8 @@ def summary(result: ExportResult) -> str:
     )
     e2e = {k: v for k, v in report["end_to_end"].items() if k != "items"}
     lines.append(f"  task answers vs transformers pipeline: {_fmt(e2e)}")
+    if manifest.target != "cpu":
+        lines.append(_target_line(manifest.target, report.get("on_target")))
     kept = manifest.quantization.get("kept_float")
     if kept:
         lines.append(f"  kept in float for accuracy: {len(kept)} MatMuls")
@@ -80,6 +87,18 @@ def summary(result: ExportResult) -> str:
             f"({fp32 / ours:.2f}x)"
         )
     return "\n".join(lines)
+
+
+def _target_line(target: str, on_target: dict[str, Any] | None) -> str:
+    if on_target is None or "skipped" in on_target:
+        return (
+            f"  on {target}: not checked (no {target} provider on this machine); the figures above are from the "
+            f"same graph on CPU: measure it on the GPU with `kiln bench gpu`"
+        )
+    figures = on_target["batched"]
+    score = figures.get("agreement")
+    shown = f"agreement {score:.4f}" if score is not None else f"cosine min {figures['min_cosine']:.5f}"
+    return f"  on {target}: {shown}, max abs error {max(figures['max_abs'].values()):.3g} (gate passed there too)"
 
 
 def _fmt(values: dict[str, Any]) -> str:

@@ -1,8 +1,10 @@
-"""Graph optimisation with onnxruntime's transformer optimizer, in an order quantisation survives.
+"""Graph optimisation with onnxruntime's transformer optimizer, per execution target.
 
-EmbedLayerNormalization fusion breaks quantisation, and the fused Attention op packs Q, K and V
-weights where the int8 pass cannot reach them, so for int8 attention is fused as
-MultiHeadAttention with the projections left as MatMuls.
+For the CPU, EmbedLayerNormalization fusion breaks quantisation, and the fused Attention op packs
+Q, K and V weights where the int8 pass cannot reach them, so for int8 attention is fused as
+MultiHeadAttention with the projections left as MatMuls. For CUDA the graph is fused fully
+(packed-QKV Attention, SkipLayerNormalization, BiasGelu), the form onnxruntime's CUDA kernels and
+its fp16 conversion are written for.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ _SHAPES = {"distilbert": ("n_heads", "dim")}
 _DEFAULT_SHAPE = ("num_attention_heads", "hidden_size")
 
 
-def optimize_graph(model_path: Path, out_path: Path, config: dict[str, Any], for_int8: bool) -> dict[str, int]:
+def optimize_graph(
+    model_path: Path, out_path: Path, config: dict[str, Any], for_int8: bool, target: str = "cpu"
+) -> dict[str, int]:
     """Write the fused graph to out_path and return how many of each fused op it has."""
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
@@ -25,7 +29,7 @@ def optimize_graph(model_path: Path, out_path: Path, config: dict[str, Any], for
     heads_key, hidden_key = _SHAPES.get(config.get("model_type", ""), _DEFAULT_SHAPE)
     options = FusionOptions("bert")
     options.enable_embed_layer_norm = False
-    options.use_multi_head_attention = for_int8
+    options.use_multi_head_attention = for_int8 and target == "cpu"
     optimized = optimize_model(
         str(model_path),
         model_type="bert",
@@ -33,6 +37,7 @@ def optimize_graph(model_path: Path, out_path: Path, config: dict[str, Any], for
         hidden_size=int(config.get(hidden_key, 0)),
         optimization_options=options,
         opt_level=0,  # only the python fusions; onnxruntime applies its own at load time
+        use_gpu=target == "cuda",
     )
     optimized.save_model_to_file(str(out_path))
     return {op: n for op, n in optimized.get_fused_operator_statistics().items() if n}

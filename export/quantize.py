@@ -17,7 +17,7 @@ import functools
 import logging
 import re
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,12 +87,17 @@ def head_matmuls(model_path: Path) -> list[str]:
     return layer_groups(list(matmul_weights(model_path))).get("other", [])
 
 
+def layer_of(node: str) -> str | None:
+    """The encoder layer a node belongs to ('layer.3'), from its exported name; None for the head."""
+    match = _LAYER.search(node)
+    return f"layer.{match.group(1)}" if match else None
+
+
 def layer_groups(nodes: list[str]) -> dict[str, list[str]]:
     """Group MatMul node names by encoder layer ('layer.3'), the unit kept in float when needed."""
     groups: dict[str, list[str]] = defaultdict(list)
     for name in nodes:
-        match = _LAYER.search(name)
-        groups[f"layer.{match.group(1)}" if match else "other"].append(name)
+        groups[layer_of(name) or "other"].append(name)
     return dict(groups)
 
 
@@ -188,6 +193,35 @@ class Fidelity:
     error: float  # mean absolute output error, to rank layers whose score ties
 
 
+Writer = Callable[[list[str], Path], None]  # (MatMuls to keep in float, output path)
+
+
+def keep_sensitive_in_float(
+    groups: dict[str, list[str]], write: Writer, evaluate: Callable[[Path], Fidelity], target: float, probe: Path
+) -> tuple[list[str], list[dict[str, object]]]:
+    """Keep the fewest groups of MatMuls in float that bring the score up to target.
+
+    Sensitivity is measured one group at a time (that group alone in int8, the rest in float);
+    groups then go back to float from the most sensitive down until the quantised rest reaches
+    the target. Returns the MatMuls kept in float and the measurements, for the manifest.
+    """
+    trials: list[dict[str, object]] = []
+    for name in groups:
+        write([n for group, members in groups.items() if group != name for n in members], probe)
+        alone = evaluate(probe)
+        trials.append({"group": name, "alone_score": alone.score, "alone_error": alone.error})
+    trials.sort(key=lambda t: (t["alone_score"], -t["alone_error"]))
+    kept: list[str] = []
+    for trial in trials:
+        kept.extend(groups[str(trial["group"])])
+        write(kept, probe)
+        trial["score_after_keeping"] = evaluate(probe).score
+        if trial["score_after_keeping"] >= target:
+            break
+    probe.unlink(missing_ok=True)
+    return kept, trials
+
+
 def choose_float_layers(
     model_path: Path,
     work_dir: Path,
@@ -197,79 +231,26 @@ def choose_float_layers(
     feeds: list[dict[str, np.ndarray]],
     rowwise_everywhere: bool = True,
 ) -> tuple[list[str], list[dict[str, object]]]:
-    """Keep the fewest encoder layers in float that bring the score up to target.
-
-    Sensitivity is measured one layer at a time (that layer alone in int8, the rest in float);
-    layers then go back to float from the most sensitive down until the quantised rest reaches
-    the target. Returns the node names to keep in float and the measurements, for the manifest.
-    """
+    """kiln's int8 with the fewest encoder layers in float that reach the target (the task head
+    and `always_float` stay in float throughout)."""
     groups = layer_groups([n for n in matmul_weights(model_path) if n not in always_float])
-    probe = work_dir / "probe.onnx"
-    trials: list[dict[str, object]] = []
-    for name in groups:
-        others = [n for group, members in groups.items() if group != name for n in members]
-        quantize_int8(model_path, probe, others + always_float, feeds, rowwise_everywhere)
-        alone = evaluate(probe)
-        trials.append({"group": name, "alone_score": alone.score, "alone_error": alone.error})
-    trials.sort(key=lambda t: (t["alone_score"], -t["alone_error"]))
-    kept: list[str] = list(always_float)
-    for trial in trials:
-        kept.extend(groups[str(trial["group"])])
-        quantize_int8(model_path, probe, kept, feeds, rowwise_everywhere)
-        trial["score_after_keeping"] = evaluate(probe).score
-        if trial["score_after_keeping"] >= target:
-            break
-    probe.unlink(missing_ok=True)
-    return kept, trials
+
+    def write(floating: list[str], path: Path) -> None:
+        quantize_int8(model_path, path, floating + always_float, feeds, rowwise_everywhere)
+
+    kept, trials = keep_sensitive_in_float(groups, write, evaluate, target, work_dir / "probe.onnx")
+    return list(always_float) + kept, trials
 
 
-@_quietly
-def quantize_static_int8(model_path: Path, out_path: Path, feeds: list[dict[str, np.ndarray]]) -> QuantInfo:
-    """Symmetric int8 QDQ with MinMax calibration, the form TensorRT consumes.
-
-    Calibration batches must all have one length (entropy/percentile calibrators fail otherwise),
-    so the caller pads them to one length.
-    """
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
-    class _Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self._feeds: Iterator[dict[str, np.ndarray]] = iter(feeds)
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self._feeds, None)
-
-    quantize_static(
-        str(model_path),
-        str(out_path),
-        _Reader(),
-        quant_format=QuantFormat.QDQ,
-        op_types_to_quantize=["MatMul"],
-        per_channel=True,
-        activation_type=QuantType.QInt8,
-        weight_type=QuantType.QInt8,
-        calibrate_method=CalibrationMethod.MinMax,
-        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
-    )
-    return QuantInfo(
-        scheme="static int8 QDQ, symmetric activations and per-channel weights, MinMax calibration",
-        quantized=len(matmul_weights(model_path)),
-        details={"calibration_batches": len(feeds)},
-    )
-
-
-def convert_fp16(model_path: Path, out_path: Path) -> QuantInfo:
-    """fp16 weights and compute, float32 inputs and outputs, overflow-prone ops kept in float32."""
+def convert_fp16(model_path: Path, out_path: Path, fused: bool = False) -> QuantInfo:
+    """fp16 weights and compute, float32 inputs and outputs. In a standard-ops graph the
+    overflow-prone ops stay in float32; a fused graph's contrib ops (SkipLayerNormalization,
+    Attention) accumulate in float32 inside their fp16 kernels, so it converts whole."""
     import onnx
     from onnxruntime.transformers.onnx_model import OnnxModel
 
     model = OnnxModel(onnx.load(str(model_path)))
-    model.convert_float_to_float16(keep_io_types=True, op_block_list=FP16_KEEP_FLOAT)
+    keep = None if fused else FP16_KEEP_FLOAT
+    model.convert_float_to_float16(keep_io_types=True, op_block_list=keep)
     model.save_model_to_file(str(out_path))
-    return QuantInfo(scheme="fp16 with float32 IO", kept_float=FP16_KEEP_FLOAT)
+    return QuantInfo(scheme="fp16 with float32 IO" + (", fused graph" if fused else ""), kept_float=keep or [])

@@ -131,3 +131,9 @@ class ConfigError(KilnError):
 
     exit_code = 2
     grpc_status = "INVALID_ARGUMENT"
+
+
+class ProviderMismatch(UserWarning):
+    """A package runs on a provider other than the one its graph was shaped for (still correct,
+    not as fast: e.g. a TensorRT package's standard-ops graph on CUDA, or a CUDA package's
+    contrib ops, which TensorRT cannot take, left to CUDA)."""

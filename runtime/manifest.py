@@ -24,6 +24,7 @@ TASKS = (
     "zero-shot-classification",
 )
 PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8-static")
+TARGETS = ("cpu", "cuda", "tensorrt")  # the execution provider a package's graph is shaped for
 
 
 @dataclass
@@ -45,6 +46,7 @@ class Manifest:
     problem_type: str | None = None
     model_type: str = ""
     opset: int = 17
+    target: str = "cpu"
     pooling: Pooling | None = None
     mask_token: str | None = None
     # 1: run one text per session call. kiln's int8 kernels round a row slightly differently
@@ -110,6 +112,8 @@ def read_manifest(directory: Path) -> Manifest:
         raise PackageError(f"{path}: unknown task {manifest.task!r}")
     if manifest.precision not in PRECISIONS:
         raise PackageError(f"{path}: unknown precision {manifest.precision!r}")
+    if manifest.target not in TARGETS:
+        raise PackageError(f"{path}: unknown target {manifest.target!r}")
     return manifest
 
 

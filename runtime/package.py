@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-from kiln.runtime.errors import PackageError
+from kiln.runtime.errors import PackageError, ProviderMismatch
 from kiln.runtime.manifest import MODEL_NAME, Manifest, read_manifest, verify_files
 from kiln.runtime.providers import (
     LENGTH_BUCKET,
@@ -57,6 +58,8 @@ def load_package(directory: str | Path, options: SessionOptions | None = None, v
             f"{directory}: an fp16 package runs on a GPU (provider cuda or tensorrt); on CPU it would be slow "
             "and is refused unless allow_fp16_on_cpu is set"
         )
+    if provider != PROVIDERS[manifest.target]:
+        warnings.warn(_mismatch(directory, manifest.target, provider), ProviderMismatch, stacklevel=2)
     extra = None
     if provider == PROVIDERS["tensorrt"]:
         profile = ShapeProfile(max_batch=options.max_batch, max_length=bucketed(manifest.max_sequence_length))
@@ -74,6 +77,14 @@ def load_package(directory: str | Path, options: SessionOptions | None = None, v
     if provider == PROVIDERS["cuda"]:
         package.binding = CudaBinding(session, manifest.outputs)
     return package
+
+
+def _mismatch(directory: Path, target: str, provider: str) -> str:
+    running = next(name for name, full in PROVIDERS.items() if full == provider)
+    return (
+        f"{directory}: this package's graph was shaped for {target} (kiln export --device {target}) and now runs "
+        f"on {running}; answers are the same, speed is not: export it with --device {running} for this provider"
+    )
 
 
 def _read_json(path: Path) -> dict[str, Any]:

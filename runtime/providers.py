@@ -95,7 +95,9 @@ def tensorrt_options(
 ) -> dict[str, Any]:
     cache = tensorrt_cache(package_dir, key)
     return {
-        "trt_fp16_enable": manifest.precision in ("fp16", "fp32"),  # fp32 packages opt in to fp16 kernels
+        # an fp32 package runs in fp32: fp16 kernels only where the package was validated in fp16, and
+        # beside int8 for the layers explicit Q/DQ leaves in float
+        "trt_fp16_enable": manifest.precision in ("fp16", "int8-static"),
         "trt_int8_enable": manifest.precision == "int8-static",
         "trt_engine_cache_enable": True,
         "trt_engine_cache_path": str(cache),
@@ -147,21 +149,32 @@ class CudaBinding:
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         batch, length = next(iter(feeds.values())).shape
-        key = (batch, length)
-        if key not in self._buffers:
-            self._buffers[key] = {
-                name: self._ort.OrtValue.ortvalue_from_shape_and_type(
-                    output_shape(self._shapes[name], self._batch_dim, self._length_dim, batch, length),
-                    np.float32,
-                    "cuda",
-                    0,
-                )
-                for name in self.outputs
-            }
         binding = self.session.io_binding()
         for name, array in feeds.items():
             binding.bind_cpu_input(name, array)
-        for name, value in self._buffers[key].items():
+        buffers = self._output_buffers(batch, length)
+        if buffers is None:  # output shapes the graph does not tie to its inputs: onnxruntime allocates
+            for name in self.outputs:
+                binding.bind_output(name, "cuda")
+            self.session.run_with_iobinding(binding)
+            return binding.copy_outputs_to_cpu()
+        for name, value in buffers.items():
             binding.bind_ortvalue_output(name, value)
         self.session.run_with_iobinding(binding)
-        return [self._buffers[key][name].numpy() for name in self.outputs]
+        return [buffers[name].numpy() for name in self.outputs]
+
+    def _output_buffers(self, batch: int, length: int) -> dict[str, Any] | None:
+        key = (batch, length)
+        if key not in self._buffers:
+            try:
+                shapes = {
+                    name: output_shape(self._shapes[name], self._batch_dim, self._length_dim, batch, length)
+                    for name in self.outputs
+                }
+            except ValueError:
+                return None
+            self._buffers[key] = {
+                name: self._ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, "cuda", 0)
+                for name, shape in shapes.items()
+            }
+        return self._buffers[key]

@@ -48,6 +48,11 @@ def resolve_provider(name: str) -> str:
     return PROVIDERS[name]
 
 
+def provider_available(name: str) -> bool:
+    """Whether this onnxruntime build offers the provider (not whether a GPU is present)."""
+    return name in PROVIDERS and PROVIDERS[name] in ort.get_available_providers()
+
+
 def create_session(
     model_path: Path, options: SessionOptions, provider_options: dict | None = None
 ) -> ort.InferenceSession:
@@ -64,15 +69,27 @@ def create_session(
         so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     elif options.spin_after_us is not None:
         so.add_session_config_entry("session.intra_op.spin_duration_us", str(options.spin_after_us))
+    if provider != PROVIDERS["cpu"] and hasattr(ort, "preload_dlls"):
+        # CUDA and cuDNN from the nvidia-* wheels beside onnxruntime-gpu, found without LD_LIBRARY_PATH
+        # (the serving install has no torch to have loaded them first)
+        ort.preload_dlls()
     providers: list = [(provider, provider_options or {})]
     if provider == PROVIDERS["tensorrt"]:
         providers.append(PROVIDERS["cuda"])
     if options.allow_fallback and provider != PROVIDERS["cpu"]:
         providers.append(PROVIDERS["cpu"])
     try:
-        return ort.InferenceSession(str(model_path), so, providers=providers)
+        session = ort.InferenceSession(str(model_path), so, providers=providers)
     except Exception as exc:  # onnxruntime raises its own untyped errors
         raise PackageError(f"{model_path}: onnxruntime {ort.__version__} cannot load this model: {exc}") from exc
+    if provider not in session.get_providers():
+        # onnxruntime drops a provider whose libraries it cannot load (TensorRT without libnvinfer,
+        # CUDA without cuDNN) and carries on with the rest: kiln refuses rather than run elsewhere
+        raise ProviderUnavailable(
+            f"onnxruntime could not start {provider} (its libraries are missing or do not match this GPU); "
+            f"the session would have run on {', '.join(session.get_providers())}"
+        )
+    return session
 
 
 def cpu_count() -> int:

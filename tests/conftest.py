@@ -30,16 +30,17 @@ def tiny_model(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def exported(tiny_model, tmp_path_factory):
-    """exported(architecture, task, quantize) -> package directory that passed the parity gate."""
+    """exported(architecture, task, quantize, device) -> package directory that passed the parity gate."""
     from kiln.export.build import ExportOptions, export
 
-    cache: dict[tuple[str, str, str], Path] = {}
+    cache: dict[tuple[str, str, str, str], Path] = {}
 
-    def make(architecture: str, task: str, quantize: str = "none") -> Path:
-        key = (architecture, task, quantize)
+    def make(architecture: str, task: str, quantize: str = "none", device: str = "cpu") -> Path:
+        key = (architecture, task, quantize, device)
         if key not in cache:
-            out = tmp_path_factory.mktemp("packages") / f"{architecture}-{task}-{quantize}"
-            export(ExportOptions(model=str(tiny_model(architecture, task)), output=out, quantize=quantize, task=task))
+            out = tmp_path_factory.mktemp("packages") / f"{architecture}-{task}-{quantize}-{device}"
+            model = str(tiny_model(architecture, task))
+            export(ExportOptions(model=model, output=out, quantize=quantize, task=task, device=device))
             cache[key] = out
         return cache[key]
 

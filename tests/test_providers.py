@@ -64,7 +64,12 @@ def test_tensorrt_options(exported):
     options = tensorrt_options(package, manifest, manifest.inputs, ShapeProfile(32, bucketed(128)), key)
     assert options["trt_engine_cache_enable"] and options["trt_engine_cache_path"].endswith(key.digest)
     assert options["trt_profile_max_shapes"].startswith("input_ids:32x128")
-    assert options["trt_fp16_enable"] is True and options["trt_int8_enable"] is False
+    # an fp32 package stays fp32 on TensorRT; fp16 kernels only where the package was validated in fp16
+    assert options["trt_fp16_enable"] is False and options["trt_int8_enable"] is False
+    for precision, fp16, int8 in (("fp16", True, False), ("int8-static", True, True)):
+        manifest.precision = precision
+        options = tensorrt_options(package, manifest, manifest.inputs, ShapeProfile(32, bucketed(128)), key)
+        assert (options["trt_fp16_enable"], options["trt_int8_enable"]) == (fp16, int8)
 
 
 def test_output_shapes_and_buckets():

@@ -22,9 +22,12 @@ class TextClassificationPipeline(Pipeline):
         return "softmax"
 
     def logits(
-        self, texts: list[str], text_pair: list[str] | None = None, truncation: bool = True
+        self, texts: str | list[str], text_pair: str | list[str] | None = None, truncation: bool = True
     ) -> tuple[np.ndarray, list[bool]]:
-        encodings = self.encoder.encode(texts, text_pair, truncation=truncation)
+        """Raw logits, and for each text whether it was truncated."""
+        texts = check_texts(texts)
+        pairs = check_pairs(texts, text_pair) if text_pair is not None else None
+        encodings = self.encoder.encode(texts, pairs, truncation=truncation)
         outputs = self.forward(encodings)
         return np.stack([o["logits"] for o in outputs]), [bool(e.overflowing) for e in encodings]
 
@@ -36,16 +39,25 @@ class TextClassificationPipeline(Pipeline):
         function_to_apply: str | None = None,
         truncation: bool = True,
     ) -> list[Any]:
-        texts = check_texts(texts)
-        pairs = check_pairs(texts, text_pair) if text_pair is not None else None
-        function = function_to_apply or self.default_function()
-        if function not in FUNCTIONS:
-            raise InvalidInput(f"function_to_apply must be one of {', '.join(FUNCTIONS)}, got {function!r}")
+        function = self._function(function_to_apply)
         if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
             raise InvalidInput(f"top_k must be a positive integer or None, got {top_k!r}")
-        logits, truncated = self.logits(texts, pairs, truncation)
+        logits, truncated = self.logits(texts, text_pair, truncation)
+        return self.rank(logits, truncated, top_k, function)
+
+    def rank(
+        self, logits: np.ndarray, truncated: list[bool], top_k: int | None = 1, function_to_apply: str | None = None
+    ) -> list[Any]:
+        """Labels and scores from logits already computed (a caller that needs both runs the model once)."""
+        function = self._function(function_to_apply)
         scores = {"softmax": softmax, "sigmoid": sigmoid, "none": lambda x: x}[function](logits)
         return [self._rank(row, top_k, cut) for row, cut in zip(scores, truncated, strict=True)]
+
+    def _function(self, name: str | None) -> str:
+        function = name or self.default_function()
+        if function not in FUNCTIONS:
+            raise InvalidInput(f"function_to_apply must be one of {', '.join(FUNCTIONS)}, got {function!r}")
+        return function
 
     def _rank(self, scores: np.ndarray, top_k: int | None, truncated: bool) -> Any:
         order = np.argsort(-scores, kind="stable")

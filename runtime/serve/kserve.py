@@ -54,8 +54,8 @@ def infer_text(model: ServedModel, tensors: dict[str, np.ndarray], params: Any) 
         batch = texts(tensors, "text")
         pairs = texts(tensors, "text_pair", required=False)
         function = parameter(params, "function_to_apply")
-        ranked = pipe(batch, text_pair=pairs, top_k=None, function_to_apply=function, truncation=truncation)
-        logits, _ = pipe.logits(batch, pairs, truncation)
+        logits, truncated = pipe.logits(batch, pairs, truncation)  # the model runs once; labels come from its logits
+        ranked = pipe.rank(logits, truncated, top_k=None, function_to_apply=function)
         return {
             "label": _bytes([r[0]["label"] for r in ranked]),
             "score": np.array([r[0]["score"] for r in ranked], dtype=np.float32),

@@ -1,0 +1,65 @@
+"""Graph form by execution target: what each provider runs fastest, and what it can take at all.
+
+onnxruntime's fused contrib ops (`Attention`, `SkipLayerNormalization`, `BiasGelu`, all in the
+`com.microsoft` domain) are fast on the CPU and CUDA providers, but TensorRT cannot take them: a
+TensorRT package that holds them falls back to CUDA for exactly the layers that matter. So:
+
+- cpu: onnxruntime's CPU fusions; for int8 the Q/K/V projections stay separate MatMuls, where
+  kiln's int8 pass reaches them. fp16 stays unfused (it runs on CPU only when asked to).
+- cuda: the fully fused graph (fused `Attention` with packed Q/K/V); fp16 as a fused fp16 graph
+  with float32 inputs and outputs. int8 is refused: the CUDA provider has no fused int8 encoder.
+- tensorrt: standard ONNX ops only (TensorRT fuses for itself); fp16 as an fp16 graph of standard
+  ops; int8 as explicit QuantizeLinear/DequantizeLinear on the activations and weights of every
+  MatMul, calibrated (`int8-static`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kiln.runtime.errors import UnsupportedModel
+
+TARGETS = ("cpu", "cuda", "tensorrt")
+# --quantize value -> the precision it gives on each target (None: refused there)
+_PRECISIONS: dict[str, dict[str, str | None]] = {
+    "none": {"cpu": "fp32", "cuda": "fp32", "tensorrt": "fp32"},
+    "fp16": {"cpu": "fp16", "cuda": "fp16", "tensorrt": "fp16"},
+    "int8": {"cpu": "int8-dynamic", "cuda": None, "tensorrt": "int8-static"},
+    "int8-static": {"cpu": "int8-static", "cuda": None, "tensorrt": "int8-static"},
+}
+_INT8_ON_CUDA = (
+    "int8 on --device cuda is not offered: the CUDA provider has no fused int8 encoder kernels, so it would be "
+    "slower than fp16; use --device cuda --quantize fp16, or --device tensorrt --quantize int8 (explicit Q/DQ)"
+)
+
+
+@dataclass(frozen=True)
+class GraphForm:
+    """How the exported graph is shaped for its target."""
+
+    target: str
+    precision: str
+    fusions: str | None  # "cpu" | "cuda": onnxruntime's transformer fusions for that provider; None: standard ops
+
+    @property
+    def standard_ops_only(self) -> bool:
+        return self.fusions is None
+
+
+def graph_form(target: str, quantize: str) -> GraphForm:
+    if target not in TARGETS:
+        raise UnsupportedModel(f"--device must be one of {', '.join(TARGETS)}, got {target!r}")
+    if quantize not in _PRECISIONS:
+        raise UnsupportedModel(f"--quantize must be one of {', '.join(_PRECISIONS)}, got {quantize!r}")
+    precision = _PRECISIONS[quantize][target]
+    if precision is None:
+        raise UnsupportedModel(_INT8_ON_CUDA)
+    return GraphForm(target, precision, _fusions(target, precision))
+
+
+def _fusions(target: str, precision: str) -> str | None:
+    if target == "tensorrt" or precision == "int8-static":
+        return None  # Q/DQ needs the plain MatMuls; onnxruntime fuses Q/DQ itself when it loads the graph
+    if target == "cpu" and precision == "fp16":
+        return None  # the fp16 converter's casts collide on weights the CPU-fused graph shares
+    return target
