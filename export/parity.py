@@ -322,8 +322,13 @@ def _failures(alone: Figures, batched: Figures, drift: Figures, tol: Tolerance, 
             failures.append(f"top-1 agreement ({label}) {fig.agreement:.4f} < {tol.min_agreement:g}")
         if fig.min_cosine is not None and fig.min_cosine < tol.min_cosine:
             failures.append(f"embedding cosine ({label}) down to {fig.min_cosine:.5f} < {tol.min_cosine:g}")
-    if drift.agreement is not None and drift.agreement < 1.0:
-        failures.append(f"answers depend on batch-mates: {1 - drift.agreement:.2%} of top-1 labels change")
+    # batched kernels round differently (GPU libraries pick other algorithms by batch size), which
+    # can flip a near-tied label: such flips count against the same budget as disagreement with PyTorch
+    if drift.agreement is not None and drift.agreement < tol.min_agreement:
+        failures.append(
+            f"answers depend on batch-mates: {1 - drift.agreement:.2%} of top-1 labels change "
+            f"(more than the {1 - tol.min_agreement:.2%} --min-agreement allows)"
+        )
     if drift.relative_max_abs() > tol.max_batch_drift:
         failures.append(
             f"outputs depend on batch-mates: up to {max(drift.max_abs.values()):.3g} between alone and batched"
