@@ -12,7 +12,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +30,13 @@ from kiln.export.quantize import (
 )
 from kiln.export.resolve import ResolvedModel, resolve_model
 from kiln.export.targets import GraphForm, graph_form
-from kiln.export.tasks import TaskSpec, detect_task, torch_class
+from kiln.export.tasks import DetectedTask, detect_task, torch_class
 from kiln.export.texts import builtin_texts, read_texts
 from kiln.runtime.errors import OutputError, ParityError, ProviderMismatch, ProviderUnavailable, UnsupportedModel
 from kiln.runtime.manifest import MODEL_NAME, Manifest, sha256_file
 from kiln.runtime.package import Package, load_package
-from kiln.runtime.pipelines import PIPELINES
 from kiln.runtime.session import SessionOptions, create_session, provider_available
+from kiln.runtime.tasks import TaskSpec, spec_for
 from kiln.runtime.tokenize import TextEncoder
 
 MAX_VALIDATION_ITEMS = 64
@@ -72,7 +72,7 @@ def export(options: ExportOptions, progress: Progress = lambda stage, message: N
     form = graph_form(options.device, options.quantize)
     output = Path(options.output).expanduser().absolute()
     _check_output(output, options.force)
-    texts = read_texts(options.calibration) if options.calibration else builtin_texts()
+    texts = (read_texts(options.calibration) if options.calibration else builtin_texts())[:MAX_VALIDATION_ITEMS]
     work = _temporary_dir(output)
     try:
         return _export(options, form, output, texts, work, progress)
@@ -114,17 +114,18 @@ def _export(
         stage_done("optimize", f"fused for {form.fusions}: {fused or 'nothing'}")
 
     encoder = TextEncoder.from_directory(raw_dir, _input_names(fp32_path), spec.max_length)
-    mask_token = _mask_token(raw_dir) if spec.task == "fill-mask" else None
-    inputs = parity.make_inputs(spec.task, texts[:MAX_VALIDATION_ITEMS], encoder, mask_token)
-    outputs = [o.name for o in create_session(fp32_path, SessionOptions()).get_outputs()]
+    session = create_session(fp32_path, SessionOptions())
+    outputs = [o.name for o in session.get_outputs()]
+    draft = _draft_manifest(spec, encoder, outputs, _mask_token(raw_dir))
+    task = spec_for(spec.task)
+    # the validation items, encoded exactly as the task's pipeline encodes them
+    inputs = parity.make_inputs(task.pipeline(Package(raw_dir, draft, encoder, session)), texts, draft.mask_token)
     reference = parity.run_torch(torch_model, encoder, inputs, outputs)
-    expected = parity.hf_answers(
-        spec.task, _hf_pipeline(spec.task, torch_model, raw_dir), inputs, reference, spec.pooling
-    )
+    expected = parity.hf_answers(task, _hf_pipeline(task, torch_model, raw_dir), inputs, reference, spec.pooling)
     precision = form.precision
     tolerance = parity.tolerance_for(precision, options.min_agreement)
 
-    candidate = _Candidate(raw_dir, spec, encoder, inputs, reference, expected, outputs, mask_token)
+    candidate = _Candidate(raw_dir, draft, encoder, inputs, reference, expected)
     model_path, info = _lower_precision(form, fp32_path, work, candidate, tolerance, texts)
     stage_done("quantize", info.scheme if info else "kept fp32")
 
@@ -140,7 +141,7 @@ def _export(
         options,
         info,
         fused,
-        mask_token,
+        draft.mask_token,
     )
     # the gate runs on CPU everywhere, and again on the target's provider where this machine has it
     timed_against = fp32_path if precision != "fp32" and form.target == "cpu" else None
@@ -231,39 +232,49 @@ def _input_names(path: Path) -> list[str]:
     return [i.name for i in create_session(path, SessionOptions()).get_inputs()]
 
 
+def _draft_manifest(spec: DetectedTask, encoder: TextEncoder, outputs: list[str], mask: str | None) -> Manifest:
+    """What a pipeline needs to know of the package before it exists (the validation items, the
+    int8 candidates are run through the task's pipeline)."""
+    return Manifest(
+        task=spec.task,
+        precision="fp32",
+        inputs=encoder.input_names,
+        outputs=outputs,
+        max_sequence_length=spec.max_length,
+        labels=spec.labels,
+        problem_type=spec.problem_type,
+        pooling=spec.pooling,
+        mask_token=mask,
+    )
+
+
 @dataclass
 class _Candidate:
     """What scoring a candidate int8 graph needs: the validation items and the original's answers."""
 
     raw_dir: Path
-    spec: TaskSpec
+    draft: Manifest
     encoder: TextEncoder
     inputs: parity.Inputs
     reference: parity.Items
     expected: list[Any]
-    outputs: list[str]
-    mask_token: str | None
+
+    @property
+    def task(self) -> str:
+        return self.draft.task
 
     def evaluate(self, path: Path) -> Fidelity:
         """Raw agreement (or cosine) and end-to-end agreement; the lower one counts."""
         session = create_session(path, SessionOptions())
-        got = parity.run_onnx(session, self.encoder, self.inputs, self.outputs, alone=True)  # served per text
-        raw = parity.compare(self.spec.task, self.reference, got).fidelity()
-        manifest = Manifest(
-            task=self.spec.task,
-            precision="int8-dynamic",
-            inputs=self.encoder.input_names,
-            outputs=self.outputs,
-            max_sequence_length=self.spec.max_length,
-            labels=self.spec.labels,
-            problem_type=self.spec.problem_type,
-            pooling=self.spec.pooling,
-            mask_token=self.mask_token,
-            max_batch_size=1,
+        outputs = self.draft.outputs
+        got = parity.run_onnx(session, self.encoder, self.inputs, outputs, alone=True)  # served per text
+        raw = parity.compare(self.task, self.reference, got).fidelity()
+        manifest = replace(self.draft, precision="int8-dynamic", max_batch_size=1)
+        task = spec_for(self.task)
+        answers = parity.kiln_answers(
+            task, task.pipeline(Package(self.raw_dir, manifest, self.encoder, session)), self.inputs
         )
-        package = Package(self.raw_dir, manifest, self.encoder, session)
-        answers = parity.kiln_answers(self.spec.task, PIPELINES[self.spec.task](package), self.inputs)
-        e2e = parity.task_agreement(self.spec.task, self.expected, answers)
+        e2e = task.gate.agreement(self.expected, answers)
         return Fidelity(score=min(raw.score, e2e.get("agreement", e2e.get("min_cosine", 1.0))), error=raw.error)
 
 
@@ -280,7 +291,7 @@ def _lower_precision(
         return fp32_path, None
     if form.precision == "fp16":
         return out, convert_fp16(fp32_path, out, fused=form.fusions is not None)
-    target = tolerance.min_cosine if candidate.spec.task == "feature-extraction" else tolerance.min_agreement
+    target = tolerance.min_cosine if candidate.task == "feature-extraction" else tolerance.min_agreement
     if form.precision == "int8-static":
         return out, quantize_qdq(fp32_path, out, _one_text_feeds(candidate.encoder, texts), candidate.evaluate, target)
     heads = head_matmuls(fp32_path)  # the task head decides the answer directly and costs little: float
@@ -331,7 +342,7 @@ def _assemble(
     raw_dir: Path,
     model_path: Path,
     resolved: ResolvedModel,
-    spec: TaskSpec,
+    spec: DetectedTask,
     form: GraphForm,
     outputs: list[str],
     options: ExportOptions,
@@ -412,13 +423,13 @@ def _tool_versions() -> dict[str, str]:
     return versions
 
 
-def _hf_pipeline(task: str, model: Any, tokenizer_dir: Path) -> Any:
-    if task == "feature-extraction":
+def _hf_pipeline(task: TaskSpec, model: Any, tokenizer_dir: Path) -> Any:
+    if task.gate.hf_task is None:
         return None
     from transformers import AutoTokenizer, pipeline
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    return pipeline(task, model=model, tokenizer=tokenizer, device="cpu")
+    return pipeline(task.gate.hf_task, model=model, tokenizer=tokenizer, device="cpu")
 
 
 def _mb(path: Path) -> str:

@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 
 from kiln.runtime.errors import UnsupportedModel
+from kiln.runtime.tasks import SPECS
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -21,10 +22,6 @@ TOKENIZER_FILES = (
 )
 
 
-# kiln tasks whose graph is another task's graph
-OPTIMUM_TASKS = {"zero-shot-classification": "text-classification"}
-
-
 def export_onnx(model_dir: Path, task: str, opset: int, out_dir: Path, trust_remote_code: bool) -> Path:
     """Export the model to out_dir/model.onnx with a fast tokenizer beside it."""
     from optimum.exporters.onnx import main_export
@@ -37,7 +34,7 @@ def export_onnx(model_dir: Path, task: str, opset: int, out_dir: Path, trust_rem
             main_export(
                 str(model_dir),
                 output=out_dir,
-                task=OPTIMUM_TASKS.get(task, task),
+                task=SPECS[task].optimum_task or task,
                 opset=opset,
                 library_name="transformers",  # raw encoder; pooling is the runtime's job
                 do_validation=False,  # kiln's parity gate is stricter and runs next

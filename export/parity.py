@@ -8,7 +8,6 @@ task answers of kiln's runtime against the `transformers` pipeline on the origin
 from __future__ import annotations
 
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,16 +15,15 @@ from typing import Any
 import numpy as np
 from kiln.export.quantize import Fidelity
 from kiln.runtime.package import Package
-from kiln.runtime.pipelines import PIPELINES
-from kiln.runtime.pipelines.feature_extraction import normalize, pool
-from kiln.runtime.pipelines.zero_shot import DEFAULT_TEMPLATE
+from kiln.runtime.pipelines import Pipeline
+from kiln.runtime.pipelines.feature_extraction import pool
 from kiln.runtime.session import SessionOptions, create_session
+from kiln.runtime.tasks import TaskSpec, Texts, spec_for
+from kiln.runtime.tasks.feature_extraction import cosine
 from kiln.runtime.tokenize import TextEncoder
 from tokenizers import Encoding
 
 BATCH = 8
-QUESTIONS = ("What happened?", "Who is it about?", "무엇에 관한 내용인가요?", "Where?")
-ZERO_SHOT_LABELS = ("politics", "economy", "sports", "technology")
 
 
 @dataclass
@@ -48,11 +46,12 @@ def tolerance_for(precision: str, min_agreement: float) -> Tolerance:
 
 @dataclass
 class Inputs:
-    """The validation items for a task, encoded once: what both sides are fed."""
+    """The validation items of a task, and the encodings its pipeline makes of them: what both the
+    package and the original are fed."""
 
-    texts: list[str]
-    pairs: list[str] | None
+    items: Texts
     encodings: list[Encoding]
+    sequence_outputs: tuple[str, ...]
 
     def batches(self) -> list[list[int]]:
         """Unsorted batches, so padding is exercised as a server would see it."""
@@ -60,23 +59,11 @@ class Inputs:
         return [list(range(i, min(i + BATCH, n))) for i in range(0, n, BATCH)]
 
 
-def make_inputs(task: str, texts: list[str], encoder: TextEncoder, mask_token: str | None) -> Inputs:
-    if task == "question-answering":
-        questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(len(texts))]
-        return Inputs(questions, texts, encoder.encode(questions, texts))
-    if task == "fill-mask":
-        texts = [_mask_one_word(t, mask_token or "[MASK]", i) for i, t in enumerate(texts)]
-    if task == "zero-shot-classification":
-        hypotheses = [DEFAULT_TEMPLATE.format(label) for label in ZERO_SHOT_LABELS]
-        pairs = [(t, h) for t in texts for h in hypotheses]
-        return Inputs(texts, None, encoder.encode([a for a, _ in pairs], [b for _, b in pairs]))
-    return Inputs(texts, None, encoder.encode(texts))
-
-
-def _mask_one_word(text: str, mask: str, seed: int) -> str:
-    words = text.split(" ")
-    words[seed % len(words)] = mask
-    return " ".join(words)
+def make_inputs(pipe: Pipeline, texts: list[str], mask_token: str | None) -> Inputs:
+    spec = spec_for(pipe.task)
+    items = spec.gate.items(texts, mask_token)
+    prepared = spec.prepare(pipe, items, spec.parse_params(spec.gate.params))
+    return Inputs(items, prepared.encodings, pipe.sequence_outputs)
 
 
 Items = list[dict[str, np.ndarray]]
@@ -109,13 +96,9 @@ def _split(items: Items, group: list[int], inputs: Inputs, values: dict[str, np.
     for row, index in enumerate(group):
         length = len(inputs.encodings[index].ids)
         items[index] = {
-            name: value[row, :length] if value.ndim >= 2 and _is_sequence(name, value) else value[row]
+            name: value[row, :length] if name in inputs.sequence_outputs else value[row]
             for name, value in values.items()
         }
-
-
-def _is_sequence(name: str, value: np.ndarray) -> bool:
-    return name in ("start_logits", "end_logits", "last_hidden_state") or value.ndim == 3
 
 
 @dataclass
@@ -147,7 +130,7 @@ def compare(task: str, reference: Items, got: Items, pooling_mode: str = "mean")
         figures.mean_abs[name] = float(np.mean([d.mean() for d in diffs]))
     if task == "feature-extraction":
         cosines = [
-            _cosine(pool(r["last_hidden_state"], pooling_mode), pool(g["last_hidden_state"], pooling_mode))
+            cosine(pool(r["last_hidden_state"], pooling_mode), pool(g["last_hidden_state"], pooling_mode))
             for r, g in zip(reference, got, strict=True)
         ]
         figures.min_cosine, figures.mean_cosine = float(min(cosines)), float(np.mean(cosines))
@@ -159,78 +142,16 @@ def compare(task: str, reference: Items, got: Items, pooling_mode: str = "mean")
     return figures
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.dot(a, b) / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
-
-
 # ---- end-to-end task answers: kiln's runtime pipeline against transformers' pipeline ----------
 
 
-def hf_answers(task: str, hf_pipe: Any, inputs: Inputs, reference: Items, pooling: Any) -> list[Any]:
+def hf_answers(spec: TaskSpec, hf_pipe: Any, inputs: Inputs, reference: Items, pooling: Any) -> list[Any]:
     """The original's answers: transformers' pipeline, or pooled PyTorch vectors for embeddings."""
-    texts = inputs.texts
-    if task == "text-classification":  # truncated like kiln's default (transformers' default is not to)
-        return [hf_pipe(t, truncation=True)[0] for t in texts]
-    if task == "token-classification":
-        return [hf_pipe(t, aggregation_strategy="simple") for t in texts]
-    if task == "question-answering":
-        return [hf_pipe(question=q, context=c) for q, c in zip(texts, inputs.pairs, strict=True)]
-    if task == "fill-mask":
-        return [hf_pipe(t, top_k=1, tokenizer_kwargs={"truncation": True})[0] for t in texts]
-    if task == "zero-shot-classification":
-        return [hf_pipe(t, candidate_labels=list(ZERO_SHOT_LABELS)) for t in texts]
-    vectors = np.stack([pool(item["last_hidden_state"], pooling.mode) for item in reference])
-    return list(normalize(vectors) if pooling.normalize else vectors)
+    return spec.gate.theirs(hf_pipe, inputs.items, reference, pooling)
 
 
-def kiln_answers(task: str, kiln_pipe: Any, inputs: Inputs) -> list[Any]:
-    texts = inputs.texts
-    if task == "token-classification":
-        return kiln_pipe(texts, aggregation_strategy="simple")
-    if task == "question-answering":
-        return kiln_pipe(texts, inputs.pairs)
-    if task == "fill-mask":
-        return [r[0] for r in kiln_pipe(texts, top_k=1)]
-    if task == "zero-shot-classification":
-        return kiln_pipe(texts, list(ZERO_SHOT_LABELS))
-    return list(kiln_pipe(texts))
-
-
-def task_agreement(task: str, theirs: list[Any], ours: list[Any]) -> dict[str, Any]:
-    """How often the answers match: labels, entity spans (micro F1), answer spans, top tokens,
-    or cosine for embeddings."""
-    pairs = list(zip(theirs, ours, strict=True))
-    figures: dict[str, Any] = {"items": len(pairs)}
-    if task == "text-classification":
-        figures["agreement"] = float(np.mean([a["label"] == b["label"] for a, b in pairs]))
-        figures["max_score_diff"] = float(max(abs(a["score"] - b["score"]) for a, b in pairs))
-    elif task == "token-classification":
-        figures["agreement"] = _entity_f1(pairs)
-        figures["aggregation"] = "simple"
-    elif task == "question-answering":
-        figures["agreement"] = float(np.mean([(a["start"], a["end"]) == (b["start"], b["end"]) for a, b in pairs]))
-    elif task == "fill-mask":
-        figures["agreement"] = float(np.mean([a["token"] == b["token"] for a, b in pairs]))
-    elif task == "zero-shot-classification":
-        figures["agreement"] = float(np.mean([a["labels"][0] == b["labels"][0] for a, b in pairs]))
-        figures["max_score_diff"] = float(max(abs(a["scores"][0] - b["scores"][0]) for a, b in pairs))
-    else:
-        cosines = [_cosine(a, b) for a, b in pairs]
-        figures["min_cosine"], figures["mean_cosine"] = float(min(cosines)), float(np.mean(cosines))
-    return figures
-
-
-def _entity_f1(pairs: list[tuple[list[dict], list[dict]]]) -> float:
-    matched = total = 0
-    for theirs, ours in pairs:
-        a, b = Counter(_spans(theirs)), Counter(_spans(ours))
-        matched += sum((a & b).values())
-        total += sum(a.values()) + sum(b.values())
-    return 1.0 if total == 0 else 2 * matched / total
-
-
-def _spans(entities: list[dict]) -> list[tuple[str, int, int]]:
-    return [(e["entity_group"], int(e["start"]), int(e["end"])) for e in entities]
+def kiln_answers(spec: TaskSpec, pipe: Pipeline, inputs: Inputs) -> list[Any]:
+    return spec.gate.ours(pipe.run(spec.prepare(pipe, inputs.items, spec.parse_params(spec.gate.params))))
 
 
 # ---- the gate ---------------------------------------------------------------------------------
@@ -282,7 +203,8 @@ def run_gate(
     fig_batched = fig_alone if one_at_a_time else fig_graph_batched
     graph_drift = compare(task, alone, batched, mode)
     drift = compare(task, alone, alone if one_at_a_time else batched, mode)
-    end_to_end = task_agreement(task, expected, kiln_answers(task, PIPELINES[task](package), inputs))
+    spec = spec_for(task)
+    end_to_end = spec.gate.agreement(expected, kiln_answers(spec, spec.pipeline(package), inputs))
     report: dict[str, Any] = {
         "precision": manifest.precision,
         "items": len(inputs.encodings),

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from kiln.runtime.errors import UnsupportedModel
-from kiln.runtime.manifest import TASKS, Pooling
+from kiln.runtime.manifest import Pooling
+from kiln.runtime.tasks import SPECS
 
 # encoder families kiln exports; the value says how many position slots are reserved (RoBERTa's
 # padding offset), which bounds the usable sequence length
@@ -24,17 +25,10 @@ ARCHITECTURES = {
     "deberta": 0,
     "deberta-v2": 0,
 }
-HEADS = {
-    "ForSequenceClassification": "text-classification",
-    "ForTokenClassification": "token-classification",
-    "ForQuestionAnswering": "question-answering",
-    "ForMaskedLM": "fill-mask",
-    "Model": "feature-extraction",
-}
 
 
 @dataclass
-class TaskSpec:
+class DetectedTask:
     """The task and everything about the model the package needs to know up front."""
 
     task: str
@@ -46,13 +40,14 @@ class TaskSpec:
 
 
 def head_task(architecture: str) -> str | None:
-    for suffix, task in HEADS.items():
-        if architecture.endswith(suffix) and architecture[: -len(suffix)]:
-            return task
+    """The task a model's head is for, from its class name (BertForTokenClassification, ...)."""
+    for spec in SPECS.values():
+        if spec.from_head and architecture.endswith(spec.head) and architecture[: -len(spec.head)]:
+            return spec.task
     return None
 
 
-def detect_task(path: Path, config: dict[str, Any], requested: str | None) -> TaskSpec:
+def detect_task(path: Path, config: dict[str, Any], requested: str | None) -> DetectedTask:
     model_type = config.get("model_type", "")
     if model_type not in ARCHITECTURES:
         raise UnsupportedModel(
@@ -60,39 +55,27 @@ def detect_task(path: Path, config: dict[str, Any], requested: str | None) -> Ta
         )
     architectures = config.get("architectures") or []
     head = head_task(architectures[0]) if architectures else "feature-extraction"
-    if requested is not None and requested not in TASKS:
-        raise UnsupportedModel(f"task {requested!r} is not supported; choose one of {', '.join(TASKS)}")
+    if requested is not None and requested not in SPECS:
+        raise UnsupportedModel(f"task {requested!r} is not supported; choose one of {', '.join(SPECS)}")
     task = requested or head
-    if task == "zero-shot-classification":
-        _check_nli(config, head, architectures)
-        head = task  # an NLI classifier serves zero-shot; its graph is a text-classification graph
     if task is None:
         raise UnsupportedModel(f"cannot tell the task from architecture {architectures[0]!r}; pass --task")
-    if task != head and task != "feature-extraction":
+    spec = SPECS[task]
+    if spec.check_config is not None:
+        spec.check_config(config)
+    elif task != head and task != "feature-extraction":  # any encoder gives embeddings
         raise UnsupportedModel(
             f"task {task!r} does not match the model's head ({architectures[0]} is for {head}); "
             "its weights would be random"
         )
-    labels = (
-        _labels(config) if task in ("text-classification", "token-classification", "zero-shot-classification") else []
-    )
-    return TaskSpec(
+    return DetectedTask(
         task=task,
         model_type=model_type,
-        labels=labels,
+        labels=_labels(config) if spec.labels else [],
         problem_type=config.get("problem_type"),
         max_length=max_length(path, config),
-        pooling=read_pooling(path) if task == "feature-extraction" else None,
+        pooling=read_pooling(path) if spec.pooling else None,
     )
-
-
-def _check_nli(config: dict[str, Any], head: str | None, architectures: list[str]) -> None:
-    labels = [label.lower() for label in _labels(config)]
-    if head != "text-classification" or not any(label.startswith("entail") for label in labels):
-        raise UnsupportedModel(
-            "zero-shot-classification needs an NLI sequence classifier with an 'entailment' label; "
-            f"this model is {architectures[0] if architectures else 'a base model'} with labels {labels}"
-        )
 
 
 def _labels(config: dict[str, Any]) -> list[str]:
@@ -139,11 +122,4 @@ def torch_class(task: str) -> Any:
     """The transformers Auto class that loads a model's head for a task."""
     import transformers
 
-    return {
-        "text-classification": transformers.AutoModelForSequenceClassification,
-        "zero-shot-classification": transformers.AutoModelForSequenceClassification,
-        "token-classification": transformers.AutoModelForTokenClassification,
-        "question-answering": transformers.AutoModelForQuestionAnswering,
-        "fill-mask": transformers.AutoModelForMaskedLM,
-        "feature-extraction": transformers.AutoModel,
-    }[task]
+    return getattr(transformers, SPECS[task].auto_class)

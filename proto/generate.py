@@ -4,7 +4,10 @@
     python -m kiln.proto.generate --check    # exit 1 if the committed ones are stale
 
 protoc runs against a temporary tree `kiln/proto/*.proto`, so the generated modules import each
-other as `kiln.proto.…` and work from the installed package.
+other as `kiln.proto.…` and work from the installed package. The KServe module then registers its
+messages in a descriptor pool of its own instead of the process-wide one: its package is
+`inference`, as Triton's is (the wire contract needs the name), and tritonclient's generated code
+registers the same symbols in the default pool, so an application could not import both.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 PROTOS = ("grpc_service.proto", "kiln.proto")
+PRIVATE_POOL = {"grpc_service_pb2.py"}
+DEFAULT_POOL_LINE = "DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile("
+PRIVATE_POOL_LINES = "_POOL = _descriptor_pool.DescriptorPool()  # kiln: not the default pool (see generate.py)\n"
 
 
 def generate(out_dir: Path) -> list[Path]:
@@ -33,7 +39,12 @@ def generate(out_dir: Path) -> list[Path]:
             raise SystemExit("protoc failed")
         written = []
         for path in sorted(tree.glob("*_pb2*")):
-            shutil.copyfile(path, out_dir / path.name)
+            text = path.read_text()
+            if path.name in PRIVATE_POOL:
+                if DEFAULT_POOL_LINE not in text:
+                    raise SystemExit(f"{path.name}: protoc's output changed; update generate.py")
+                text = text.replace(DEFAULT_POOL_LINE, PRIVATE_POOL_LINES + "DESCRIPTOR = _POOL.AddSerializedFile(")
+            (out_dir / path.name).write_text(text)
             written.append(out_dir / path.name)
         return written
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kiln.runtime.package import Package, load_package
-from kiln.runtime.pipelines import PIPELINES, Pipeline
+from kiln.runtime.pipelines import Pipeline
 from kiln.runtime.session import SessionOptions
 
 
@@ -20,7 +20,9 @@ def pipeline(
     if not isinstance(package, Package):
         options = SessionOptions(provider=provider, intra_op_threads=threads, allow_fp16_on_cpu=allow_fp16_on_cpu)
         package = load_package(package, options)
-    return PIPELINES[package.manifest.task](package, batch_size=batch_size)
+    from kiln.runtime.tasks import spec_for  # the task registry imports every pipeline
+
+    return spec_for(package.manifest.task).pipeline(package, batch_size=batch_size)
 
 
 __all__ = ["Package", "Pipeline", "SessionOptions", "load_package", "pipeline"]

@@ -1,17 +1,24 @@
-"""A small Python client for the typed kiln.v1 API.
+"""A small Python client for kiln serve: the typed kiln.v1 API, and KServe v2 inference with text
+inputs (any KServe v2 server, Triton included). Usable beside tritonclient in one process.
 
 from kiln.runtime.client import KilnClient
 with KilnClient("127.0.0.1:8001") as client:
     client.classify("ynat", ["삼성전자 3분기 영업이익 급증"])
+    client.infer("ynat", {"text": ["삼성전자 3분기 영업이익 급증"]})  # {"label": [...], "score": [...], ...}
 """
 
 from __future__ import annotations
 
+import json
+import struct
 from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 from google.protobuf.json_format import MessageToDict
+from kiln.proto import grpc_service_pb2 as kserve
+from kiln.proto import grpc_service_pb2_grpc as kserve_grpc
 from kiln.proto import kiln_pb2 as pb
 from kiln.proto import kiln_pb2_grpc as pb_grpc
 
@@ -29,6 +36,7 @@ class KilnClient:
         else:
             self._channel = grpc.insecure_channel(address)
         self._stub = pb_grpc.KilnStub(self._channel)
+        self._kserve = kserve_grpc.GRPCInferenceServiceStub(self._channel)
         self._metadata = [("authorization", f"Bearer {token}")] if token else []
         self.timeout = timeout
 
@@ -43,6 +51,26 @@ class KilnClient:
 
     def _call(self, rpc: str, request: Any) -> Any:
         return getattr(self._stub, rpc)(request, metadata=self._metadata, timeout=self.timeout)
+
+    def task_of(self, model: str) -> str:
+        """The task a served model does (from its KServe model configuration)."""
+        request = kserve.ModelConfigRequest(name=model)
+        config = self._kserve.ModelConfig(request, metadata=self._metadata, timeout=self.timeout).config
+        return config.parameters["task"].string_value
+
+    def infer(self, model: str, texts: dict[str, list[str]], parameters: dict[str, Any] | None = None) -> dict:
+        """KServe v2 ModelInfer with BYTES text inputs; outputs as lists (JSON outputs parsed)."""
+        request = kserve.ModelInferRequest(model_name=model)
+        for name, values in texts.items():
+            tensor = request.inputs.add(name=name, datatype="BYTES", shape=[len(values)])
+            tensor.contents.bytes_contents.extend(v.encode("utf-8") for v in values)
+        for name, value in (parameters or {}).items():
+            _set_parameter(request.parameters[name], value)
+        response = self._kserve.ModelInfer(request, metadata=self._metadata, timeout=self.timeout)
+        return {
+            o.name: _decode_output(o, raw)
+            for o, raw in zip(response.outputs, response.raw_output_contents, strict=True)
+        }
 
     def models(self) -> list[dict[str, Any]]:
         return [_dict(m) for m in self._call("ListModels", pb.ListModelsRequest()).models]
@@ -109,3 +137,30 @@ class KilnClient:
 
 def _dict(message: Any) -> dict[str, Any]:
     return MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+def _set_parameter(parameter: Any, value: Any) -> None:
+    if isinstance(value, bool):
+        parameter.bool_param = value
+    elif isinstance(value, int):
+        parameter.int64_param = value
+    elif isinstance(value, float):
+        parameter.double_param = value
+    else:
+        parameter.string_param = value if isinstance(value, str) else json.dumps(value)
+
+
+def _decode_output(tensor: Any, raw: bytes) -> list[Any]:
+    if tensor.datatype != "BYTES":
+        dtype = {"FP32": np.float32, "INT64": np.int64, "FP64": np.float64, "INT32": np.int32}[tensor.datatype]
+        return np.frombuffer(raw, dtype=dtype).reshape(list(tensor.shape)).tolist()
+    values, at = [], 0
+    while at < len(raw):
+        (length,) = struct.unpack_from("<I", raw, at)
+        text = raw[at + 4 : at + 4 + length].decode("utf-8")
+        at += 4 + length
+        try:
+            values.append(json.loads(text) if text[:1] in "[{" else text)
+        except json.JSONDecodeError:
+            values.append(text)
+    return values

@@ -126,6 +126,18 @@ class Draining(KilnError):
     grpc_status = "UNAVAILABLE"
 
 
+class Unauthenticated(KilnError):
+    """A call without the server's bearer token."""
+
+    grpc_status = "UNAUTHENTICATED"
+
+
+class InternalError(KilnError):
+    """An unexpected failure while serving; logged with a request id that the caller gets too."""
+
+    grpc_status = "INTERNAL"
+
+
 class ConfigError(KilnError):
     """`kiln serve` options that cannot work together (names, TLS files, address)."""
 

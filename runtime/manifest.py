@@ -15,14 +15,6 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "kiln.json"
 MODEL_NAME = "model.onnx"
 
-TASKS = (
-    "text-classification",
-    "token-classification",
-    "question-answering",
-    "feature-extraction",
-    "fill-mask",
-    "zero-shot-classification",
-)
 PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8-static")
 TARGETS = ("cpu", "cuda", "tensorrt")  # the execution provider a package's graph is shaped for
 
@@ -108,8 +100,6 @@ def read_manifest(directory: Path) -> Manifest:
         manifest = Manifest.from_dict(data)
     except TypeError as exc:
         raise PackageError(f"{path}: corrupt manifest ({exc})") from exc
-    if manifest.task not in TASKS:
-        raise PackageError(f"{path}: unknown task {manifest.task!r}")
     if manifest.precision not in PRECISIONS:
         raise PackageError(f"{path}: unknown precision {manifest.precision!r}")
     if manifest.target not in TARGETS:

@@ -47,6 +47,7 @@ class Package:
 def load_package(directory: str | Path, options: SessionOptions | None = None, verify_hashes: bool = True) -> Package:
     directory = Path(directory)
     manifest = read_manifest(directory)
+    _check_task(directory, manifest.task)
     verify_files(directory, manifest, check_hashes=verify_hashes)
     for required in (MODEL_NAME, "tokenizer.json"):
         if not (directory / required).is_file():
@@ -77,6 +78,13 @@ def load_package(directory: str | Path, options: SessionOptions | None = None, v
     if provider == PROVIDERS["cuda"]:
         package.binding = CudaBinding(session, manifest.outputs)
     return package
+
+
+def _check_task(directory: Path, task: str) -> None:
+    from kiln.runtime.tasks import SPECS  # the registry imports the pipelines, which import this module
+
+    if task not in SPECS:
+        raise PackageError(f"{directory}: unknown task {task!r}; kiln serves {', '.join(SPECS)}")
 
 
 def _mismatch(directory: Path, target: str, provider: str) -> str:

@@ -48,6 +48,14 @@ def split(outputs: dict[str, np.ndarray], row: int, length: int) -> dict[str, np
     return {name: value[row] for name, value in outputs.items()}
 
 
+def run_request(batcher: Batcher, sequences: list, request: RequestState) -> list:
+    """As the server's worker threads do: at once when the model is idle, else queued (and waited for)."""
+    outputs = batcher.run_if_idle(sequences, request)
+    if outputs is None:
+        outputs = [future.result() for future in batcher.submit(sequences, request)]
+    return outputs
+
+
 def started(session: RecordingSession, options: BatchOptions) -> Batcher:
     batcher = Batcher("test", session, split, options)
     batcher.start()
@@ -58,7 +66,7 @@ def test_lone_request_to_an_idle_one_text_model_runs_at_once_on_the_callers_thre
     session = RecordingSession()
     batcher = started(session, BatchOptions(max_size=1, instances=2))
     try:
-        outputs = batcher.run([Sequence([1, 2, 3])], RequestState())
+        outputs = run_request(batcher, [Sequence([1, 2, 3])], RequestState())
     finally:
         batcher.stop()
     assert outputs[0]["length"].tolist() == [3]
@@ -69,7 +77,7 @@ def test_lone_request_to_a_batching_model_waits_for_company_on_a_batcher_thread(
     session = RecordingSession()
     batcher = started(session, BatchOptions(max_size=8, max_delay=0.01, instances=2))
     try:
-        batcher.run([Sequence([1, 2, 3])], RequestState())
+        run_request(batcher, [Sequence([1, 2, 3])], RequestState())
     finally:
         batcher.stop()
     assert session.runs[0].thread.startswith("batcher-test-")
@@ -80,7 +88,9 @@ def test_under_load_instances_run_side_by_side_and_are_told_so():
     batcher = started(session, BatchOptions(max_size=1, instances=2))
     try:
         with ThreadPoolExecutor(12) as callers:
-            outputs = list(callers.map(lambda n: batcher.run([Sequence([7] * n)], RequestState()), range(1, 13)))
+            outputs = list(
+                callers.map(lambda n: run_request(batcher, [Sequence([7] * n)], RequestState()), range(1, 13))
+            )
     finally:
         batcher.stop()
     assert [o[0]["length"].tolist() for o in outputs] == [[n] for n in range(1, 13)]

@@ -82,14 +82,13 @@ def test_output_shapes_and_buckets():
 
 def test_gpu_padding_to_buckets_does_not_change_answers(exported):
     """GPU runs pad to multiples of 16; checked on CPU, where the same code path can run."""
-    from kiln.runtime import load_package
-    from kiln.runtime.pipelines import PIPELINES
+    from kiln.runtime import load_package, pipeline
 
     package = load_package(exported("bert", "token-classification"))
-    plain = PIPELINES["token-classification"](package)(["Alice lives in Seoul"])
+    plain = pipeline(package)(["Alice lives in Seoul"])
     package.encoder.pad_multiple = 16
     assert package.encoder.pad(package.encoder.encode(["Alice"])).feeds["input_ids"].shape[1] == 16
-    assert PIPELINES["token-classification"](package)(["Alice lives in Seoul"]) == plain
+    assert pipeline(package)(["Alice lives in Seoul"]) == plain
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu and a CUDA GPU")

@@ -12,73 +12,19 @@ import concurrent.futures
 import json
 import os
 import signal
-import socket
 import struct
 import subprocess
 import sys
 import time
-import urllib.request
-from contextlib import contextmanager
-from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 from kiln.runtime import pipeline
 from kiln.runtime.client import KilnClient
+from servers import metric, running_server
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextmanager
-def running_server(*args: str, models: dict[str, Path], tls: tuple[Path, Path] | None = None):
-    """Start `kiln serve` on free ports; yield (address, metrics_url, process); stop it with SIGTERM."""
-    port, metrics_port = free_port(), free_port()
-    command = [sys.executable, "-m", "kiln.runtime.cli", "serve", *map(str, models.values())]
-    for name in models:
-        command += ["--name", name]
-    command += ["--port", str(port), "--metrics-port", str(metrics_port), *args]
-    if tls:
-        command += ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    address = f"127.0.0.1:{port}"
-    try:
-        _wait_listening(port, process)
-        yield address, f"http://127.0.0.1:{metrics_port}/metrics", process
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-
-
-def _wait_listening(port: int, process: subprocess.Popen, timeout: float = 60) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited: {process.stderr.read()}")
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise RuntimeError("server did not start")
-
-
-def metric(url: str, name: str, **labels: str) -> float:
-    text = urllib.request.urlopen(url, timeout=5).read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name) and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 @pytest.fixture(scope="module")
@@ -258,13 +204,14 @@ def _bytes_tensor(name: str, values: list[bytes], shape: list[int] | None = None
         (lambda: ("cls", [("text", "FP32", [2], np.zeros(2, np.float32).tobytes())]), "INVALID_ARGUMENT", "BYTES"),
         (lambda: ("cls", [_bytes_tensor("text", [b"a", b"b"], [3])]), "INVALID_ARGUMENT", "holds 3 elements"),
         (lambda: ("cls", [("text", "BYTES", [1], struct.pack("<I", 10) + b"abc")]), "INVALID_ARGUMENT", "past the end"),
-        (lambda: ("cls", [_bytes_tensor("wrong", [b"a"])]), "INVALID_ARGUMENT", "missing input 'text'"),
+        (lambda: ("cls", [_bytes_tensor("wrong", [b"a"])]), "INVALID_ARGUMENT", "unknown input 'wrong'"),
+        (lambda: ("qa", [_bytes_tensor("question", [b"a"])]), "INVALID_ARGUMENT", "missing input 'context'"),
         (lambda: ("nope", [_bytes_tensor("text", [b"a"])]), "NOT_FOUND", "unknown model"),
         (lambda: ("cls", [_bytes_tensor("text", [b"\xff\xfe bad"])]), "INVALID_ARGUMENT", "not valid UTF-8"),
         (
             lambda: ("cls", [("input_ids", "INT64", [1, 3], np.array([1, 99999, 2], np.int64).tobytes())]),
             "INVALID_ARGUMENT",
-            "token ids in",
+            "input_ids must be in [0, ",
         ),
     ],
 )

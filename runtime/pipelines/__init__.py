@@ -1,23 +1,5 @@
-"""One pipeline per task; `PIPELINES` maps the manifest's task name to its class."""
+"""One pipeline per task; the task specs (kiln.runtime.tasks) say which serves which task."""
 
-from kiln.runtime.pipelines.base import Pipeline
-from kiln.runtime.pipelines.feature_extraction import FeatureExtractionPipeline
-from kiln.runtime.pipelines.fill_mask import FillMaskPipeline
-from kiln.runtime.pipelines.question_answering import QuestionAnsweringPipeline
-from kiln.runtime.pipelines.text_classification import TextClassificationPipeline
-from kiln.runtime.pipelines.token_classification import TokenClassificationPipeline
-from kiln.runtime.pipelines.zero_shot import ZeroShotClassificationPipeline
+from kiln.runtime.pipelines.base import Pipeline, Prepared, Runner, SessionRunner
 
-PIPELINES: dict[str, type[Pipeline]] = {
-    cls.task: cls
-    for cls in (
-        TextClassificationPipeline,
-        TokenClassificationPipeline,
-        QuestionAnsweringPipeline,
-        FeatureExtractionPipeline,
-        FillMaskPipeline,
-        ZeroShotClassificationPipeline,
-    )
-}
-
-__all__ = ["PIPELINES", "Pipeline"]
+__all__ = ["Pipeline", "Prepared", "Runner", "SessionRunner"]

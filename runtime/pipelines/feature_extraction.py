@@ -6,7 +6,7 @@ import numpy as np
 from kiln.runtime.errors import InvalidInput
 from kiln.runtime.inputs import check_texts
 from kiln.runtime.manifest import Pooling
-from kiln.runtime.pipelines.base import Pipeline
+from kiln.runtime.pipelines.base import Outputs, Pipeline, Prepared
 
 POOLING_MODES = ("mean", "cls", "max")
 
@@ -31,21 +31,23 @@ class FeatureExtractionPipeline(Pipeline):
     task = "feature-extraction"
     sequence_outputs = ("last_hidden_state",)
 
-    def __call__(
+    def prepare(
         self,
         texts: str | list[str],
         pooling: str | None = None,
         normalize_embeddings: bool | None = None,
         truncation: bool = True,
-    ) -> np.ndarray:
-        """Return a float32 array [N, D], one embedding per text."""
+    ) -> Prepared:
+        """Answers a float32 array [N, D], one embedding per text."""
         texts = check_texts(texts)
         default = self.manifest.pooling or Pooling()
         mode = pooling or default.mode
         if mode not in POOLING_MODES:
             raise InvalidInput(f"pooling must be one of {', '.join(POOLING_MODES)}, got {mode!r}")
-        encodings = self.encoder.encode(texts, truncation=truncation)
-        outputs = self.forward(encodings)
-        vectors = np.stack([pool(o["last_hidden_state"].astype(np.float32), mode) for o in outputs])
         do_normalize = default.normalize if normalize_embeddings is None else normalize_embeddings
-        return (normalize(vectors) if do_normalize else vectors).astype(np.float32)
+
+        def finish(outputs: Outputs) -> np.ndarray:
+            vectors = np.stack([pool(o["last_hidden_state"].astype(np.float32), mode) for o in outputs])
+            return (normalize(vectors) if do_normalize else vectors).astype(np.float32)
+
+        return Prepared(self.encoder.encode(texts, truncation=truncation), finish)

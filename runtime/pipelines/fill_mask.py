@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 from kiln.runtime.errors import InvalidInput
 from kiln.runtime.inputs import check_texts
-from kiln.runtime.pipelines.base import Pipeline, softmax
+from kiln.runtime.pipelines.base import Outputs, Pipeline, Prepared, softmax
 
 
 class FillMaskPipeline(Pipeline):
@@ -18,7 +18,8 @@ class FillMaskPipeline(Pipeline):
     def mask_token(self) -> str:
         return self.manifest.mask_token or "[MASK]"
 
-    def __call__(self, texts: str | list[str], top_k: int = 5, targets: list[str] | None = None) -> list[Any]:
+    def prepare(self, texts: str | list[str], top_k: int = 5, targets: list[str] | None = None) -> Prepared:
+        """Answers, per text, the fills of its mask (a list per mask when it has several)."""
         texts = check_texts(texts)
         if not isinstance(top_k, int) or top_k < 1:
             raise InvalidInput(f"top_k must be a positive integer, got {top_k!r}")
@@ -29,12 +30,16 @@ class FillMaskPipeline(Pipeline):
         for index, enc in enumerate(encodings):
             if mask_id not in enc.ids:
                 raise InvalidInput(f"text[{index}] has no {self.mask_token} token")
-        results = []
-        for enc, out in zip(encodings, self.forward(encodings), strict=True):
-            positions = [i for i, t in enumerate(enc.ids) if t == mask_id]
-            per_mask = [self._fill(enc.ids, p, out["logits"][p], top_k, target_ids, positions) for p in positions]
-            results.append(per_mask[0] if len(per_mask) == 1 else per_mask)
-        return results
+
+        def finish(outputs: Outputs) -> list[Any]:
+            results = []
+            for enc, out in zip(encodings, outputs, strict=True):
+                positions = [i for i, t in enumerate(enc.ids) if t == mask_id]
+                fills = [self._fill(enc.ids, p, out["logits"][p], top_k, target_ids, positions) for p in positions]
+                results.append(fills[0] if len(fills) == 1 else fills)
+            return results
+
+        return Prepared(encodings, finish)
 
     def _target_ids(self, targets: list[str]) -> np.ndarray:
         if isinstance(targets, str):

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from kiln.runtime.errors import InvalidInput
 from kiln.runtime.inputs import check_pairs, check_texts
-from kiln.runtime.pipelines.base import Pipeline
+from kiln.runtime.pipelines.base import Outputs, Pipeline, Prepared
 from tokenizers import Encoding, Tokenizer
 
 
@@ -16,7 +16,7 @@ class QuestionAnsweringPipeline(Pipeline):
     task = "question-answering"
     sequence_outputs = ("start_logits", "end_logits")
 
-    def __call__(
+    def prepare(
         self,
         question: str | list[str],
         context: str | list[str],
@@ -25,20 +25,24 @@ class QuestionAnsweringPipeline(Pipeline):
         handle_impossible_answer: bool = False,
         max_seq_len: int | None = None,
         doc_stride: int | None = None,
-    ) -> list[Any]:
+    ) -> Prepared:
+        """Answers, per question, the best span (or the top_k best) over all windows of its context."""
         questions = check_texts(question, "question")
         contexts = check_pairs(questions, context, "context")
         max_seq_len = max_seq_len or min(self.encoder.max_length, 384)
         doc_stride = min(max_seq_len // 2, 128) if doc_stride is None else doc_stride
         _check_settings(top_k, max_answer_len, max_seq_len, doc_stride, self.encoder.max_length)
         windows = self._windows(questions, contexts, max_seq_len, doc_stride)
-        flat = [w for ws in windows for w in ws]
-        outputs = iter(self.forward(flat))
-        answers = []
-        for ctx, spans in zip(contexts, windows, strict=True):
-            per_span = [next(outputs) for _ in spans]
-            answers.append(_answers(ctx, spans, per_span, top_k, max_answer_len, handle_impossible_answer))
-        return [a[0] if top_k == 1 else a for a in answers]
+
+        def finish(outputs: Outputs) -> list[Any]:
+            by_window = iter(outputs)
+            answers = []
+            for ctx, spans in zip(contexts, windows, strict=True):
+                per_span = [next(by_window) for _ in spans]
+                answers.append(_answers(ctx, spans, per_span, top_k, max_answer_len, handle_impossible_answer))
+            return [a[0] if top_k == 1 else a for a in answers]
+
+        return Prepared([w for ws in windows for w in ws], finish)
 
     def _windows(
         self, questions: list[str], contexts: list[str], max_seq_len: int, doc_stride: int

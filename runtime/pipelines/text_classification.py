@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 from kiln.runtime.errors import InvalidInput
 from kiln.runtime.inputs import check_pairs, check_texts
-from kiln.runtime.pipelines.base import Pipeline, sigmoid, softmax
+from kiln.runtime.pipelines.base import Pipeline, Prepared, sigmoid, softmax
 
 FUNCTIONS = ("softmax", "sigmoid", "none")
 
@@ -21,29 +21,35 @@ class TextClassificationPipeline(Pipeline):
             return "sigmoid"
         return "softmax"
 
+    def prepare_scores(
+        self, texts: str | list[str], text_pair: str | list[str] | None = None, truncation: bool = True
+    ) -> Prepared:
+        """A request whose answer is the raw logits [N, C] and, per text, whether it was truncated."""
+        texts = check_texts(texts)
+        pairs = check_pairs(texts, text_pair) if text_pair is not None else None
+        encodings = self.encoder.encode(texts, pairs, truncation=truncation)
+        truncated = [bool(e.overflowing) for e in encodings]
+        return Prepared(encodings, lambda outputs: (np.stack([o["logits"] for o in outputs]), truncated))
+
     def logits(
         self, texts: str | list[str], text_pair: str | list[str] | None = None, truncation: bool = True
     ) -> tuple[np.ndarray, list[bool]]:
         """Raw logits, and for each text whether it was truncated."""
-        texts = check_texts(texts)
-        pairs = check_pairs(texts, text_pair) if text_pair is not None else None
-        encodings = self.encoder.encode(texts, pairs, truncation=truncation)
-        outputs = self.forward(encodings)
-        return np.stack([o["logits"] for o in outputs]), [bool(e.overflowing) for e in encodings]
+        return self.run(self.prepare_scores(texts, text_pair, truncation))
 
-    def __call__(
+    def prepare(
         self,
         texts: str | list[str],
         text_pair: str | list[str] | None = None,
         top_k: int | None = 1,
         function_to_apply: str | None = None,
         truncation: bool = True,
-    ) -> list[Any]:
+    ) -> Prepared:
         function = self._function(function_to_apply)
         if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
             raise InvalidInput(f"top_k must be a positive integer or None, got {top_k!r}")
-        logits, truncated = self.logits(texts, text_pair, truncation)
-        return self.rank(logits, truncated, top_k, function)
+        scores = self.prepare_scores(texts, text_pair, truncation)
+        return Prepared(scores.encodings, lambda outputs: self.rank(*scores.finish(outputs), top_k, function))
 
     def rank(
         self, logits: np.ndarray, truncated: list[bool], top_k: int | None = 1, function_to_apply: str | None = None

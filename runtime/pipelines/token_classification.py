@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from kiln.runtime.errors import InvalidInput
 from kiln.runtime.inputs import check_texts
-from kiln.runtime.pipelines.base import Pipeline, softmax
+from kiln.runtime.pipelines.base import Outputs, Pipeline, Prepared, softmax
 from tokenizers import Encoding
 
 STRATEGIES = ("none", "simple", "first", "average", "max")
@@ -32,13 +32,14 @@ class TokenClassificationPipeline(Pipeline):
     task = "token-classification"
     sequence_outputs = ("logits",)
 
-    def __call__(
+    def prepare(
         self,
         texts: str | list[str],
         aggregation_strategy: str = "none",
         ignore_labels: list[str] | None = None,
         truncation: bool = True,
-    ) -> list[list[dict[str, Any]]]:
+    ) -> Prepared:
+        """Answers one list of entities per text."""
         texts = check_texts(texts)
         if aggregation_strategy not in STRATEGIES:
             raise InvalidInput(
@@ -46,13 +47,16 @@ class TokenClassificationPipeline(Pipeline):
             )
         ignore = ["O"] if ignore_labels is None else ignore_labels
         encodings = self.encoder.encode(texts, truncation=truncation)
-        outputs = self.forward(encodings)
-        results = []
-        for text, enc, out in zip(texts, encodings, outputs, strict=True):
-            tokens = self._tokens(text, enc, softmax(out["logits"]))
-            entities = self._aggregate(tokens, aggregation_strategy)
-            results.append([e for e in entities if e.get("entity", e.get("entity_group")) not in ignore])
-        return results
+
+        def finish(outputs: Outputs) -> list[list[dict[str, Any]]]:
+            results = []
+            for text, enc, out in zip(texts, encodings, outputs, strict=True):
+                tokens = self._tokens(text, enc, softmax(out["logits"]))
+                entities = self._aggregate(tokens, aggregation_strategy)
+                results.append([e for e in entities if e.get("entity", e.get("entity_group")) not in ignore])
+            return results
+
+        return Prepared(encodings, finish)
 
     def _tokens(self, text: str, enc: Encoding, scores: np.ndarray) -> list[_Token]:
         tokenizer = self.encoder.tokenizer

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from kiln.runtime.errors import InvalidInput, PackageError
 from kiln.runtime.inputs import check_text, check_texts
-from kiln.runtime.pipelines.base import Pipeline, softmax
+from kiln.runtime.pipelines.base import Outputs, Pipeline, Prepared, softmax
 from tokenizers import Tokenizer
 
 DEFAULT_TEMPLATE = "This example is {}."
@@ -25,13 +25,14 @@ class ZeroShotClassificationPipeline(Pipeline):
                 return index
         return -1
 
-    def __call__(
+    def prepare(
         self,
         texts: str | list[str],
         candidate_labels: str | list[str],
         hypothesis_template: str = DEFAULT_TEMPLATE,
         multi_label: bool = False,
-    ) -> list[dict[str, Any]]:
+    ) -> Prepared:
+        """Answers, per text, the candidate labels ranked by entailment."""
         texts = check_texts(texts)
         labels = _parse_labels(candidate_labels)
         if hypothesis_template.format(labels[0]) == hypothesis_template:
@@ -41,9 +42,12 @@ class ZeroShotClassificationPipeline(Pipeline):
         hypotheses = [hypothesis_template.format(label) for label in labels]
         tokenizer = _first_only_tokenizer(self.encoder.tokenizer.to_str(), self.encoder.max_length)
         pairs = [(text, hypothesis) for text in texts for hypothesis in hypotheses]
-        outputs = self.forward(tokenizer.encode_batch(pairs))
-        logits = np.stack([o["logits"] for o in outputs]).reshape(len(texts), len(labels), -1)
-        return [self._rank(text, labels, row, multi_label) for text, row in zip(texts, logits, strict=True)]
+
+        def finish(outputs: Outputs) -> list[dict[str, Any]]:
+            logits = np.stack([o["logits"] for o in outputs]).reshape(len(texts), len(labels), -1)
+            return [self._rank(text, labels, row, multi_label) for text, row in zip(texts, logits, strict=True)]
+
+        return Prepared(tokenizer.encode_batch(pairs), finish)
 
     def _rank(self, text: str, labels: list[str], logits: np.ndarray, multi_label: bool) -> dict[str, Any]:
         entail = self.entailment_id

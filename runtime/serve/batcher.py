@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,12 +131,12 @@ class Batcher:
             self._cond.notify_all()
         return [item.future for item in items]
 
-    def run(self, sequences: list[Any], request: RequestState) -> list[dict[str, np.ndarray]]:
-        """Per-sequence outputs, in order (called from a worker thread, which it may use to run
-        the batch itself when the model is idle)."""
+    def run_if_idle(self, sequences: list[Any], request: RequestState) -> list[dict[str, np.ndarray]] | None:
+        """Per-sequence outputs, in order, run at once on the calling (worker) thread when the model
+        is idle and the request cannot gain from waiting; None when it should be queued instead."""
         inline = self._claim_idle(sequences, request)
         if inline is None:
-            return [future.result() for future in self.submit(sequences, request)]
+            return None
         try:
             self._execute(inline, alone=True)
         finally:
@@ -207,9 +207,9 @@ class Batcher:
         now = time.monotonic()
         live = []
         for item in self._pending:
-            dead = item.request.why_not_run(now)
+            dead = Cancelled("request was cancelled") if item.future.cancelled() else item.request.why_not_run(now)
             if dead is not None:
-                item.future.set_exception(dead)
+                _settle(item.future, error=dead)
             else:
                 live.append(item)
         self._pending = live
@@ -237,12 +237,12 @@ class Batcher:
         except Exception as exc:  # one failing batch must not kill the thread or the server
             log.exception("model %s: batch of %d failed", self.name, len(batch))
             for item in batch:
-                item.future.set_exception(exc)
+                _settle(item.future, error=exc)
             return
         infer = time.monotonic() - start
         for row, item in enumerate(batch):
             item.request.timings["infer"] = infer
-            item.future.set_result(self._split(outputs, row, item.length))
+            _settle(item.future, result=self._split(outputs, row, item.length))
         longest = max(item.length for item in batch)
         self._on_batch(
             BatchRecord(
@@ -254,3 +254,17 @@ class Batcher:
                 alone=alone,
             )
         )
+
+
+def _settle(future: Future, result: Any = None, error: BaseException | None = None) -> None:
+    """Resolve a sequence's future, unless its caller already gave up on it (a cancelled call
+    cancels the future it awaits): that must never stop a batcher thread."""
+    if future.cancelled():
+        return
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:  # cancelled between the check and the call
+        pass

@@ -1,8 +1,20 @@
-"""Prometheus metrics of one server, in its own registry (no process-global state)."""
+"""Prometheus metrics of one server, in its own registry (no process-global state), served on the
+metrics port at /metrics only (any other path is 404, so a probe pointed there cannot pass by accident)."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10)
 
@@ -10,6 +22,8 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5,
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        for collector in (ProcessCollector, PlatformCollector, GCCollector):  # the standard process metrics
+            collector(registry=self.registry)
         self.requests = Counter(
             "kiln_requests",
             "Requests by model, API and gRPC status code",
@@ -60,5 +74,11 @@ class Metrics:
         )
         self.queue_depth = Gauge("kiln_queue_depth", "Sequences waiting for a batch", ["model"], registry=self.registry)
 
-    def serve(self, port: int, host: str) -> None:
-        start_http_server(port, addr=host, registry=self.registry)
+    def app(self) -> web.Application:
+        async def metrics(request: web.Request) -> web.Response:
+            body = generate_latest(self.registry)
+            return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        app = web.Application()
+        app.router.add_get("/metrics", metrics)
+        return app

@@ -1,29 +1,29 @@
-"""A served model: its package, its pipeline, its batcher and its statistics."""
+"""A served model: its package, task spec, pipeline, batcher and statistics."""
 
 from __future__ import annotations
 
-import contextvars
+import asyncio
 import logging
 import threading
 import time
+from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-from kiln.runtime import pipeline as make_pipeline
 from kiln.runtime.manifest import MODEL_NAME
 from kiln.runtime.package import load_package
 from kiln.runtime.pipelines import Pipeline
+from kiln.runtime.pipelines.base import Outputs, Prepared, split_row
 from kiln.runtime.serve.batcher import Batcher, BatchOptions, BatchRecord, RequestState
 from kiln.runtime.serve.metrics import Metrics
 from kiln.runtime.session import PROVIDERS, SessionOptions, cpu_count, create_session
+from kiln.runtime.tasks import TaskSpec, spec_for
 
 log = logging.getLogger("kiln.serve")
-
-# the call a worker thread is serving; set per request, read by the pipeline's runner
-current_request: contextvars.ContextVar[RequestState] = contextvars.ContextVar("current_request")
 
 
 @dataclass
@@ -59,16 +59,25 @@ class ServedModel:
     the instances share under load, so that batches run side by side, one per core, instead of
     splitting each op across cores (measured: more texts/s, since small ops scale poorly)."""
 
-    def __init__(self, name: str, path: Path, session: SessionOptions, batching: BatchOptions, metrics: Metrics):
+    def __init__(
+        self,
+        name: str,
+        path: Path,
+        session: SessionOptions,
+        batching: BatchOptions,
+        metrics: Metrics,
+        version: str = "1",
+    ):
         started = time.monotonic()
-        self.name = name
-        self.path = path
+        self.name, self.version, self.path = name, version, path
         self.package = load_package(path, session)
         self.manifest = self.package.manifest
+        self.spec: TaskSpec = spec_for(self.manifest.task)
         self.provider = self.package.session.get_providers()[0]
-        self.pipeline: Pipeline = make_pipeline(self.package)
+        self.pipeline: Pipeline = self.spec.pipeline(self.package)  # prepares and finishes; runs go through us
         self.metrics = metrics
         self.stats = Statistics()
+        self.in_flight = 0  # requests holding this model (a swapped-out version stops once none does)
         on_cpu = self.provider == PROVIDERS["cpu"]
         batching = replace(
             batching,
@@ -79,8 +88,7 @@ class ServedModel:
         self.single_threaded = on_cpu and (session.intra_op_threads or cpu_count()) == 1
         if on_cpu and not self.single_threaded and batching.instances > 1:
             self.narrow = create_session(path / MODEL_NAME, replace(session, intra_op_threads=1))
-        self.batcher = Batcher(name, self._run_batch, self.pipeline.item, batching, self._record_batch)
-        self.pipeline.runner = self.run_sequences
+        self.batcher = Batcher(name, self._run_batch, self._split, batching, self._record_batch)
         self.batcher.start()
         warm_start = time.monotonic()
         self._warm_up()
@@ -91,6 +99,7 @@ class ServedModel:
             extra={
                 "fields": {
                     "model": name,
+                    "version": version,
                     "task": self.manifest.task,
                     "precision": self.manifest.precision,
                     "provider": self.provider,
@@ -103,27 +112,77 @@ class ServedModel:
             },
         )
 
-    def _run_batch(self, sequences: list[Any], alone: bool) -> dict[str, np.ndarray]:
-        batch = self.package.encoder.pad(sequences)
+    @property
+    def sizes(self) -> dict[str, int]:
+        """What symbolic output shapes resolve to for this model (labels, embedding width)."""
+        last = self.package.session.get_outputs()[0].shape[-1]
+        return {"labels": len(self.manifest.labels), "hidden": last if isinstance(last, int) else -1}
+
+    def raw_outputs(self) -> list[tuple[str, list[int]]]:
+        """The graph's own outputs and their shapes (-1 where a dimension varies), for clients that
+        send token ids."""
+        return [
+            (o.name, [d if isinstance(d, int) else -1 for d in o.shape])
+            for o in self.package.session.get_outputs()
+            if o.name in self.manifest.outputs
+        ]
+
+    def prepare_or_run(self, prepare: Any, request: RequestState) -> tuple[Prepared, Any, list[Future] | None]:
+        """On a worker thread: prepare the request, then run it at once if the model is idle and it
+        cannot gain from waiting (answers returned), else queue it (futures returned). A worker never
+        waits for a batch."""
+        start = time.monotonic()
+        prepared = prepare()
+        request.timings["prepared"] = time.monotonic()
+        self._observe("tokenize", request.timings["prepared"] - start, "compute_input")
+        outputs = self.batcher.run_if_idle(prepared.encodings, request)
+        if outputs is None:
+            return prepared, None, self.batcher.submit(prepared.encodings, request)
+        return prepared, self.finish(prepared, outputs), None
+
+    def finish(self, prepared: Prepared, outputs: Outputs) -> Any:
+        start = time.monotonic()
+        answers = prepared.finish(outputs)
+        self._observe("postprocess", time.monotonic() - start, "compute_output")
+        return answers
+
+    async def run(self, prepare: Any, request: RequestState, executor: Any) -> Any:
+        """prepare -> the batcher -> finish, on worker threads; the event loop only awaits."""
+        loop = asyncio.get_running_loop()
+        prepared, answers, futures = await loop.run_in_executor(executor, self.prepare_or_run, prepare, request)
+        if futures is None:
+            return answers
+        outputs = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+        return await loop.run_in_executor(executor, self.finish, prepared, list(outputs))
+
+    def _split(self, outputs: dict[str, np.ndarray], row: int, length: int) -> dict[str, np.ndarray]:
+        return split_row(outputs, row, length, self.pipeline.sequence_outputs)
+
+    def _run_batch(self, sequences: Sequence[Any], alone: bool) -> dict[str, np.ndarray]:
+        batch = self.package.encoder.pad(list(sequences))
         if alone or self.narrow is None:
             return self.package.run(batch)
         outputs = self.manifest.outputs
         return dict(zip(outputs, self.narrow.run(outputs, batch.feeds), strict=True))
 
-    def run_sequences(self, sequences: list[Any]) -> list[dict[str, np.ndarray]]:
-        """Sequences of the current request through the batcher (called on a worker thread)."""
-        request = current_request.get()
-        request.timings["submitted"] = time.monotonic()
-        outputs = self.batcher.run(sequences, request)
-        request.timings["returned"] = time.monotonic()
-        return outputs
+    def run_tokens(self, sequences: list[Any], request: RequestState) -> Outputs:
+        """Pre-tokenized rows through the batcher, on a worker thread (the token-id path)."""
+        outputs = self.batcher.run_if_idle(sequences, request)
+        if outputs is not None:
+            return outputs
+        return [future.result() for future in self.batcher.submit(sequences, request)]
 
     def _warm_up(self) -> None:
-        """One pass through the session, so the first caller does not pay for lazy initialisation."""
+        """One pass through each session, so the first caller does not pay for lazy initialisation."""
         sequence = self.package.encoder.encode(["warm up"])[0]
         self._run_batch([sequence], alone=True)
         if self.narrow is not None:
             self._run_batch([sequence], alone=False)
+
+    def _observe(self, stage: str, seconds: float, statistic: str) -> None:
+        self.metrics.stage_seconds.labels(model=self.name, stage=stage).observe(seconds)
+        with self.stats.lock:
+            getattr(self.stats, statistic).add(seconds)
 
     def _record_batch(self, record: BatchRecord) -> None:
         labels = {"model": self.name}
@@ -143,30 +202,35 @@ class ServedModel:
             self.stats.queue.add(sum(record.queue_seconds), len(record.queue_seconds))
             self.stats.batches.setdefault(record.size, Duration()).add(record.infer_seconds)
 
-    def call(self, fn: Any, request: RequestState) -> Any:
-        """Run fn (a pipeline call) on this worker thread, as `request`; record its stages."""
-        token = current_request.set(request)
-        start = time.monotonic()
-        try:
-            result = fn()
-        finally:
-            current_request.reset(token)
-        end = time.monotonic()
-        submitted = request.timings.get("submitted", start)
-        returned = request.timings.get("returned", end)
-        self.metrics.stage_seconds.labels(model=self.name, stage="tokenize").observe(submitted - start)
-        self.metrics.stage_seconds.labels(model=self.name, stage="postprocess").observe(end - returned)
-        with self.stats.lock:
-            self.stats.compute_input.add(submitted - start)
-            self.stats.compute_output.add(end - returned)
-        return result
-
     def record_result(self, ok: bool, seconds: float, count: int) -> None:
         with self.stats.lock:
             (self.stats.success if ok else self.stats.fail).add(seconds)
             if ok:
                 self.stats.inference_count += count
                 self.stats.last_inference_ms = int(time.time() * 1000)
+
+    def statistics(self) -> dict[str, Any]:
+        """Triton's per-model statistics, in their JSON form."""
+
+        def d(duration: Duration) -> dict[str, int]:
+            return {"count": duration.count, "ns": duration.ns}
+
+        s = self.stats
+        with s.lock:
+            return {
+                "name": self.name,
+                "version": self.version,
+                "last_inference": s.last_inference_ms,
+                "inference_count": s.inference_count,
+                "execution_count": s.execution_count,
+                "inference_stats": {
+                    stage: d(getattr(s, stage))
+                    for stage in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
+                },
+                "batch_stats": [
+                    {"batch_size": size, "compute_infer": d(duration)} for size, duration in sorted(s.batches.items())
+                ],
+            }
 
     def stop(self) -> None:
         self.batcher.stop()

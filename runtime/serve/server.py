@@ -1,11 +1,14 @@
-"""`kiln serve`: packages behind one gRPC port (KServe v2 + kiln.v1 + health + reflection)."""
+"""`kiln serve`: the models behind gRPC (KServe v2 + kiln.v1 + health + reflection), HTTP (KServe v2
+REST + OpenAI embeddings) and a metrics port, every protocol a thin adapter over one data plane."""
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import signal
+import ssl
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,15 +16,19 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
+from aiohttp import web
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 from kiln.proto import grpc_service_pb2, grpc_service_pb2_grpc, kiln_pb2, kiln_pb2_grpc
 from kiln.runtime.errors import ConfigError
 from kiln.runtime.serve.batcher import BatchOptions
-from kiln.runtime.serve.handler import ServerState
+from kiln.runtime.serve.dataplane import DataPlane
+from kiln.runtime.serve.http import HttpApi
 from kiln.runtime.serve.kserve import InferenceService
 from kiln.runtime.serve.metrics import Metrics
 from kiln.runtime.serve.models import ServedModel
+from kiln.runtime.serve.repository import Repository, Source, scan
 from kiln.runtime.serve.typed import KilnService
 from kiln.runtime.session import SessionOptions
 
@@ -36,16 +43,21 @@ SPIN_AFTER_RUN_US = 2000
 
 @dataclass
 class ServeOptions:
-    packages: list[Path]
+    packages: list[Path] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
+    model_repository: Path | None = None
+    model_control_mode: str = "none"  # none | explicit | poll (Triton's)
+    load_models: list[str] = field(default_factory=list)  # explicit mode: what to load at start ("*": all)
+    repository_poll_seconds: float = 15.0
     host: str = "127.0.0.1"
-    port: int = 8001
+    grpc_port: int = 8001
+    http_port: int = 8000  # 0: no HTTP
+    metrics_port: int = 8002  # 0: no metrics
     max_message_bytes: int = 64 * 1024 * 1024
     batching: BatchOptions = field(default_factory=BatchOptions)
     default_deadline: float | None = 30.0
     workers: int = 8
     session: SessionOptions = field(default_factory=SessionOptions)
-    metrics_port: int | None = None
     auth_token: str | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -53,13 +65,16 @@ class ServeOptions:
 
 
 class _BearerAuth(grpc.aio.ServerInterceptor):
+    """One `authorization: Bearer TOKEN` entry, compared in constant time; two entries are refused."""
+
     def __init__(self, token: str):
-        self._expected = f"Bearer {token}"
+        self._expected = f"Bearer {token}".encode()
 
     async def intercept_service(self, continuation, details):
         if details.method.startswith(OPEN_METHODS):
             return await continuation(details)
-        if dict(details.invocation_metadata or ()).get("authorization") == self._expected:
+        given = [v for k, v in (details.invocation_metadata or ()) if k == "authorization"]
+        if len(given) == 1 and hmac.compare_digest(str(given[0]).encode(), self._expected):
             return await continuation(details)
         return _deny_handler()
 
@@ -81,13 +96,90 @@ def model_names(options: ServeOptions) -> list[str]:
     return names
 
 
+def repository(options: ServeOptions, metrics: Metrics) -> Repository:
+    """Positional packages (fixed models), or a Triton-style model repository."""
+    session = _bounded_spin(options.session)
+
+    def load(source: Source) -> ServedModel:
+        return ServedModel(source.name, source.path, session, options.batching, metrics, source.version)
+
+    if options.model_repository is not None:
+        if options.packages:
+            raise ConfigError("give package directories or --model-repository, not both")
+        root = options.model_repository
+        return Repository(load, scan(root), options.model_control_mode, root, options.grace)
+    if not options.packages:
+        raise ConfigError("nothing to serve: give package directories or --model-repository")
+    if options.model_control_mode != "none":
+        raise ConfigError("--model-control-mode needs --model-repository")
+    sources = {n: Source(n, "1", p) for n, p in zip(model_names(options), options.packages, strict=True)}
+    return Repository(load, sources, "none", None, options.grace)
+
+
 async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> int:
     metrics = Metrics()
-    models = {
-        name: ServedModel(name, path, _bounded_spin(options.session), options.batching, metrics)
-        for name, path in zip(model_names(options), options.packages, strict=True)
-    }
-    state = ServerState(models, ThreadPoolExecutor(options.workers, "kiln-worker"), metrics, options.default_deadline)
+    models = repository(options, metrics)
+    if models.control_mode == "explicit":
+        await models.load_all(None if "*" in options.load_models else options.load_models)
+    else:
+        await models.load_all()
+    plane = DataPlane(models, ThreadPoolExecutor(options.workers, "kiln-worker"), metrics, options.default_deadline)
+    server, health_servicer, grpc_port = await _grpc_server(options, plane)
+    runners = [
+        await _http_site(
+            HttpApi(plane, options.auth_token, options.max_message_bytes).app(), options, options.http_port
+        ),
+        await _http_site(metrics.app(), options, options.metrics_port),
+    ]
+    await server.start()
+    for name in [*models.models, ""]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info(
+        "serving",
+        extra={
+            "fields": {
+                "grpc": f"{options.host}:{grpc_port}",
+                "http": options.http_port or None,
+                "metrics_port": options.metrics_port or None,
+                "models": list(models.models),
+                "model_control_mode": models.control_mode,
+                "tls": bool(options.tls_cert),
+                "auth": bool(options.auth_token),
+            }
+        },
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    poller = (
+        asyncio.create_task(models.poll(options.repository_poll_seconds, stop))
+        if models.control_mode == "poll"
+        else None
+    )
+    if ready is not None:
+        ready.set()
+    await stop.wait()
+    started = time.monotonic()
+    log.info("draining", extra={"fields": {"grace_s": options.grace}})
+    plane.draining = True
+    for name in [*models.models, ""]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.stop(options.grace)
+    if poller is not None:
+        await poller
+    for runner in runners:
+        if runner is not None:
+            await runner.cleanup()
+    await models.stop()
+    plane.executor.shutdown(wait=True)
+    log.info("stopped", extra={"fields": {"drain_s": round(time.monotonic() - started, 2)}})
+    return 0
+
+
+async def _grpc_server(
+    options: ServeOptions, plane: DataPlane
+) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
     interceptors = [_BearerAuth(options.auth_token)] if options.auth_token else []
     server = grpc.aio.server(
         interceptors=interceptors,
@@ -96,8 +188,8 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> in
             ("grpc.max_send_message_length", options.max_message_bytes),
         ],
     )
-    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(state), server)
-    kiln_pb2_grpc.add_KilnServicer_to_server(KilnService(state), server)
+    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(plane), server)
+    kiln_pb2_grpc.add_KilnServicer_to_server(KilnService(plane), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     services = (
@@ -106,49 +198,46 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> in
         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
         reflection.SERVICE_NAME,
     )
-    reflection.enable_server_reflection(services, server)
-    address = f"{options.host}:{options.port}"
+    reflection.enable_server_reflection(services, server, pool=_reflection_pool())
+    address = f"{options.host}:{options.grpc_port}"
     if options.tls_cert or options.tls_key:
         port = server.add_secure_port(address, _tls(options))
     else:
         port = server.add_insecure_port(address)
     if port == 0:
         raise ConfigError(f"cannot listen on {address}")
-    for name in [*models, ""]:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    if options.metrics_port is not None:
-        metrics.serve(options.metrics_port, options.host)
-    await server.start()
-    log.info(
-        "serving",
-        extra={
-            "fields": {
-                "address": f"{options.host}:{port}",
-                "models": list(models),
-                "tls": bool(options.tls_cert),
-                "auth": bool(options.auth_token),
-                "metrics_port": options.metrics_port,
-            }
-        },
-    )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    if ready is not None:
-        ready.set()
-    await stop.wait()
-    started = time.monotonic()
-    log.info("draining", extra={"fields": {"grace_s": options.grace}})
-    state.draining = True
-    for name in [*models, ""]:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    await server.stop(options.grace)
-    for model in models.values():
-        model.stop()
-    state.executor.shutdown(wait=True)
-    log.info("stopped", extra={"fields": {"drain_s": round(time.monotonic() - started, 2)}})
-    return 0
+    return server, health_servicer, port
+
+
+def _reflection_pool() -> descriptor_pool.DescriptorPool:
+    """kiln's KServe messages live in a private descriptor pool (so tritonclient's `inference`
+    package can be imported beside them); reflection answers from one pool holding every service."""
+    pool = descriptor_pool.DescriptorPool()
+    for module in (grpc_service_pb2, kiln_pb2, health_pb2, reflection_pb2):
+        pool.AddSerializedFile(module.DESCRIPTOR.serialized_pb)
+    return pool
+
+
+async def _http_site(app: web.Application, options: ServeOptions, port: int) -> web.AppRunner | None:
+    if not port:
+        return None
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, options.host, port, ssl_context=_ssl_context(options), shutdown_timeout=options.grace)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ConfigError(f"cannot listen on {options.host}:{port}: {exc.strerror or exc}") from exc
+    return runner
+
+
+def _ssl_context(options: ServeOptions) -> ssl.SSLContext | None:
+    if not (options.tls_cert and options.tls_key):
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(options.tls_cert), str(options.tls_key))
+    return context
 
 
 def _bounded_spin(session: SessionOptions) -> SessionOptions:

@@ -23,6 +23,7 @@ DTYPES = {
     "FP32": np.float32,
     "FP64": np.float64,
 }
+MAX_ELEMENTS = 1 << 28  # elements in one input tensor; far beyond any message size a server accepts
 CONTENTS_FIELD = {
     "BOOL": "bool_contents",
     "UINT8": "uint_contents",
@@ -51,11 +52,23 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
     return tensors
 
 
+def element_count(name: str, shape: tuple[int, ...]) -> int:
+    """Elements a shape holds, refusing what no request can carry (no numpy overflow)."""
+    if not shape:
+        raise InvalidInput(f"input {name!r} has a scalar shape []; give it at least one dimension, e.g. [1]")
+    if any(d < 0 for d in shape):
+        raise InvalidInput(f"input {name!r}: negative dimension in shape {list(shape)}")
+    count = 1
+    for dim in shape:
+        count *= dim
+    if count > MAX_ELEMENTS:
+        raise InvalidInput(f"input {name!r}: shape {list(shape)} holds {count} elements; the limit is {MAX_ELEMENTS}")
+    return count
+
+
 def decode_tensor(tensor: Any, raw: bytes | None) -> np.ndarray:
     shape = tuple(int(d) for d in tensor.shape)
-    if any(d < 0 for d in shape):
-        raise InvalidInput(f"input {tensor.name!r}: negative dimension in shape {list(shape)}")
-    count = int(np.prod(shape)) if shape else 1
+    count = element_count(tensor.name, shape)
     datatype = tensor.datatype
     if datatype == "BYTES":
         values = _parse_bytes(raw, tensor.name) if raw is not None else list(tensor.contents.bytes_contents)
@@ -95,36 +108,9 @@ def _parse_bytes(raw: bytes, name: str) -> list[bytes]:
     return values
 
 
-def texts(tensors: dict[str, np.ndarray], name: str, required: bool = True) -> list[str] | None:
-    """A BYTES tensor of shape [N] (or [N, 1]) as a list of UTF-8 strings."""
-    if name not in tensors:
-        if required:
-            raise InvalidInput(f"missing input {name!r}")
-        return None
-    array = tensors[name]
-    if array.dtype != object:
-        raise InvalidInput(f"input {name!r} must be BYTES (UTF-8 text), got {array.dtype}")
-    if array.ndim == 2 and array.shape[1] == 1:
-        array = array[:, 0]
-    if array.ndim != 1:
-        raise InvalidInput(f"input {name!r} must have shape [N], got {list(array.shape)}")
-    decoded = []
-    for index, value in enumerate(array):
-        try:
-            decoded.append(bytes(value).decode("utf-8"))
-        except UnicodeDecodeError as exc:
-            raise InvalidInput(
-                f"input {name!r}[{index}] is not valid UTF-8 ({exc.reason} at byte {exc.start})"
-            ) from exc
-    return decoded
-
-
-def encode_outputs(response: pb.ModelInferResponse, outputs: dict[str, np.ndarray], requested: list[str]) -> None:
-    names = requested or list(outputs)
-    for name in names:
-        if name not in outputs:
-            raise InvalidInput(f"unknown output {name!r}; this model gives {', '.join(outputs)}")
-        array = outputs[name]
+def encode_outputs(response: pb.ModelInferResponse, outputs: dict[str, np.ndarray]) -> None:
+    """Outputs as raw_output_contents (BYTES length-prefixed), as tritonclient reads them."""
+    for name, array in outputs.items():
         tensor = response.outputs.add(name=name, shape=list(array.shape))
         if array.dtype == object:
             tensor.datatype = "BYTES"
@@ -140,9 +126,10 @@ def _as_bytes(value: Any) -> bytes:
     return value if isinstance(value, bytes) else str(value).encode("utf-8")
 
 
-def parameter(params: Any, name: str, default: Any = None) -> Any:
-    if name not in params:
-        return default
-    value = params[name]
-    kind = value.WhichOneof("parameter_choice")
-    return getattr(value, kind) if kind else default
+def parameters(params: Any) -> dict[str, Any]:
+    """A protobuf parameter map (InferParameter values) as plain Python values."""
+    out = {}
+    for name, value in params.items():
+        kind = value.WhichOneof("parameter_choice")
+        out[name] = getattr(value, kind) if kind else None
+    return out

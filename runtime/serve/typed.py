@@ -1,4 +1,4 @@
-"""kiln.v1: one typed RPC per task over the same models, batcher and error mapping."""
+"""kiln.v1: one typed RPC per task, a thin adapter over the data plane through each task's spec."""
 
 from __future__ import annotations
 
@@ -6,19 +6,11 @@ from typing import Any
 
 from kiln.proto import kiln_pb2 as pb
 from kiln.proto import kiln_pb2_grpc as pb_grpc
-from kiln.runtime.errors import InvalidInput
-from kiln.runtime.serve.handler import ServerState, run_model
+from kiln.runtime.errors import InvalidInput, KilnError
+from kiln.runtime.serve.dataplane import Call, DataPlane
 from kiln.runtime.serve.models import ServedModel
 from kiln.runtime.serve.status import status_of
-
-RPC_TASKS = {
-    "Classify": "text-classification",
-    "TagTokens": "token-classification",
-    "Answer": "question-answering",
-    "Embed": "feature-extraction",
-    "FillMask": "fill-mask",
-    "ZeroShot": "zero-shot-classification",
-}
+from kiln.runtime.tasks import SPECS, TaskSpec
 
 
 def model_info(model: ServedModel) -> pb.ModelInfo:
@@ -35,172 +27,42 @@ def model_info(model: ServedModel) -> pb.ModelInfo:
     )
 
 
-def _check_task(model: ServedModel, rpc: str) -> None:
-    if model.manifest.task != RPC_TASKS[rpc]:
-        raise InvalidInput(
-            f"model {model.name!r} is a {model.manifest.task} model; {rpc} needs a {RPC_TASKS[rpc]} model"
-        )
-
-
-def _classification(ranked: list[dict[str, Any]]) -> pb.Classification:
-    return pb.Classification(
-        labels=[pb.Label(label=r["label"], score=r["score"]) for r in ranked],
-        truncated=any(r.get("truncated", False) for r in ranked),
-    )
-
-
 class KilnService(pb_grpc.KilnServicer):
-    def __init__(self, state: ServerState):
-        self.state = state
-
-    async def _run(self, context, rpc: str, name: str, count: int, work) -> Any:
-        def checked(model: ServedModel) -> Any:
-            _check_task(model, rpc)
-            return work(model)
-
-        return await run_model(self.state, context, name, "", rpc, checked, count)
+    def __init__(self, plane: DataPlane):
+        self.plane = plane
 
     async def ListModels(self, request, context):
-        return pb.ListModelsResponse(models=[model_info(m) for m in self.state.models.values()])
+        return pb.ListModelsResponse(models=[model_info(m) for m in self.plane.repository.models.values()])
 
     async def GetModel(self, request, context):
         try:
-            return model_info(self.state.model(request.model))
-        except Exception as exc:
+            return model_info(self.plane.model(request.model))
+        except KilnError as exc:
             await context.abort(*status_of(exc))
 
-    async def Classify(self, request, context):
-        top_k = None if request.top_k < 0 else (request.top_k or 1)
-
-        def work(model: ServedModel) -> list[Any]:
-            ranked = model.pipeline(
-                list(request.texts),
-                text_pair=list(request.text_pairs) or None,
-                top_k=None,
-                function_to_apply=request.function_to_apply or None,
-                truncation=not request.no_truncation,
+    async def _task(self, spec: TaskSpec, request: Any, context: Any) -> Any:
+        try:
+            model = self.plane.model(request.model)
+            if model.spec is not spec:
+                raise InvalidInput(
+                    f"model {model.name!r} is a {model.manifest.task} model; {spec.rpc} needs a {spec.task} model"
+                )
+            texts, params = spec.from_typed(request)
+            answered = await self.plane.answer(
+                request.model, "", texts, params, Call(spec.rpc, context.time_remaining())
             )
-            return [r if top_k is None else r[:top_k] for r in ranked]
+            return spec.to_typed(answered.answers, answered.params)
+        except KilnError as exc:
+            await context.abort(*status_of(exc))
 
-        ranked = await self._run(context, "Classify", request.model, len(request.texts), work)
-        return pb.ClassifyResponse(results=[_classification(r) for r in ranked])
 
-    async def TagTokens(self, request, context):
-        strategy = request.aggregation_strategy or "none"
-        results = await self._run(
-            context,
-            "TagTokens",
-            request.model,
-            len(request.texts),
-            lambda m: m.pipeline(list(request.texts), aggregation_strategy=strategy),
-        )
-        return pb.TagTokensResponse(
-            results=[
-                pb.Entities(
-                    entities=[
-                        pb.Entity(
-                            entity=e.get("entity", e.get("entity_group")),
-                            score=e["score"],
-                            word=e["word"],
-                            start=e["start"],
-                            end=e["end"],
-                            index=e.get("index", 0),
-                        )
-                        for e in entities
-                    ]
-                )
-                for entities in results
-            ]
-        )
+def _rpc(spec: TaskSpec) -> Any:
+    async def handler(self: KilnService, request: Any, context: Any) -> Any:
+        return await self._task(spec, request, context)
 
-    async def Answer(self, request, context):
-        top_k = request.top_k or 1
+    handler.__name__ = spec.rpc
+    return handler
 
-        def work(model: ServedModel) -> list[Any]:
-            answers = model.pipeline(
-                list(request.questions),
-                list(request.contexts),
-                top_k=top_k,
-                max_answer_len=request.max_answer_len or 15,
-                handle_impossible_answer=request.handle_impossible_answer,
-                doc_stride=request.doc_stride or None,
-            )
-            return [a if top_k > 1 else [a] for a in answers]
 
-        results = await self._run(context, "Answer", request.model, len(request.questions), work)
-        return pb.AnswerResponse(
-            results=[
-                pb.Answers(
-                    answers=[
-                        pb.Span(answer=a["answer"], score=a["score"], start=a["start"], end=a["end"]) for a in answers
-                    ]
-                )
-                for answers in results
-            ]
-        )
-
-    async def Embed(self, request, context):
-        normalize = request.normalize if request.HasField("normalize") else None
-        vectors = await self._run(
-            context,
-            "Embed",
-            request.model,
-            len(request.texts),
-            lambda m: m.pipeline(list(request.texts), pooling=request.pooling or None, normalize_embeddings=normalize),
-        )
-        return pb.EmbedResponse(
-            embeddings=[pb.Embedding(values=v.tolist()) for v in vectors], dimension=int(vectors.shape[1])
-        )
-
-    async def FillMask(self, request, context):
-        results = await self._run(
-            context,
-            "FillMask",
-            request.model,
-            len(request.texts),
-            lambda m: m.pipeline(list(request.texts), top_k=request.top_k or 5, targets=list(request.targets) or None),
-        )
-        response = pb.FillMaskResponse()
-        for result in results:
-            masks = result if result and isinstance(result[0], list) else [result]
-            response.results.append(
-                pb.FillMaskResult(
-                    masks=[
-                        pb.MaskFills(
-                            fills=[
-                                pb.Fill(
-                                    token_str=f["token_str"], token=f["token"], score=f["score"], sequence=f["sequence"]
-                                )
-                                for f in fills
-                            ]
-                        )
-                        for fills in masks
-                    ]
-                )
-            )
-        return response
-
-    async def ZeroShot(self, request, context):
-        results = await self._run(
-            context,
-            "ZeroShot",
-            request.model,
-            len(request.texts),
-            lambda m: m.pipeline(
-                list(request.texts),
-                list(request.candidate_labels),
-                hypothesis_template=request.hypothesis_template or "This example is {}.",
-                multi_label=request.multi_label,
-            ),
-        )
-        return pb.ZeroShotResponse(
-            results=[
-                pb.Classification(
-                    labels=[
-                        pb.Label(label=label, score=score)
-                        for label, score in zip(r["labels"], r["scores"], strict=True)
-                    ]
-                )
-                for r in results
-            ]
-        )
+for _spec in SPECS.values():  # one RPC per task, each read from the task's spec
+    setattr(KilnService, _spec.rpc, _rpc(_spec))

@@ -1,0 +1,262 @@
+"""The protocol-neutral data plane: every protocol (KServe gRPC and REST, kiln.v1, OpenAI
+embeddings) is a thin adapter over this, as KServe's dataplane.py sits under its servicers.
+
+It owns what a request goes through whatever it arrived on: finding the model (and version),
+draining, deadlines, reading inputs and parameters through the task's spec, running it (prepare,
+batcher, finish), the outputs, statistics and metrics. Errors are kiln's own (`KilnError`); each
+protocol maps them once (`kiln.runtime.serve.status`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Mapping
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from kiln.runtime.errors import Draining, InternalError, InvalidInput, KilnError
+from kiln.runtime.serve.batcher import RequestState
+from kiln.runtime.serve.metrics import Metrics
+from kiln.runtime.serve.models import ServedModel
+from kiln.runtime.serve.repository import Repository
+from kiln.runtime.serve.tokens import pad_outputs, read_token_rows
+from kiln.runtime.tasks import Texts
+
+log = logging.getLogger("kiln.serve")
+VERSION = "0.2.0"
+TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+CONFIG_TYPES = {"BYTES": "TYPE_STRING", "FP32": "TYPE_FP32", "INT64": "TYPE_INT64"}
+EXTENSIONS = ["model_configuration", "statistics", "model_repository", "binary_tensor_data"]
+
+
+@dataclass
+class InferRequest:
+    """A KServe v2 inference request, decoded from whichever protocol carried it."""
+
+    model: str
+    version: str = ""
+    inputs: dict[str, np.ndarray] = field(default_factory=dict)  # BYTES as object arrays of bytes
+    parameters: dict[str, Any] = field(default_factory=dict)
+    outputs: list[str] = field(default_factory=list)  # requested; empty: all
+    id: str = ""
+
+
+@dataclass
+class InferResponse:
+    model: str
+    version: str
+    id: str
+    outputs: dict[str, np.ndarray]
+
+
+@dataclass
+class Call:
+    """What a protocol knows about the call carrying a request."""
+
+    api: str  # kserve | kserve-http | Classify | ... | openai (a metric label)
+    timeout: float | None = None  # seconds the caller allows, None: the server's default
+
+
+@dataclass
+class Answered:
+    """A task's answers, with what the protocol needs to phrase them."""
+
+    model: ServedModel
+    answers: Any
+    params: dict[str, Any]
+    tokens: int
+
+
+class DataPlane:
+    def __init__(self, repository: Repository, executor: Executor, metrics: Metrics, default_deadline: float | None):
+        self.repository = repository
+        self.executor = executor
+        self.metrics = metrics
+        self.default_deadline = default_deadline
+        self.draining = False
+
+    # ---- health and metadata -------------------------------------------------------------------
+
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        return not self.draining and self.repository.any_ready()
+
+    def model_ready(self, name: str, version: str = "") -> bool:
+        return not self.draining and self.repository.ready(name, version)
+
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": "kiln", "version": VERSION, "extensions": EXTENSIONS}
+
+    def model(self, name: str, version: str = "") -> ServedModel:
+        return self.repository.get(name, version)
+
+    def model_metadata(self, name: str, version: str = "") -> dict[str, Any]:
+        """KServe v2 model metadata (its JSON form; the gRPC message has the same fields)."""
+        model = self.repository.get(name, version)
+        sizes = model.sizes
+        inputs = [_tensor(t.name, t.datatype, t.resolved_shape(sizes)) for t in model.spec.inputs]
+        inputs += [_tensor(n, "INT64", [-1, -1]) for n in model.manifest.inputs]
+        outputs = [_tensor(t.name, t.datatype, t.resolved_shape(sizes)) for t in model.spec.outputs]
+        taken = {t["name"] for t in outputs}
+        outputs += [_tensor(n, "FP32", shape) for n, shape in model.raw_outputs() if n not in taken]
+        return {
+            "name": model.name,
+            "versions": [model.version],
+            "platform": "onnxruntime_onnx",
+            "inputs": inputs,
+            "outputs": outputs,
+        }
+
+    def model_config(self, name: str, version: str = "") -> dict[str, Any]:
+        """Triton's model configuration (its JSON form), as Triton's load tools read it."""
+        model = self.repository.get(name, version)
+        sizes, spec, options = model.sizes, model.spec, model.batcher.options
+        manifest = model.manifest
+        inputs = [
+            {
+                "name": t.name,
+                "data_type": CONFIG_TYPES[t.datatype],
+                "dims": t.resolved_shape(sizes),
+                "optional": t.optional,
+            }
+            for t in spec.inputs
+        ]
+        inputs += [{"name": n, "data_type": "TYPE_INT64", "dims": [-1, -1], "optional": True} for n in manifest.inputs]
+        strings = {
+            "task": manifest.task,
+            "precision": manifest.precision,
+            "target": manifest.target,
+            "max_batch_tokens": str(options.max_tokens),
+            "max_sequence_length": str(manifest.max_sequence_length),
+            "request_parameters": ",".join(p.name for p in spec.parameters),
+        }
+        return {
+            "name": model.name,
+            "platform": "onnxruntime_onnx",
+            "backend": "kiln",
+            "max_batch_size": 0,
+            "input": inputs,
+            "output": [
+                {"name": t.name, "data_type": CONFIG_TYPES[t.datatype], "dims": t.resolved_shape(sizes)}
+                for t in spec.outputs
+            ],
+            "dynamic_batching": {
+                "preferred_batch_size": [options.max_size],
+                "max_queue_delay_microseconds": int(options.max_delay * 1e6),
+            },
+            "parameters": {key: {"string_value": value} for key, value in strings.items()},
+        }
+
+    def statistics(self, name: str = "", version: str = "") -> dict[str, Any]:
+        """Triton's model statistics (JSON form) for one model, or every model when no name is given."""
+        models = [self.repository.get(name, version)] if name else list(self.repository.models.values())
+        return {"model_stats": [m.statistics() for m in models]}
+
+    # ---- inference ------------------------------------------------------------------------------
+
+    async def infer(self, request: InferRequest, call: Call) -> InferResponse:
+        """Text in BYTES tensors through the task, or token ids through the graph."""
+        model = self._admit(request.model, request.version, call)
+        if any(name in request.inputs for name in TOKEN_INPUTS):
+            rows = len(request.inputs.get("input_ids", ()))
+            outputs = await self._timed(model, call, rows, lambda state: self._tokens(model, request.inputs, state))
+        else:
+            spec = model.spec
+            texts = spec.read_texts(request.inputs)
+            params = spec.parse_params(request.parameters)
+            answered = await self._answer(model, texts, params, call)
+            outputs = spec.encode(answered.answers, params)
+        return InferResponse(model.name, model.version, request.id, _requested(outputs, request.outputs))
+
+    async def answer(
+        self, name: str, version: str, texts: Texts, raw_params: Mapping[str, Any], call: Call
+    ) -> Answered:
+        """A task's answers for texts already named by input (the typed API, OpenAI embeddings)."""
+        model = self._admit(name, version, call)
+        return await self._answer(model, texts, model.spec.parse_params(raw_params), call)
+
+    def _admit(self, name: str, version: str, call: Call) -> ServedModel:
+        if self.draining:
+            self._count(name, call, "UNAVAILABLE")
+            raise Draining("server is shutting down; retry on another replica")
+        try:
+            return self.repository.get(name, version)
+        except KilnError as exc:
+            self._count(name, call, exc.grpc_status)
+            raise
+
+    async def _answer(self, model: ServedModel, texts: Texts, params: dict[str, Any], call: Call) -> Answered:
+        rows = len(texts.get(model.spec.rows_input, ()))
+        tokens: list[int] = []
+
+        def prepare() -> Any:
+            prepared = model.spec.prepare(model.pipeline, texts, params)
+            tokens.append(sum(len(e.ids) for e in prepared.encodings))
+            return prepared
+
+        answers = await self._timed(model, call, rows, lambda state: model.run(prepare, state, self.executor))
+        return Answered(model, answers, params, tokens[0] if tokens else 0)
+
+    async def _timed(self, model: ServedModel, call: Call, rows: int, work: Any) -> Any:
+        """Run work(request state) as one request of `model`: deadline, statistics, metrics, and an
+        internal error logged with a request id that the caller also gets."""
+        started = time.monotonic()
+        timeout = call.timeout if call.timeout is not None else self.default_deadline
+        state = RequestState(deadline=started + timeout if timeout else None)
+        model.in_flight += 1
+        try:
+            result = await work(state)
+        except asyncio.CancelledError:  # the caller went away: what is still queued is dropped
+            state.cancelled = True
+            model.record_result(False, time.monotonic() - started, rows)
+            self._count(model.name, call, "CANCELLED")
+            raise
+        except KilnError as exc:
+            model.record_result(False, time.monotonic() - started, rows)
+            self._count(model.name, call, exc.grpc_status)
+            raise
+        except Exception as exc:
+            request_id = uuid.uuid4().hex[:12]
+            log.exception("model %s: %s request %s failed", model.name, call.api, request_id)
+            model.record_result(False, time.monotonic() - started, rows)
+            self._count(model.name, call, "INTERNAL")
+            raise InternalError(f"internal error (request {request_id}): {type(exc).__name__}: {exc}") from exc
+        finally:
+            model.in_flight -= 1
+        elapsed = time.monotonic() - started
+        model.record_result(True, elapsed, rows)
+        self._count(model.name, call, "OK")
+        self.metrics.request_seconds.labels(model=model.name).observe(elapsed)
+        return result
+
+    async def _tokens(self, model: ServedModel, tensors: dict[str, np.ndarray], state: RequestState) -> Any:
+        sequences, rows, width = read_token_rows(model, tensors)
+        loop = asyncio.get_running_loop()
+        items = await loop.run_in_executor(self.executor, model.run_tokens, sequences, state)
+        return pad_outputs(model, items, rows, width)
+
+    def _count(self, name: str, call: Call, code: str) -> None:
+        """Requests by model, API and status; a name that is not served counts as one label, so a
+        client cannot grow the metrics without bound."""
+        label = name if self.repository.knows(name) else "(unknown)"
+        self.metrics.requests.labels(model=label, api=call.api, code=code).inc()
+
+
+def _tensor(name: str, datatype: str, shape: list[int]) -> dict[str, Any]:
+    return {"name": name, "datatype": datatype, "shape": shape}
+
+
+def _requested(outputs: dict[str, np.ndarray], requested: list[str]) -> dict[str, np.ndarray]:
+    if not requested:
+        return outputs
+    unknown = [name for name in requested if name not in outputs]
+    if unknown:
+        raise InvalidInput(f"unknown output {unknown[0]!r}; this model gives {', '.join(outputs)}")
+    return {name: outputs[name] for name in requested}

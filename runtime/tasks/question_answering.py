@@ -1,0 +1,111 @@
+"""question-answering: extractive answer spans over contexts of any length."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from kiln.proto import kiln_pb2 as pb
+from kiln.runtime.pipelines.base import Prepared
+from kiln.runtime.pipelines.question_answering import QuestionAnsweringPipeline
+from kiln.runtime.tasks.spec import Gate, Param, Params, TaskSpec, Tensor, Texts, bytes_tensor
+
+# the gate asks these of every validation sentence (English and Korean, as the corpus is)
+QUESTIONS = ("What happened?", "Who is it about?", "무엇에 관한 내용인가요?", "Where?")
+
+
+def prepare(pipe: QuestionAnsweringPipeline, texts: Texts, params: Params) -> Prepared:
+    prepared = pipe.prepare(
+        texts["question"],
+        texts["context"],
+        top_k=params["top_k"],
+        max_answer_len=params["max_answer_len"],
+        handle_impossible_answer=params["handle_impossible_answer"],
+        max_seq_len=params["max_seq_len"],
+        doc_stride=params["doc_stride"],
+    )
+    # one list of answers per question, whatever top_k is
+    return Prepared(prepared.encodings, lambda outputs: _lists(prepared.finish(outputs), params["top_k"]))
+
+
+def _lists(answers: list[Any], top_k: int) -> list[list[dict[str, Any]]]:
+    return [a if top_k > 1 else [a] for a in answers]
+
+
+def encode(answers: list[list[dict[str, Any]]], params: Params) -> dict[str, np.ndarray]:
+    best = [a[0] for a in answers]
+    return {
+        "answer": bytes_tensor([a["answer"] for a in best]),
+        "score": np.array([a["score"] for a in best], dtype=np.float32),
+        "start": np.array([a["start"] for a in best], dtype=np.int64),
+        "end": np.array([a["end"] for a in best], dtype=np.int64),
+    }
+
+
+def from_typed(request: pb.AnswerRequest) -> tuple[Texts, Params]:
+    texts = {"question": list(request.questions), "context": list(request.contexts)}
+    params = {
+        "top_k": request.top_k or None,
+        "max_answer_len": request.max_answer_len or None,
+        "handle_impossible_answer": request.handle_impossible_answer,
+        "doc_stride": request.doc_stride or None,
+    }
+    return texts, params
+
+
+def to_typed(answers: list[list[dict[str, Any]]], params: Params) -> pb.AnswerResponse:
+    return pb.AnswerResponse(
+        results=[
+            pb.Answers(
+                answers=[pb.Span(answer=a["answer"], score=a["score"], start=a["start"], end=a["end"]) for a in r]
+            )
+            for r in answers
+        ]
+    )
+
+
+def _items(texts: list[str], mask: str | None) -> Texts:
+    return {"question": [QUESTIONS[i % len(QUESTIONS)] for i in range(len(texts))], "context": texts}
+
+
+def _theirs(hf: Any, items: Texts, reference: Any, pooling: Any) -> list[Any]:
+    return [hf(question=q, context=c) for q, c in zip(items["question"], items["context"], strict=True)]
+
+
+def _agreement(theirs: list[Any], ours: list[Any]) -> dict[str, Any]:
+    same = [(a["start"], a["end"]) == (b["start"], b["end"]) for a, b in zip(theirs, ours, strict=True)]
+    return {"items": len(same), "agreement": float(np.mean(same))}
+
+
+SPEC = TaskSpec(
+    task="question-answering",
+    pipeline=QuestionAnsweringPipeline,
+    head="ForQuestionAnswering",
+    auto_class="AutoModelForQuestionAnswering",
+    inputs=(Tensor("question", "BYTES", (-1,)), Tensor("context", "BYTES", (-1,))),
+    outputs=(
+        Tensor("answer", "BYTES", (-1,)),
+        Tensor("score", "FP32", (-1,)),
+        Tensor("start", "INT64", (-1,)),
+        Tensor("end", "INT64", (-1,)),
+    ),
+    parameters=(
+        Param("top_k", int, 1, minimum=1, help="answers per question (kiln.v1; KServe answers the best one)"),
+        Param("max_answer_len", int, 15, minimum=1, help="longest answer, in tokens"),
+        Param("handle_impossible_answer", bool, False, help="allow the empty answer"),
+        Param("max_seq_len", int, None, minimum=8, help="window length (default: min(model's, 384))"),
+        Param("doc_stride", int, None, minimum=0, help="overlap of windows over a long context"),
+    ),
+    prepare=prepare,
+    encode=encode,
+    rpc="Answer",
+    from_typed=from_typed,
+    to_typed=to_typed,
+    gate=Gate(
+        hf_task="question-answering",
+        items=_items,
+        theirs=_theirs,
+        ours=lambda answers: [a[0] for a in answers],
+        agreement=_agreement,
+    ),
+)

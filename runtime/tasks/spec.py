@@ -1,0 +1,192 @@
+"""What a task is, declared once: its wire contract, its parameters, how it calls its pipeline, and
+how the export gate compares it with `transformers`.
+
+Every protocol (KServe gRPC and REST, kiln.v1, the OpenAI embeddings route), the export gate, the
+export's head detection and the CLI read a task's `TaskSpec`; none of them holds a per-task table.
+Adding a task is one module in `kiln.runtime.tasks` and one line in its registry.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from kiln.runtime.errors import InvalidInput
+from kiln.runtime.pipelines.base import Pipeline, Prepared
+
+Texts = dict[str, list[str]]  # input name -> its texts (KServe BYTES tensors, typed repeated fields)
+Params = dict[str, Any]  # parameter name -> its checked value
+# parameters a KServe / Triton client may send that are about transport, not the task: accepted, unused
+TRANSPORT_PARAMETERS = frozenset(
+    {
+        "priority",
+        "timeout",
+        "sequence_id",
+        "sequence_start",
+        "sequence_end",
+        "binary_data",
+        "binary_data_output",
+        "binary_data_size",
+        "triton_enable_empty_final_response",
+        "headers",
+    }
+)
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """A KServe input or output. Shape entries: -1 (any), a number, or a size the served model
+    knows ("labels": its label count, "hidden": its embedding width)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int | str, ...]
+    optional: bool = False
+    per_row: bool = True  # one value per item (text, context); False: one list for the request (labels)
+
+    def resolved_shape(self, sizes: Mapping[str, int]) -> list[int]:
+        return [dim if isinstance(dim, int) else sizes.get(dim, -1) for dim in self.shape]
+
+
+@dataclass(frozen=True)
+class Param:
+    """A request parameter: its type is checked, never guessed (the string "false" is not a boolean)."""
+
+    name: str
+    kind: type
+    default: Any = None
+    choices: tuple[str, ...] | None = None
+    minimum: int | None = None
+    help: str = ""
+
+    def parse(self, value: Any) -> Any:
+        if value is None:
+            return self.default
+        checked = self._typed(value)
+        if self.choices is not None and checked not in self.choices:
+            raise InvalidInput(f"parameter {self.name!r} must be one of {', '.join(self.choices)}, got {checked!r}")
+        if self.minimum is not None and checked < self.minimum:
+            raise InvalidInput(f"parameter {self.name!r} must be at least {self.minimum}, got {checked}")
+        return checked
+
+    def _typed(self, value: Any) -> Any:
+        expected = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list of strings"}
+        ok = {
+            bool: isinstance(value, bool),
+            int: isinstance(value, int) and not isinstance(value, bool),
+            float: isinstance(value, int | float) and not isinstance(value, bool),
+            str: isinstance(value, str),
+            list: isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)),
+        }[self.kind]
+        if not ok:
+            raise InvalidInput(
+                f"parameter {self.name!r} must be {expected[self.kind]}, got {type(value).__name__} {value!r}"
+            )
+        if self.kind is list and isinstance(value, str):  # a comma-separated string, as a URL or CLI gives it
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return float(value) if self.kind is float else value
+
+
+@dataclass(frozen=True)
+class Gate:
+    """How the export gate compares the task with the original model.
+
+    items: the validation inputs made from plain sentences (the mask token for fill-mask);
+    params: the parameters both sides are called with; theirs: the original's answers (the
+    `transformers` pipeline, or for embeddings the PyTorch outputs pooled); ours: the per-item
+    answers out of the task's answers; agreement: how often the two agree.
+    """
+
+    hf_task: str | None
+    items: Callable[[list[str], str | None], Texts]
+    theirs: Callable[[Any, Texts, list[dict[str, np.ndarray]], Any], list[Any]]
+    agreement: Callable[[list[Any], list[Any]], dict[str, Any]]
+    params: Params = field(default_factory=dict)
+    ours: Callable[[Any], list[Any]] = list
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    task: str
+    pipeline: type[Pipeline]
+    head: str  # the transformers class-name suffix of this task's head
+    auto_class: str  # the transformers Auto class that loads that head
+    inputs: tuple[Tensor, ...]
+    outputs: tuple[Tensor, ...]
+    parameters: tuple[Param, ...]
+    prepare: Callable[[Pipeline, Texts, Params], Prepared]  # answers come out of Prepared.finish
+    encode: Callable[[Any, Params], dict[str, np.ndarray]]  # answers -> KServe output tensors
+    rpc: str  # the kiln.v1 RPC
+    from_typed: Callable[[Any], tuple[Texts, Params]]  # kiln.v1 request -> inputs and raw parameters
+    to_typed: Callable[[Any, Params], Any]  # answers -> kiln.v1 response
+    gate: Gate
+    # what the export reads of the model for this task
+    labels: bool = False  # the head's labels (config id2label) go into the manifest
+    pooling: bool = False  # pooling and normalisation come from a sentence-transformers layout
+    from_head: bool = True  # chosen automatically when the model's head is `head` (else only by --task)
+    optimum_task: str | None = None  # optimum's name for the graph, where it differs
+    check_config: Callable[[dict[str, Any]], None] | None = None  # refuses a model this task cannot use
+
+    @property
+    def rows_input(self) -> str:
+        """The input whose length is the number of items a request carries."""
+        return self.inputs[0].name
+
+    def parse_params(self, raw: Mapping[str, Any]) -> Params:
+        known = {p.name: p for p in self.parameters}
+        unknown = sorted(set(raw) - set(known) - TRANSPORT_PARAMETERS)
+        if unknown:
+            accepted = ", ".join(known) or "none"
+            raise InvalidInput(f"unknown parameter {unknown[0]!r} for {self.task}; accepted: {accepted}")
+        return {name: param.parse(raw.get(name)) for name, param in known.items()}
+
+    def read_texts(self, tensors: Mapping[str, np.ndarray]) -> Texts:
+        """The task's text inputs out of decoded BYTES tensors, checked by name and shape."""
+        names = {t.name for t in self.inputs}
+        extra = sorted(set(tensors) - names)
+        if extra:
+            raise InvalidInput(
+                f"unknown input {extra[0]!r}; a {self.task} model takes {', '.join(sorted(names))} "
+                "(or pre-tokenized input_ids)"
+            )
+        texts: Texts = {}
+        for tensor in self.inputs:
+            if tensor.name in tensors:
+                texts[tensor.name] = utf8_strings(tensors[tensor.name], tensor.name)
+            elif not tensor.optional:
+                raise InvalidInput(f"missing input {tensor.name!r}")
+        return texts
+
+
+def utf8_strings(array: np.ndarray, name: str) -> list[str]:
+    """A BYTES tensor of shape [N] (or [N, 1]) as a list of strings."""
+    if array.dtype != object:
+        raise InvalidInput(f"input {name!r} must be BYTES (UTF-8 text), got {array.dtype}")
+    if array.ndim == 2 and array.shape[1] == 1:
+        array = array[:, 0]
+    if array.ndim != 1:
+        raise InvalidInput(f"input {name!r} must have shape [N], got {list(array.shape)}")
+    decoded = []
+    for index, value in enumerate(array):
+        if isinstance(value, str):
+            decoded.append(value)
+            continue
+        try:
+            decoded.append(bytes(value).decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            where = f"{exc.reason} at byte {exc.start}"
+            raise InvalidInput(f"input {name!r}[{index}] is not valid UTF-8 ({where})") from exc
+    return decoded
+
+
+def bytes_tensor(values: list[str]) -> np.ndarray:
+    array = np.empty(len(values), dtype=object)
+    array[:] = [v.encode("utf-8") for v in values]
+    return array
+
+
+def json_tensor(values: list[Any]) -> np.ndarray:
+    return bytes_tensor([json.dumps(v, ensure_ascii=False) for v in values])

@@ -1,0 +1,107 @@
+"""text-classification: labels for single texts and pairs, multi-label or not."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from kiln.proto import kiln_pb2 as pb
+from kiln.runtime.errors import InvalidInput
+from kiln.runtime.pipelines.base import Prepared
+from kiln.runtime.pipelines.text_classification import FUNCTIONS, TextClassificationPipeline
+from kiln.runtime.tasks.spec import Gate, Param, Params, TaskSpec, Tensor, Texts, bytes_tensor
+
+
+@dataclass
+class Classified:
+    ranked: list[list[dict[str, Any]]]  # every label, best first, per text
+    logits: np.ndarray
+
+
+def prepare(pipe: TextClassificationPipeline, texts: Texts, params: Params) -> Prepared:
+    if params["top_k"] == 0:
+        raise InvalidInput("parameter 'top_k' must be a positive number of labels, or -1 for all")
+    scores = pipe.prepare_scores(texts["text"], texts.get("text_pair"), params["truncation"])
+    function = params["function_to_apply"]
+
+    def finish(outputs: Any) -> Classified:
+        logits, truncated = scores.finish(outputs)
+        return Classified(pipe.rank(logits, truncated, top_k=None, function_to_apply=function), logits)
+
+    return Prepared(scores.encodings, finish)
+
+
+def encode(answers: Classified, params: Params) -> dict[str, np.ndarray]:
+    return {
+        "label": bytes_tensor([r[0]["label"] for r in answers.ranked]),
+        "score": np.array([r[0]["score"] for r in answers.ranked], dtype=np.float32),
+        "logits": answers.logits.astype(np.float32),
+    }
+
+
+def from_typed(request: pb.ClassifyRequest) -> tuple[Texts, Params]:
+    texts = {"text": list(request.texts)}
+    if request.text_pairs:
+        texts["text_pair"] = list(request.text_pairs)
+    params = {
+        "top_k": request.top_k or None,  # 0: unset (1); -1: all
+        "function_to_apply": request.function_to_apply or None,
+        "truncation": not request.no_truncation,
+    }
+    return texts, params
+
+
+def to_typed(answers: Classified, params: Params) -> pb.ClassifyResponse:
+    top_k = params["top_k"] if params["top_k"] > 0 else None
+    return pb.ClassifyResponse(
+        results=[
+            pb.Classification(
+                labels=[pb.Label(label=r["label"], score=r["score"]) for r in ranked[:top_k]],
+                truncated=any(r.get("truncated", False) for r in ranked),
+            )
+            for ranked in answers.ranked
+        ]
+    )
+
+
+def _agreement(theirs: list[Any], ours: list[Any]) -> dict[str, Any]:
+    pairs = list(zip(theirs, ours, strict=True))
+    return {
+        "items": len(pairs),
+        "agreement": float(np.mean([a["label"] == b["label"] for a, b in pairs])),
+        "max_score_diff": float(max(abs(a["score"] - b["score"]) for a, b in pairs)),
+    }
+
+
+SPEC = TaskSpec(
+    task="text-classification",
+    pipeline=TextClassificationPipeline,
+    head="ForSequenceClassification",
+    auto_class="AutoModelForSequenceClassification",
+    inputs=(Tensor("text", "BYTES", (-1,)), Tensor("text_pair", "BYTES", (-1,), optional=True)),
+    outputs=(
+        Tensor("label", "BYTES", (-1,)),
+        Tensor("score", "FP32", (-1,)),
+        Tensor("logits", "FP32", (-1, "labels")),
+    ),
+    parameters=(
+        Param("top_k", int, 1, minimum=-1, help="labels per text, -1 for all (kiln.v1; KServe answers the best)"),
+        Param("function_to_apply", str, None, choices=FUNCTIONS, help="default: the model's (softmax or sigmoid)"),
+        Param("truncation", bool, True, help="cut over-long text (false: refuse it)"),
+    ),
+    prepare=prepare,
+    encode=encode,
+    rpc="Classify",
+    from_typed=from_typed,
+    to_typed=to_typed,
+    gate=Gate(
+        hf_task="text-classification",
+        items=lambda texts, mask: {"text": texts},
+        # truncated like kiln's default (transformers' default is not to truncate)
+        theirs=lambda hf, items, reference, pooling: [hf(t, truncation=True)[0] for t in items["text"]],
+        ours=lambda answers: [ranked[0] for ranked in answers.ranked],
+        agreement=_agreement,
+    ),
+    labels=True,
+)
