@@ -70,11 +70,14 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
 
     written = []
     if "serve" in results:
-        closed = [t for t in results["serve"]["timings"] if t["name"] == "kiln serve" and "clients" in t["setting"]]
+        timings = results["serve"]["timings"]
         fig, ax = plt.subplots(figsize=(6, 4))
-        levels = [int(t["setting"].split()[0]) for t in closed]
-        ax.plot(levels, [t["texts_per_s"] for t in closed], marker="o", label="kiln serve")
-        baselines = [t for t in results["serve"]["timings"] if t["name"] != "kiln serve"]
+        swept = {t["name"] for t in timings if t["setting"].endswith("clients")}
+        for name in sorted(swept):
+            closed = [t for t in timings if t["name"] == name and t["setting"].endswith("clients")]
+            levels = [int(t["setting"].split()[0]) for t in closed]
+            ax.plot(levels, [t["texts_per_s"] for t in closed], marker="o", label=name)
+        baselines = [t for t in timings if t["name"] not in swept]
         for t, color in zip(baselines, ("tab:green", "tab:orange", "tab:red", "tab:purple"), strict=False):
             ax.axhline(
                 t["texts_per_s"], linestyle="--", linewidth=1.2, color=color, label=f"{t['name']}, {t['setting']}"
@@ -83,7 +86,7 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
         ax.legend(fontsize=7)
         written.append(_save(fig, out / "throughput.png"))
         fig, ax = plt.subplots(figsize=(6, 4))
-        samples = results["serve"]["checks"]["latencies_ms"]["half_peak"]
+        samples = results["serve"]["checks"].get("latencies_ms", {}).get("half_peak")
         if samples:
             ax.hist(samples, bins=50)
         ax.set(xlabel="latency ms", ylabel="requests", title="latency at half of peak throughput (open loop)")

@@ -1,19 +1,17 @@
-"""`kiln bench serve`: the real server under load, next to the raw session and optimum, in one run.
+"""`kiln bench serve`: the real server under load through the clients users run, next to the raw
+session and optimum, in one run.
 
-The load generator is asyncio gRPC, one text per request (the way independent callers arrive), on
-the typed API and, at the top concurrency, on KServe v2 through Triton's own client (tritonclient's
-grpc.aio): closed loop at several concurrency levels, then open loop at half the peak rate, where
-latency is measured from each request's scheduled send time (no coordinated omission). With a GPU
-provider the raw session is also run in batches the size of the top concurrency, in corpus order:
-what a server at best turns that many concurrent callers into.
+One text per request (the way independent callers arrive), through each protocol's own client
+(kiln.bench.clients): KServe v2 gRPC via tritonclient, KServe v2 REST via an HTTP client, and
+kiln.v1. The headline comparisons take turns in alternating rounds; then the typed API at the other
+concurrency levels, and an open loop at half the peak rate (latency from each request's due time,
+no coordinated omission). With a GPU provider the raw session is also run in batches the size of
+the top concurrency, in corpus order: what a server at best turns that many callers into.
 """
 
 from __future__ import annotations
 
-import asyncio
-import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,47 +21,43 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from kiln.bench.stats import ROUNDS, Timing, fifo_sojourns
+from kiln.bench.clients import PROTOCOLS, KilnTyped, Run, Target, closed_loop, open_loop, run_sync
+from kiln.bench.stats import ROUNDS, Timing, fifo_sojourns, free_port
 from kiln.runtime.manifest import read_manifest
 from kiln.runtime.package import load_package
 from kiln.runtime.session import SessionOptions, cpu_count
 
 OPTIMUM_BATCH = 32
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+NAMES = {
+    "typed": "kiln serve, kiln.v1",
+    "kserve-grpc": "kiln serve, KServe gRPC",
+    "kserve-http": "kiln serve, KServe REST",
+}
 
 
 class Server:
-    """`kiln serve` in a subprocess, on a free loopback port."""
+    """`kiln serve` in a subprocess, on free loopback ports (gRPC and HTTP)."""
 
     def __init__(self, package: Path, extra: list[str]):
-        self.port = _free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        command = [
-            sys.executable,
-            "-m",
-            "kiln.runtime.cli",
-            "serve",
-            str(package),
-            "--name",
-            "bench",
-            "--port",
-            str(self.port),
-            *extra,
-        ]
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.grpc_port, self.http_port = free_port(), free_port()
+        command = [sys.executable, "-m", "kiln.runtime.cli", "serve", str(package), "--name", "bench"]
+        command += ["--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port), "--metrics-port", "0"]
+        self.process = subprocess.Popen(
+            [*command, *extra], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+
+    def target(self, task: str) -> Target:
+        return Target(f"127.0.0.1:{self.grpc_port}", f"http://127.0.0.1:{self.http_port}", "bench", "text", task)
 
     def __enter__(self) -> Server:
+        import socket
+
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise SystemExit(f"kiln serve exited: {self.process.stderr.read()}")
             with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
+                if sock.connect_ex(("127.0.0.1", self.http_port)) == 0:
                     return self
             time.sleep(0.1)
         raise SystemExit("kiln serve did not start")
@@ -71,99 +65,6 @@ class Server:
     def __exit__(self, *exc: object) -> None:
         self.process.send_signal(signal.SIGTERM)
         self.process.wait(timeout=60)
-
-
-def _request(task: str, text: str) -> tuple[str, Any]:
-    from kiln.proto import kiln_pb2 as pb
-
-    if task == "text-classification":
-        return "Classify", pb.ClassifyRequest(model="bench", texts=[text])
-    return "Embed", pb.EmbedRequest(model="bench", texts=[text])
-
-
-async def _closed_loop(address: str, task: str, texts: list[str], concurrency: int, requests: int) -> tuple:
-    import grpc
-    from kiln.proto import kiln_pb2_grpc
-
-    latencies: list[float] = []
-    errors = 0
-    queue = iter(range(requests))
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = kiln_pb2_grpc.KilnStub(channel)
-
-        async def worker() -> None:
-            nonlocal errors
-            for index in queue:
-                method, request = _request(task, texts[index % len(texts)])
-                start = time.perf_counter()
-                try:
-                    await getattr(stub, method)(request, timeout=60)
-                    latencies.append(time.perf_counter() - start)
-                except grpc.RpcError:
-                    errors += 1
-
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return latencies, time.perf_counter() - start, errors
-
-
-async def _closed_loop_kserve(address: str, texts: list[str], concurrency: int, requests: int) -> tuple:
-    """The same closed loop through tritonclient, as a Triton user would call kiln: one BYTES `text`."""
-    import tritonclient.grpc.aio as triton
-    from tritonclient.utils import InferenceServerException
-
-    latencies: list[float] = []
-    errors = 0
-    queue = iter(range(requests))
-    client = triton.InferenceServerClient(address)
-
-    async def worker() -> None:
-        nonlocal errors
-        for index in queue:
-            text = triton.InferInput("text", [1], "BYTES")
-            text.set_data_from_numpy(np.array([texts[index % len(texts)].encode()], dtype=object))
-            start = time.perf_counter()
-            try:
-                await client.infer("bench", [text], client_timeout=60)
-                latencies.append(time.perf_counter() - start)
-            except InferenceServerException:
-                errors += 1
-
-    try:
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return latencies, time.perf_counter() - start, errors
-    finally:
-        await client.close()
-
-
-async def _open_loop(address: str, task: str, texts: list[str], rate: float, seconds: float) -> tuple:
-    import grpc
-    from kiln.proto import kiln_pb2_grpc
-
-    latencies: list[float] = []
-    errors = 0
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = kiln_pb2_grpc.KilnStub(channel)
-        rng = random.Random(0)
-
-        async def one(index: int, scheduled: float) -> None:
-            nonlocal errors
-            method, request = _request(task, texts[index % len(texts)])
-            try:
-                await getattr(stub, method)(request, timeout=60)
-                latencies.append(time.perf_counter() - scheduled)
-            except grpc.RpcError:
-                errors += 1
-
-        tasks, start, at, index = [], time.perf_counter(), 0.0, 0
-        while at < seconds:
-            await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
-            tasks.append(asyncio.create_task(one(index, start + at)))
-            index += 1
-            at += rng.expovariate(rate)  # Poisson arrivals
-        await asyncio.gather(*tasks)
-        return latencies, time.perf_counter() - start, errors
 
 
 def raw_session(package: Any, texts: list[str], batch: int, sort: bool) -> tuple[list[float], float]:
@@ -212,6 +113,9 @@ class Samples:
         self.texts += texts
         self.errors += errors
 
+    def add_run(self, run: Run) -> None:
+        self.add(run.latencies, run.wall, len(run.latencies), run.errors)
+
 
 def timed_batches(run: Callable[[list[str]], Any], texts: list[str], batch: int) -> tuple[list[float], float]:
     latencies, start = [], time.perf_counter()
@@ -232,27 +136,24 @@ def _other_levels(concurrency: list[int]) -> list[int]:
 
 
 def _paired_rounds(
-    server: Server, task: str, texts: list[str], engines: dict[str, Any], top: int, requests: int, progress: Any
+    target: Target, texts: list[str], engines: dict[str, Any], top: int, requests: int, progress: Any
 ) -> dict[str, Samples]:
     """The issue's comparisons in alternating rounds, each on a share of the texts: the raw session
     one at a time (on every core, and on one core for the ideal queue), the server with one client
-    on the same texts, the server under `top` clients, optimum."""
-    paired = {name: Samples() for name in ("raw", "raw_batched", "one_core", "single", "top", "kserve", "optimum")}
+    on the same texts, the server under `top` callers through each protocol's client, optimum."""
+    paired = {name: Samples() for name in ("raw", "raw_batched", "one_core", "single", "optimum", *PROTOCOLS)}
     for r in range(ROUNDS):
         chunk = texts[r::ROUNDS]
-        progress(f"serve: round {r + 1}/{ROUNDS}: raw session, kiln serve with 1 and {top} clients, optimum")
+        progress(f"serve: round {r + 1}/{ROUNDS}: raw session, the server with 1 and {top} callers per protocol")
         paired["raw"].add(*raw_session(engines["raw"], chunk, 1, sort=False), len(chunk))
         if engines["one_core"]:
             paired["one_core"].add(*raw_session(engines["one_core"], chunk, 1, sort=False), len(chunk))
         else:  # a GPU: the raw session at its best, batches of `top` callers' texts
             paired["raw_batched"].add(*raw_session(engines["raw"], texts, top, sort=False), len(texts))
-        lat, wall, errors = asyncio.run(_closed_loop(server.address, task, chunk, 1, len(chunk)))
-        paired["single"].add(lat, wall, len(lat), errors)
-        n = max(requests // ROUNDS, 4 * top)
-        lat, wall, errors = asyncio.run(_closed_loop(server.address, task, texts, top, n))
-        paired["top"].add(lat, wall, len(lat), errors)
-        lat, wall, errors = asyncio.run(_closed_loop_kserve(server.address, texts, top, n))
-        paired["kserve"].add(lat, wall, len(lat), errors)
+        paired["single"].add_run(run_sync(closed_loop(KilnTyped(target), chunk, 1, len(chunk))))
+        for protocol, client in PROTOCOLS.items():
+            n = max(requests // ROUNDS, 4 * top)
+            paired[protocol].add_run(run_sync(closed_loop(client(target), texts, top, n)))
         if engines["optimum"]:
             paired["optimum"].add(*timed_batches(engines["optimum"], chunk, OPTIMUM_BATCH), len(chunk))
     return paired
@@ -302,42 +203,46 @@ def bench_serve(
         "optimum": optimum_pipeline(package) if on_cpu else None,
     }
     with Server(package, server_args) as server:
-        # warm-up at the top concurrency too: a GPU meets each new (batch, length) shape once, slowly
-        asyncio.run(_closed_loop(server.address, task, texts, 4, 20))
-        asyncio.run(_closed_loop_kserve(server.address, texts, top, 2 * top))
+        target = server.target(task)
+        for client in PROTOCOLS.values():  # warm-up, at the top concurrency too: a GPU meets each shape once, slowly
+            run_sync(closed_loop(client(target), texts, top, 2 * top))
         if engines["optimum"]:
             engines["optimum"](texts[:OPTIMUM_BATCH])
-        paired = _paired_rounds(server, task, texts, engines, top, requests, progress)
+        paired = _paired_rounds(target, texts, engines, top, requests, progress)
         raw_one = add("raw session", "one at a time", paired["raw"])
         raw_batched = add("raw session", f"batches of {top}", paired["raw_batched"]) if not on_cpu else None
         if on_cpu:
             add("raw session", "one at a time, one core", paired["one_core"])
         add("raw session", "sorted batches of 32", sorted32)
         best = add("optimum pipeline", f"batch {OPTIMUM_BATCH}", paired["optimum"]) if engines["optimum"] else None
-        single = add("kiln serve", "1 clients", paired["single"])
+        single = add(NAMES["typed"], "1 clients", paired["single"])
         closed = [single]
         for level in _other_levels(concurrency):
-            progress(f"serve: kiln serve, {level} concurrent clients")
-            lat, wall, errors = asyncio.run(_closed_loop(server.address, task, texts, level, max(requests, 4 * level)))
-            closed.append(add("kiln serve", f"{level} clients", Samples(lat, wall, len(lat), errors)))
-        loaded = add("kiln serve", f"{top} clients", paired["top"])
-        kserve = add("kiln serve, KServe (tritonclient)", f"{top} clients", paired["kserve"])
-        closed.append(loaded)
+            progress(f"serve: kiln.v1, {level} concurrent clients")
+            run = run_sync(closed_loop(KilnTyped(target), texts, level, max(requests, 4 * level)))
+            closed.append(
+                add(
+                    NAMES["typed"], f"{level} clients", Samples(run.latencies, run.wall, len(run.latencies), run.errors)
+                )
+            )
+        loaded = {protocol: add(NAMES[protocol], f"{top} clients", paired[protocol]) for protocol in PROTOCOLS}
+        closed.append(loaded["typed"])
         rate = max(t.texts_per_s for t in closed) / 2
-        progress(f"serve: kiln serve, open loop at {rate:.1f} req/s (half of peak)")
-        lat, wall, errors = asyncio.run(_open_loop(server.address, task, texts, rate, 20.0))
-        half = add("kiln serve", f"open loop {rate:.1f}/s", Samples(lat, wall, len(lat), errors))
-    checks = {
-        "single_request_overhead_ms": _overhead_ms(paired["single"], paired["raw"]),
-        "serve_vs_raw_one_at_a_time": loaded.texts_per_s / raw_one.texts_per_s,
-        "kserve_tritonclient_vs_raw_one_at_a_time": kserve.texts_per_s / raw_one.texts_per_s,
-        "kserve_tritonclient_vs_raw_batched": kserve.texts_per_s / raw_batched.texts_per_s if raw_batched else None,
-        "serve_vs_raw_batched": loaded.texts_per_s / raw_batched.texts_per_s if raw_batched else None,
-        "serve_vs_optimum_batch32": loaded.texts_per_s / best.texts_per_s if best else None,
-        "p99_half_peak_vs_single_p50": half.p99_ms / single.p50_ms,
-        "p99_half_peak_vs_single_p99": half.p99_ms / single.p99_ms,
-        "latencies_ms": {"half_peak": [x * 1000 for x in lat]},
-    }
+        progress(f"serve: kiln.v1, open loop at {rate:.1f} req/s (half of peak)")
+        run = run_sync(open_loop(KilnTyped(target), texts, rate, 20.0))
+        half = add(
+            NAMES["typed"], f"open loop {rate:.1f}/s", Samples(run.latencies, run.wall, len(run.latencies), run.errors)
+        )
+    checks: dict[str, Any] = {"single_request_overhead_ms": _overhead_ms(paired["single"], paired["raw"])}
+    for protocol, timing in loaded.items():
+        checks[f"{protocol}_vs_raw_one_at_a_time"] = timing.texts_per_s / raw_one.texts_per_s
+        if raw_batched:
+            checks[f"{protocol}_vs_raw_batched"] = timing.texts_per_s / raw_batched.texts_per_s
+    checks["kserve-http_vs_kserve-grpc"] = loaded["kserve-http"].texts_per_s / loaded["kserve-grpc"].texts_per_s
+    checks["serve_vs_optimum_batch32"] = loaded["kserve-grpc"].texts_per_s / best.texts_per_s if best else None
+    checks["p99_half_peak_vs_single_p50"] = half.p99_ms / single.p50_ms
+    checks["p99_half_peak_vs_single_p99"] = half.p99_ms / single.p99_ms
+    checks["latencies_ms"] = {"half_peak": [x * 1000 for x in run.latencies]}
     if on_cpu:  # the same arrivals through an ideal queue: one text per core, no overhead of any kind
         sojourns = fifo_sojourns(np.array(paired["one_core"].latencies), rate, cpu_count())
         checks["ideal_p99_at_that_rate_ms"] = ideal_ms = float(np.percentile(sojourns, 99) * 1000)

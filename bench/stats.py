@@ -10,6 +10,15 @@ import numpy as np
 ROUNDS = 4  # engines compared side by side take turns this many times (see bench/README.md)
 
 
+def free_port() -> int:
+    """A free loopback port for a server the bench starts."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def read_corpus(path: Path, limit: int | None = None) -> list[str]:
     texts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if len(line.strip()) > 3]
     if not texts:

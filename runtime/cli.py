@@ -104,6 +104,13 @@ def _add_input_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--param", action="append", default=[], help="a task parameter, NAME=VALUE (repeatable)")
 
 
+def _tasks(args: argparse.Namespace) -> int:
+    from kiln.runtime.tasks.table import markdown
+
+    print(markdown())
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     try:
         from kiln.bench.cli import run
@@ -140,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--token")
     query.add_argument("--tls-ca", help="CA certificate for a TLS server")
     query.set_defaults(handler=_query)
+
+    tasks = commands.add_parser("tasks", help="print every task's tensors and parameters (the wire contract)")
+    tasks.set_defaults(handler=_tasks)
 
     bench = commands.add_parser("bench", help="side-by-side benchmarks (needs kiln[dev])")
     bench.set_defaults(handler=_bench)

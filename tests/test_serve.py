@@ -414,6 +414,10 @@ def test_health_and_reflection(server):
         reply = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
         names = {s.name for s in reply.list_services_response.service}
         assert {"inference.GRPCInferenceService", "kiln.v1.Kiln", "grpc.health.v1.Health"} <= names
+        for symbol in ("inference.GRPCInferenceService", "kiln.v1.Kiln"):  # what grpcurl asks for
+            request = reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol)
+            reply = next(stub.ServerReflectionInfo(iter([request])))
+            assert reply.file_descriptor_response.file_descriptor_proto, symbol
 
 
 def test_graceful_shutdown_loses_no_accepted_call(packages):

@@ -69,7 +69,7 @@ SPEC = TaskSpec(
     outputs=(Tensor("result", "BYTES", (-1,)),),  # JSON: the fills per text (a list per mask when several)
     parameters=(
         Param("top_k", int, 5, minimum=1, help="fills per mask"),
-        Param("targets", list, None, help="only these tokens"),
+        Param("targets", list, None, help="rank only these tokens (default: the vocabulary)"),
     ),
     prepare=prepare,
     encode=lambda answers, params: {"result": json_tensor(answers)},

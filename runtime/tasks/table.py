@@ -1,0 +1,31 @@
+"""The wire contract of every task as a markdown table (`kiln tasks`), made from the specs, so the
+README's table is the code's and a test keeps it so."""
+
+from __future__ import annotations
+
+from kiln.runtime.tasks import SPECS
+from kiln.runtime.tasks.spec import Param, Tensor
+
+
+def _tensor(t: Tensor) -> str:
+    shape = ", ".join("N" if d == -1 and t.per_row else "K" if d == -1 else str(d) for d in t.shape)
+    return f"`{t.name}` {t.datatype} [{shape}]" + (" (optional)" if t.optional else "")
+
+
+def _param(p: Param) -> str:
+    default = "" if p.default is None else f" = {str(p.default).lower() if p.kind is bool else repr(p.default)}"
+    kind = "list of str" if p.kind is list else p.kind.__name__
+    return f"`{p.name}` {kind}{default}" + (f": {p.help}" if p.help else "")
+
+
+def markdown() -> str:
+    lines = [
+        "| task | KServe inputs | KServe outputs | parameters | kiln.v1 RPC |",
+        "|---|---|---|---|---|",
+    ]
+    for spec in SPECS.values():
+        lines.append(
+            f"| {spec.task} | {'<br>'.join(map(_tensor, spec.inputs))} | {'<br>'.join(map(_tensor, spec.outputs))} "
+            f"| {'<br>'.join(map(_param, spec.parameters))} | `{spec.rpc}` |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,60 @@
+"""Task specs: parameters are type-checked (a string is not a boolean), inputs are checked by name,
+and the README's table of tensors and parameters is the one the specs make."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from kiln.runtime.errors import InvalidInput
+from kiln.runtime.tasks import SPECS, spec_for
+from kiln.runtime.tasks.table import markdown
+
+
+@pytest.mark.parametrize(
+    ("task", "raw", "needle"),
+    [
+        ("text-classification", {"truncation": "false"}, "'truncation' must be a boolean, got str 'false'"),
+        ("text-classification", {"top_k": 2.5}, "'top_k' must be an integer"),
+        ("text-classification", {"top_k": True}, "'top_k' must be an integer"),
+        ("text-classification", {"function_to_apply": "relu"}, "must be one of softmax, sigmoid, none"),
+        ("text-classification", {"top-k": 2}, "unknown parameter 'top-k' for text-classification"),
+        ("question-answering", {"max_answer_len": 0}, "'max_answer_len' must be at least 1"),
+        ("fill-mask", {"targets": [1, 2]}, "'targets' must be a list of strings"),
+    ],
+)
+def test_parameters_are_checked_by_type(task, raw, needle):
+    with pytest.raises(InvalidInput, match=needle):
+        spec_for(task).parse_params(raw)
+
+
+def test_parameters_take_defaults_and_transport_ones_pass():
+    params = spec_for("text-classification").parse_params({"priority": 1, "timeout": 5000})
+    assert params == {"top_k": 1, "function_to_apply": None, "truncation": True}
+    assert spec_for("fill-mask").parse_params({"targets": "a, b"})["targets"] == ["a", "b"]
+
+
+def test_inputs_are_checked_by_name_and_shape():
+    spec = spec_for("question-answering")
+    question = np.array([b"Who?"], dtype=object)
+    with pytest.raises(InvalidInput, match="missing input 'context'"):
+        spec.read_texts({"question": question})
+    with pytest.raises(InvalidInput, match="unknown input 'answer'"):
+        spec.read_texts({"question": question, "context": question, "answer": question})
+    with pytest.raises(InvalidInput, match=r"must have shape \[N\]"):
+        spec.read_texts({"question": question.reshape(1, 1, 1), "context": question})
+    assert spec.read_texts({"question": question, "context": question.reshape(1, 1)}) == {
+        "question": ["Who?"],
+        "context": ["Who?"],
+    }
+
+
+def test_every_task_has_one_rpc_and_one_head():
+    assert len({spec.rpc for spec in SPECS.values()}) == len(SPECS)
+    assert all(spec.inputs and spec.outputs for spec in SPECS.values())
+
+
+def test_readme_table_is_the_specs_table():
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    assert markdown() in readme, "README's task table is stale: paste the output of `kiln tasks`"
