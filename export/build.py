@@ -130,19 +130,7 @@ def _export(
     stage_done("quantize", info.scheme if info else "kept fp32")
 
     package_dir = work / "package"
-    manifest = _assemble(
-        package_dir,
-        raw_dir,
-        model_path,
-        resolved,
-        spec,
-        form,
-        outputs,
-        options,
-        info,
-        fused,
-        draft.mask_token,
-    )
+    manifest = _assemble(package_dir, raw_dir, model_path, resolved, draft, form, options, info, fused)
     # the gate runs on CPU everywhere, and again on the target's provider where this machine has it
     timed_against = fp32_path if precision != "fp32" and form.target == "cpu" else None
     gate = parity.run_gate(_gate_package(package_dir, "cpu"), expected, reference, inputs, tolerance, timed_against)
@@ -243,6 +231,7 @@ def _draft_manifest(spec: DetectedTask, encoder: TextEncoder, outputs: list[str]
         max_sequence_length=spec.max_length,
         labels=spec.labels,
         problem_type=spec.problem_type,
+        model_type=spec.model_type,
         pooling=spec.pooling,
         mask_token=mask,
     )
@@ -342,37 +331,29 @@ def _assemble(
     raw_dir: Path,
     model_path: Path,
     resolved: ResolvedModel,
-    spec: DetectedTask,
+    draft: Manifest,
     form: GraphForm,
-    outputs: list[str],
     options: ExportOptions,
     info: QuantInfo | None,
     fused: dict[str, int],
-    mask_token: str | None,
 ) -> Manifest:
+    """The package directory: the lowered graph, the tokenizer files, and the manifest (the draft
+    the gate's pipelines used, completed)."""
     package_dir.mkdir()
     shutil.copyfile(model_path, package_dir / MODEL_NAME)
     for name in TOKENIZER_FILES:
         if (raw_dir / name).is_file():
             shutil.copyfile(raw_dir / name, package_dir / name)
-    files = {p.name: sha256_file(p) for p in sorted(package_dir.iterdir()) if p.is_file()}
-    manifest = Manifest(
-        task=spec.task,
+    manifest = replace(
+        draft,
         precision=form.precision,
         target=form.target,
         inputs=_input_names(package_dir / MODEL_NAME),
-        outputs=outputs,
-        max_sequence_length=spec.max_length,
-        labels=spec.labels,
-        problem_type=spec.problem_type,
-        model_type=spec.model_type,
         opset=options.opset,
-        pooling=spec.pooling,
-        mask_token=mask_token,
         max_batch_size=1 if form.precision == "int8-dynamic" else 0,
         quantization={"optimized": fused, **(_quant_dict(info) if info else {"scheme": "none"})},
         source=_source(resolved),
-        files=files,
+        files={p.name: sha256_file(p) for p in sorted(package_dir.iterdir()) if p.is_file()},
         tools=_tool_versions(),
     )
     manifest.write(package_dir)

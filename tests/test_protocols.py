@@ -23,15 +23,8 @@ LABELS = ["politics", "economy", "sports"]
 
 
 @pytest.fixture(scope="module")
-def packages(exported):
-    return {
-        "cls": exported("bert", "text-classification"),
-        "ner": exported("bert", "token-classification"),
-        "qa": exported("bert", "question-answering"),
-        "emb": exported("bert", "feature-extraction"),
-        "mlm": exported("bert", "fill-mask"),
-        "nli": exported("bert", "zero-shot-classification"),
-    }
+def packages(task_packages):
+    return task_packages
 
 
 @pytest.fixture(scope="module")

@@ -28,16 +28,8 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 
 @pytest.fixture(scope="module")
-def packages(exported):
-    return {
-        "cls": exported("bert", "text-classification"),
-        "cls8": exported("bert", "text-classification", "int8"),
-        "ner": exported("bert", "token-classification"),
-        "qa": exported("bert", "question-answering"),
-        "emb": exported("bert", "feature-extraction"),
-        "mlm": exported("bert", "fill-mask"),
-        "nli": exported("bert", "zero-shot-classification"),
-    }
+def packages(task_packages, exported):
+    return {**task_packages, "cls8": exported("bert", "text-classification", "int8")}
 
 
 @pytest.fixture(scope="module")
