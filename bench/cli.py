@@ -24,13 +24,15 @@ TARGETS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("what", choices=["model", "serve", "all", "gpu"])
+    parser.add_argument("what", choices=["model", "serve", "all", "gpu", "soak"])
     parser.add_argument("package", type=Path, nargs="*", help="package to measure (gpu: one or more)")
     parser.add_argument("--url", help="serve: measure a running server at this gRPC HOST:PORT instead")
     parser.add_argument("--http-url", help="serve --url: its HTTP base URL too (http://HOST:PORT), for KServe REST")
     parser.add_argument("--model", help="serve --url: the model to measure")
     parser.add_argument("--rates", default="", help="serve --url: open-loop requests/s (default: 1/2 and 4/5 of peak)")
     parser.add_argument("--seconds", type=float, default=20.0, help="serve --url: seconds per open-loop rate")
+    parser.add_argument("--minutes", type=float, default=5.0, help="soak: minutes of steady load")
+    parser.add_argument("--rate", type=float, default=20.0, help="soak: requests/s (open loop)")
     parser.add_argument("--source", type=Path, help="the PyTorch model it was exported from (model bench)")
     parser.add_argument("--fp32", type=Path, help="an fp32 package of the same model, to compare with")
     parser.add_argument("--corpus", type=Path, required=True, help="text file, one text a line")
@@ -67,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
     texts = read_corpus(args.corpus, args.limit)
     if args.what == "gpu":
         return _run_gpu(args, texts)
+    if args.what == "soak":
+        return _run_soak(args, texts)
     if args.url:
         return _run_remote(args, texts)
     if len(args.package) != 1:
@@ -101,6 +105,23 @@ def run(args: argparse.Namespace) -> int:
 
 def _ints(text: str) -> list[int]:
     return [int(part) for part in text.split(",")]
+
+
+def _run_soak(args: argparse.Namespace, texts: list[str]) -> int:
+    from kiln.bench.soak import bench_soak
+
+    if not args.url and len(args.package) != 1:
+        raise SystemExit("kiln bench soak PKG (or --url HOST:PORT --model NAME)")
+    package = args.package[0] if args.package else None
+    windows = max(1, int(args.minutes * 60 / 30))
+    results: dict[str, Any] = {"machine": report.machine(), "corpus": str(args.corpus)}
+    results["soak"] = bench_soak(
+        package, args.url, args.model, texts, args.rate, args.minutes, args.server_args.split(), Progress(windows)
+    )
+    for path in report.write(results, args.out):
+        print(f"wrote {path}", file=sys.stderr)
+    print(report.markdown(results))
+    return 1 if results["soak"]["errors"] else 0
 
 
 def _run_remote(args: argparse.Namespace, texts: list[str]) -> int:

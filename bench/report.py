@@ -51,6 +51,10 @@ def markdown(results: dict[str, Any]) -> str:
         for verdict in data.get("verdicts", []):
             lines.append(f"- {verdict}")
         lines.append("")
+    if "soak" in results:
+        from kiln.bench.soak import markdown as soak_markdown
+
+        lines.append(soak_markdown(results["soak"]))
     if "gpu" in results:
         from kiln.bench.gpu import markdown as gpu_markdown
 

@@ -1,15 +1,23 @@
-"""kiln.json: the manifest that describes a package, shared by the writer (export) and the loader."""
+"""kiln.json: the manifest that describes a package, shared by the writer (export) and the loader.
+
+A package may come from anywhere, so the manifest is checked against a strict schema before use
+(`ManifestSchema`, pydantic; its JSON Schema is published as `kiln.schema.json` beside this file):
+types are not coerced ("256x" is not a length, "1" is not a batch size), unknown fields are
+refused, and every file the manifest names must be a plain name inside the package.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from kiln.runtime.errors import PackageError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, field_validator
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "kiln.json"
@@ -17,6 +25,51 @@ MODEL_NAME = "model.onnx"
 
 PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8-static")
 TARGETS = ("cpu", "cuda", "tensorrt")  # the execution provider a package's graph is shaped for
+GRAPH_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")  # no separators, no "..", not hidden
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class PoolingSchema(_Strict):
+    mode: Literal["mean", "cls", "max"] = "mean"
+    normalize: StrictBool = False
+
+
+class ManifestSchema(_Strict):
+    """kiln.json, format 1."""
+
+    format_version: Literal[1]
+    task: StrictStr
+    precision: Literal["fp32", "fp16", "int8-dynamic", "int8-static"]
+    target: Literal["cpu", "cuda", "tensorrt"] = "cpu"
+    inputs: list[Literal["input_ids", "attention_mask", "token_type_ids"]] = Field(min_length=1)
+    outputs: list[StrictStr] = Field(min_length=1)
+    max_sequence_length: StrictInt = Field(gt=0, le=1_000_000)
+    labels: list[StrictStr] = []
+    problem_type: StrictStr | None = None
+    model_type: StrictStr = ""
+    opset: StrictInt = Field(default=17, gt=0)
+    pooling: PoolingSchema | None = None
+    mask_token: StrictStr | None = None
+    max_batch_size: StrictInt = Field(default=0, ge=0)
+    quantization: dict[str, Any] = {}
+    source: dict[str, Any] = {}
+    files: dict[str, StrictStr] = {}
+    tools: dict[str, StrictStr] = {}
+    parity: dict[str, Any] = {}
+
+    @field_validator("files")
+    @classmethod
+    def _plain_names(cls, files: dict[str, str]) -> dict[str, str]:
+        for name, digest in files.items():
+            if not _PLAIN_NAME.match(name):
+                raise ValueError(f"file name {name!r} is not a plain name inside the package")
+            if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise ValueError(f"file {name!r} has no sha256 (got {digest!r})")
+        return files
 
 
 @dataclass
@@ -97,21 +150,36 @@ def read_manifest(directory: Path) -> Manifest:
             f"{path}: package format {version} is newer than this kiln understands ({FORMAT_VERSION}); upgrade kiln"
         )
     try:
-        manifest = Manifest.from_dict(data)
-    except TypeError as exc:
-        raise PackageError(f"{path}: corrupt manifest ({exc})") from exc
-    if manifest.precision not in PRECISIONS:
-        raise PackageError(f"{path}: unknown precision {manifest.precision!r}")
-    if manifest.target not in TARGETS:
-        raise PackageError(f"{path}: unknown target {manifest.target!r}")
-    return manifest
+        checked = ManifestSchema.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "(top level)"
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise PackageError(f"{path}: field {where}: {first['msg']}{more}") from exc
+    return Manifest.from_dict(checked.model_dump())
+
+
+def inside(directory: Path, name: str) -> Path:
+    """A package file, refused if it (or a link on its way) leads outside the package."""
+    path = directory / name
+    if not path.resolve().is_relative_to(directory.resolve()):
+        raise PackageError(f"{directory}: {name} leads outside the package (to {path.resolve()}); refused")
+    return path
 
 
 def verify_files(directory: Path, manifest: Manifest, check_hashes: bool = True) -> None:
-    """Refuse a package whose files are missing or differ from what export wrote."""
+    """Refuse a package whose files are missing, lead outside it, or differ from what export wrote."""
     for name, expected in manifest.files.items():
-        path = directory / name
+        path = inside(directory, name)
         if not path.is_file():
             raise PackageError(f"{directory}: missing file {name} listed in {MANIFEST_NAME}")
         if check_hashes and sha256_file(path) != expected:
             raise PackageError(f"{path}: corrupt file (sha256 differs from {MANIFEST_NAME})")
+
+
+def json_schema() -> str:
+    """The JSON Schema of kiln.json, as published in kiln.schema.json."""
+    schema = ManifestSchema.model_json_schema()
+    schema["$id"] = "https://kiln.dev/schemas/kiln.json/1"
+    schema["title"] = "kiln package manifest (kiln.json), format 1"
+    return json.dumps(schema, indent=2, ensure_ascii=False) + "\n"

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 from kiln.runtime.errors import PackageError, ProviderMismatch
-from kiln.runtime.manifest import MODEL_NAME, Manifest, read_manifest, verify_files
+from kiln.runtime.manifest import GRAPH_INPUTS, MODEL_NAME, Manifest, inside, read_manifest, verify_files
 from kiln.runtime.providers import (
     LENGTH_BUCKET,
     CudaBinding,
@@ -50,7 +50,7 @@ def load_package(directory: str | Path, options: SessionOptions | None = None, v
     _check_task(directory, manifest.task)
     verify_files(directory, manifest, check_hashes=verify_hashes)
     for required in (MODEL_NAME, "tokenizer.json"):
-        if not (directory / required).is_file():
+        if not inside(directory, required).is_file():
             raise PackageError(f"{directory}: missing {required}")
     options = options or SessionOptions()
     provider = resolve_provider(options.provider)
@@ -67,17 +67,40 @@ def load_package(directory: str | Path, options: SessionOptions | None = None, v
         extra = tensorrt_options(directory, manifest, manifest.inputs, profile, cache_key(manifest))
     session = create_session(directory / MODEL_NAME, options, extra)
     declared = [i.name for i in session.get_inputs()]
-    unknown = [name for name in declared if name not in ("input_ids", "attention_mask", "token_type_ids")]
+    unknown = [name for name in declared if name not in GRAPH_INPUTS]
     if unknown:
         raise PackageError(f"{directory}: model takes inputs kiln cannot build: {', '.join(unknown)}")
+    _check_outputs(directory, manifest, session)
     on_gpu = provider != PROVIDERS["cpu"]
-    encoder = TextEncoder.from_directory(
-        directory, declared, manifest.max_sequence_length, pad_multiple=LENGTH_BUCKET if on_gpu else 1
-    )
+    try:
+        encoder = TextEncoder.from_directory(
+            directory, declared, manifest.max_sequence_length, pad_multiple=LENGTH_BUCKET if on_gpu else 1
+        )
+    except Exception as exc:  # tokenizers raises its own untyped errors on a broken file
+        raise PackageError(f"{directory}: tokenizer.json cannot be loaded ({exc})") from exc
     package = Package(directory, manifest, encoder, session, _read_json(directory / "tokenizer_config.json"))
     if provider == PROVIDERS["cuda"]:
         package.binding = CudaBinding(session, manifest.outputs)
     return package
+
+
+def _check_outputs(directory: Path, manifest: Manifest, session: ort.InferenceSession) -> None:
+    """The manifest's outputs are the graph's, and a labelled task has one label per logit."""
+    from kiln.runtime.tasks import SPECS
+
+    shapes = {o.name: o.shape for o in session.get_outputs()}
+    missing = [name for name in manifest.outputs if name not in shapes]
+    if missing:
+        raise PackageError(
+            f"{directory}: kiln.json names outputs {missing} that {MODEL_NAME} does not have "
+            f"(it has {', '.join(shapes)})"
+        )
+    if SPECS[manifest.task].labels:
+        width = shapes[manifest.outputs[0]][-1]
+        if not manifest.labels or (isinstance(width, int) and width != len(manifest.labels)):
+            raise PackageError(
+                f"{directory}: kiln.json has {len(manifest.labels)} labels for a model with {width} outputs per item"
+            )
 
 
 def _check_task(directory: Path, task: str) -> None:

@@ -103,3 +103,35 @@ def test_under_load_instances_run_side_by_side_and_are_told_so():
     for run in runs:
         if run.alone:  # nothing else was running when it started
             assert not any(other.start < run.start - jitter < other.end for other in runs if other is not run)
+
+
+def test_a_failing_row_fails_alone_and_its_batch_mates_are_answered():
+    """A batch that fails is run again row by row: only the row at fault fails."""
+
+    class PoisonSession(RecordingSession):
+        def __init__(self) -> None:
+            super().__init__()
+            self.failed_sizes: list[int] = []
+
+        def __call__(self, sequences, alone):
+            if any(s.ids == [666] for s in sequences):
+                self.failed_sizes.append(len(sequences))
+                raise RuntimeError("index out of range")
+            return super().__call__(sequences, alone)
+
+    session = PoisonSession()
+    batcher = started(session, BatchOptions(max_size=16, max_delay=0.05, instances=1))
+    try:
+        with ThreadPoolExecutor(13) as callers:
+            rows = [[7] * n for n in range(1, 13)] + [[666]]
+            futures = [callers.submit(run_request, batcher, [Sequence(r)], RequestState()) for r in rows]
+            outcomes = []
+            for future in futures:
+                try:
+                    outcomes.append(future.result()[0]["length"].tolist())
+                except RuntimeError as exc:
+                    outcomes.append(str(exc))
+    finally:
+        batcher.stop()
+    assert outcomes == [[n] for n in range(1, 13)] + ["index out of range"]
+    assert max(session.failed_sizes) > 1 and session.failed_sizes[-1] == 1  # batched, failed, then row by row

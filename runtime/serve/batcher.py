@@ -235,9 +235,15 @@ class Batcher:
         try:
             outputs = self._run_batch([item.sequence for item in batch], alone)
         except Exception as exc:  # one failing batch must not kill the thread or the server
-            log.exception("model %s: batch of %d failed", self.name, len(batch))
-            for item in batch:
-                _settle(item.future, error=exc)
+            if len(batch) > 1:  # find the row at fault: its batch-mates must not fail with it
+                log.warning(
+                    "model %s: a batch of %d failed (%s); running its rows one by one", self.name, len(batch), exc
+                )
+                for item in batch:
+                    self._execute([item], alone)
+                return
+            log.exception("model %s: a request's row failed", self.name)
+            _settle(batch[0].future, error=exc)
             return
         infer = time.monotonic() - start
         for row, item in enumerate(batch):

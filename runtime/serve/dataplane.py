@@ -163,7 +163,7 @@ class DataPlane:
 
     async def infer(self, request: InferRequest, call: Call) -> InferResponse:
         """Text in BYTES tensors through the task, or token ids through the graph."""
-        model = self._admit(request.model, request.version, call)
+        model = self.admit(request.model, request.version, call)
         if any(name in request.inputs for name in TOKEN_INPUTS):
             rows = len(request.inputs.get("input_ids", ()))
             outputs = await self._timed(model, call, rows, lambda state: self._tokens(model, request.inputs, state))
@@ -179,10 +179,11 @@ class DataPlane:
         self, name: str, version: str, texts: Texts, raw_params: Mapping[str, Any], call: Call
     ) -> Answered:
         """A task's answers for texts already named by input (the typed API, OpenAI embeddings)."""
-        model = self._admit(name, version, call)
+        model = self.admit(name, version, call)
         return await self._answer(model, texts, model.spec.parse_params(raw_params), call)
 
-    def _admit(self, name: str, version: str, call: Call) -> ServedModel:
+    def admit(self, name: str, version: str, call: Call) -> ServedModel:
+        """The model a request is for, unless the server is draining or serves no such model (both counted)."""
         if self.draining:
             self._count(name, call, "UNAVAILABLE")
             raise Draining("server is shutting down; retry on another replica")
@@ -210,6 +211,11 @@ class DataPlane:
         started = time.monotonic()
         timeout = call.timeout if call.timeout is not None else self.default_deadline
         state = RequestState(deadline=started + timeout if timeout else None)
+        try:
+            model.admit(rows)
+        except KilnError as exc:
+            self._count(model.name, call, exc.grpc_status)
+            raise
         model.in_flight += 1
         try:
             result = await work(state)
@@ -230,6 +236,7 @@ class DataPlane:
             raise InternalError(f"internal error (request {request_id}): {type(exc).__name__}: {exc}") from exc
         finally:
             model.in_flight -= 1
+            model.release(rows)
         elapsed = time.monotonic() - started
         model.record_result(True, elapsed, rows)
         self._count(model.name, call, "OK")

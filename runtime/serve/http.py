@@ -231,7 +231,10 @@ def read_infer_request(name: str, version: str, body: dict[str, Any], binary: by
     if not named:
         raise InvalidInput("'outputs' must be a list of {\"name\": ...}")
     all_binary = bool(params.get("binary_data_output", False))
-    binary_named = {o["name"]: bool((o.get("parameters") or {}).get("binary_data", all_binary)) for o in outputs}
+    binary_named = {
+        o["name"]: bool(_object(o.get("parameters"), f"output {o['name']!r} parameters").get("binary_data", all_binary))
+        for o in outputs
+    }
     request = InferRequest(
         model=name,
         version=version,
@@ -249,7 +252,7 @@ def _read_tensor(tensor: dict[str, Any], binary: bytes, offset: int) -> tuple[np
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
         raise InvalidInput(f"input {name!r}: 'shape' must be a list of integers")
     count = element_count(name, tuple(shape))
-    size = (tensor.get("parameters") or {}).get("binary_data_size")
+    size = _object(tensor.get("parameters"), f"input {name!r} parameters").get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or size < 0 or offset + size > len(binary):
             raise InvalidInput(f"input {name!r}: binary_data_size {size!r} runs past the binary data")
@@ -292,6 +295,14 @@ def _from_binary(name: str, datatype: Any, shape: list[int], count: int, blob: b
     if len(blob) != count * dtype.itemsize:
         raise InvalidInput(f"input {name!r}: {datatype} {shape} needs {count * dtype.itemsize} bytes, got {len(blob)}")
     return np.frombuffer(blob, dtype=dtype).reshape(shape)
+
+
+def _object(value: Any, what: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{what} must be an object")
+    return value
 
 
 def _flatten(data: Any) -> list[Any]:

@@ -15,6 +15,7 @@ from kiln.proto import grpc_service_pb2 as pb
 from kiln.proto import grpc_service_pb2_grpc as pb_grpc
 from kiln.runtime.errors import KilnError
 from kiln.runtime.serve.dataplane import Call, DataPlane, InferRequest
+from kiln.runtime.serve.interceptors import Undecodable
 from kiln.runtime.serve.status import status_of
 from kiln.runtime.serve.tensors import decode_inputs, encode_outputs, parameters
 
@@ -71,6 +72,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         """Each message answered on the stream in turn; a failing one gets an error message and the
         stream goes on."""
         async for request in request_iterator:
+            if isinstance(request, Undecodable):
+                yield pb.ModelStreamInferResponse(error_message=request.reason)
+                continue
             try:
                 response = await self._infer(request, context)
                 yield pb.ModelStreamInferResponse(infer_response=response)

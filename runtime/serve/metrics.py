@@ -72,7 +72,12 @@ class Metrics:
             ["model", "cores"],
             registry=self.registry,
         )
-        self.queue_depth = Gauge("kiln_queue_depth", "Sequences waiting for a batch", ["model"], registry=self.registry)
+        self.queue_depth = Gauge(
+            "kiln_queue_depth",
+            "Items accepted and not yet answered (what --max-queue bounds)",
+            ["model"],
+            registry=self.registry,
+        )
 
     def app(self) -> web.Application:
         async def metrics(request: web.Request) -> web.Response:

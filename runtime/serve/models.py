@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from kiln.runtime.errors import InvalidInput, QueueFull
 from kiln.runtime.manifest import MODEL_NAME
 from kiln.runtime.package import load_package
 from kiln.runtime.pipelines import Pipeline
@@ -78,6 +79,7 @@ class ServedModel:
         self.metrics = metrics
         self.stats = Statistics()
         self.in_flight = 0  # requests holding this model (a swapped-out version stops once none does)
+        self.admitted = 0  # items accepted and not yet answered (admission control)
         on_cpu = self.provider == PROVIDERS["cpu"]
         batching = replace(
             batching,
@@ -126,6 +128,26 @@ class ServedModel:
             for o in self.package.session.get_outputs()
             if o.name in self.manifest.outputs
         ]
+
+    def admit(self, items: int) -> None:
+        """Admission control, on the event loop: every item accepted and not yet answered counts
+        (waiting for a worker, being prepared, queued for a batch, running, being finished), so
+        `--max-queue` bounds all the work the model holds; past it a request is refused at once."""
+        limit = self.batcher.options.max_queue
+        if items > limit:
+            raise InvalidInput(
+                f"request has {items} items; model {self.name} takes at most {limit} in one request (--max-queue)"
+            )
+        if self.admitted + items > limit:
+            raise QueueFull(
+                f"model {self.name}: {self.admitted} items in progress, limit {limit} (--max-queue); retry later"
+            )
+        self.admitted += items
+        self.metrics.queue_depth.labels(model=self.name).set(self.admitted)
+
+    def release(self, items: int) -> None:
+        self.admitted -= items
+        self.metrics.queue_depth.labels(model=self.name).set(self.admitted)
 
     def prepare_or_run(self, prepare: Any, request: RequestState) -> tuple[Prepared, Any, list[Future] | None]:
         """On a worker thread: prepare the request, then run it at once if the model is idle and it
@@ -195,7 +217,6 @@ class ServedModel:
         self.metrics.stage_seconds.labels(model=self.name, stage="infer").observe(record.infer_seconds)
         for waited in record.queue_seconds:
             self.metrics.stage_seconds.labels(model=self.name, stage="queue").observe(waited)
-        self.metrics.queue_depth.labels(**labels).set(self.batcher.depth)
         with self.stats.lock:
             self.stats.execution_count += 1
             self.stats.compute_infer.add(record.infer_seconds)

@@ -4,7 +4,6 @@ REST + OpenAI embeddings) and a metrics port, every protocol a thin adapter over
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import signal
@@ -25,6 +24,7 @@ from kiln.runtime.errors import ConfigError
 from kiln.runtime.serve.batcher import BatchOptions
 from kiln.runtime.serve.dataplane import DataPlane
 from kiln.runtime.serve.http import HttpApi
+from kiln.runtime.serve.interceptors import BearerAuth, LenientDecoding
 from kiln.runtime.serve.kserve import InferenceService
 from kiln.runtime.serve.metrics import Metrics
 from kiln.runtime.serve.models import ServedModel
@@ -33,7 +33,6 @@ from kiln.runtime.serve.typed import KilnService
 from kiln.runtime.session import SessionOptions
 
 log = logging.getLogger("kiln.serve")
-OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # probes need no token
 # how long onnxruntime's pool threads keep spinning when idle (SessionOptions.spin_after_us). Measured
 # here, one int8 MiniLM text every 15 ms: at 500-1000 us the threads fell asleep inside a run (6-7 ms
 # a run, as slow as one thread); 2 ms kept the speed of onnxruntime's default (4.7 ms; it spins for
@@ -62,28 +61,6 @@ class ServeOptions:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     grace: float = 30.0
-
-
-class _BearerAuth(grpc.aio.ServerInterceptor):
-    """One `authorization: Bearer TOKEN` entry, compared in constant time; two entries are refused."""
-
-    def __init__(self, token: str):
-        self._expected = f"Bearer {token}".encode()
-
-    async def intercept_service(self, continuation, details):
-        if details.method.startswith(OPEN_METHODS):
-            return await continuation(details)
-        given = [v for k, v in (details.invocation_metadata or ()) if k == "authorization"]
-        if len(given) == 1 and hmac.compare_digest(str(given[0]).encode(), self._expected):
-            return await continuation(details)
-        return _deny_handler()
-
-
-def _deny_handler() -> grpc.RpcMethodHandler:
-    async def deny(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token in 'authorization'")
-
-    return grpc.unary_unary_rpc_method_handler(deny)
 
 
 def model_names(options: ServeOptions) -> list[str]:
@@ -180,7 +157,8 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> in
 async def _grpc_server(
     options: ServeOptions, plane: DataPlane
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
-    interceptors = [_BearerAuth(options.auth_token)] if options.auth_token else []
+    interceptors = [BearerAuth(options.auth_token)] if options.auth_token else []
+    interceptors.append(LenientDecoding())
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[

@@ -42,7 +42,8 @@ class KilnService(pb_grpc.KilnServicer):
 
     async def _task(self, spec: TaskSpec, request: Any, context: Any) -> Any:
         try:
-            model = self.plane.model(request.model)
+            call = Call(spec.rpc, context.time_remaining())
+            model = self.plane.admit(request.model, "", call)
             if model.spec is not spec:
                 raise InvalidInput(
                     f"model {model.name!r} is a {model.manifest.task} model; {spec.rpc} needs a {spec.task} model"

@@ -1,0 +1,92 @@
+"""What every gRPC call passes before its servicer: the bearer token, and lenient decoding.
+
+grpc answers a request it cannot decode with UNKNOWN/INTERNAL ("Exception deserializing request")
+and ends a whole stream on one bad message. kiln decodes leniently instead: an undecodable unary
+request is INVALID_ARGUMENT (the client's fault), and an undecodable message on a stream reaches the
+servicer as `Undecodable`, which answers that message with an error and keeps the stream open.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # probes need no token
+
+
+@dataclass
+class Undecodable:
+    """A request message that did not parse; `reason` says why."""
+
+    reason: str
+
+
+def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def decode(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # protobuf's DecodeError, or anything a malformed message raises
+            return Undecodable(f"the request is not a valid protobuf message ({type(exc).__name__}: {exc})")
+
+    return decode
+
+
+class LenientDecoding(grpc.aio.ServerInterceptor):
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or not hasattr(handler, "_replace"):
+            return handler
+        replaced: dict[str, Any] = {"request_deserializer": _lenient(handler.request_deserializer)}
+        if handler.unary_unary is not None:
+            replaced["unary_unary"] = _refuse_undecodable(handler.unary_unary)
+        if handler.unary_stream is not None:
+            replaced["unary_stream"] = _refuse_undecodable_stream(handler.unary_stream)
+        return handler._replace(**replaced)
+
+
+def _refuse_undecodable(behaviour: Callable) -> Callable:
+    async def call(request: Any, context: Any) -> Any:
+        if isinstance(request, Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+        return await behaviour(request, context)
+
+    return call
+
+
+def _refuse_undecodable_stream(behaviour: Callable) -> Callable:
+    async def call(request: Any, context: Any) -> Any:
+        if isinstance(request, Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+        async for response in behaviour(request, context):
+            yield response
+
+    return call
+
+
+class BearerAuth(grpc.aio.ServerInterceptor):
+    """One `authorization: Bearer TOKEN` entry, compared in constant time; two entries are refused."""
+
+    def __init__(self, token: str):
+        self._expected = f"Bearer {token}".encode()
+
+    async def intercept_service(self, continuation, details):
+        if details.method.startswith(OPEN_METHODS):
+            return await continuation(details)
+        given = [v for k, v in (details.invocation_metadata or ()) if k == "authorization"]
+        if len(given) == 1 and hmac.compare_digest(str(given[0]).encode(), self._expected):
+            return await continuation(details)
+        return _deny_handler()
+
+
+def _deny_handler() -> grpc.RpcMethodHandler:
+    async def deny(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token in 'authorization'")
+
+    return grpc.unary_unary_rpc_method_handler(deny)
