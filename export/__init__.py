@@ -1,1 +1,1 @@
-"""kiln export: Hub or local models to verified ONNX packages (needs kiln[export])."""
+"""kiln export: Hub or local models to verified ONNX packages (needs kiln-serve[export])."""

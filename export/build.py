@@ -388,7 +388,7 @@ def _tool_versions() -> dict[str, str]:
 
     versions = {}
     for name in (
-        "kiln",
+        "kiln-serve",
         "onnxruntime",
         "onnx",
         "optimum-onnx",

@@ -20,7 +20,7 @@ def _export(args: argparse.Namespace) -> int:
             __import__(module)
         except ImportError as exc:
             raise MissingDependency(
-                f"`kiln export` needs the export extra ({module} is missing): pip install 'kiln[export]'"
+                f"`kiln export` needs the export extra ({module} is missing): pip install 'kiln-serve[cpu,export]'"
             ) from exc
     from kiln.export.cli import run
 
@@ -116,7 +116,7 @@ def _bench(args: argparse.Namespace) -> int:
         from kiln.bench.cli import run
     except ImportError as exc:
         raise MissingDependency(
-            f"`kiln bench` needs the dev extra ({exc.name} is missing): pip install 'kiln[dev]'"
+            f"`kiln bench` needs the dev extra ({exc.name} is missing): pip install 'kiln-serve[dev]'"
         ) from exc
     return run(args)
 
@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     tasks = commands.add_parser("tasks", help="print every task's tensors and parameters (the wire contract)")
     tasks.set_defaults(handler=_tasks)
 
-    bench = commands.add_parser("bench", help="side-by-side benchmarks (needs kiln[dev])")
+    bench = commands.add_parser("bench", help="side-by-side benchmarks (needs kiln-serve[dev])")
     bench.set_defaults(handler=_bench)
     try:
         from kiln.bench.cli import add_arguments as add_bench_arguments

@@ -9,6 +9,7 @@ with KilnClient("127.0.0.1:8001") as client:
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import struct
 from pathlib import Path
@@ -22,19 +23,63 @@ from kiln.proto import grpc_service_pb2_grpc as kserve_grpc
 from kiln.proto import kiln_pb2 as pb
 from kiln.proto import kiln_pb2_grpc as pb_grpc
 
+# Spread calls over every replica an address resolves to, stop sending to a replica as soon as its
+# health says it is draining, and retry a call only when a replica refused it (UNAVAILABLE), never
+# one it accepted: kiln answers a draining refusal before doing any work, so a retry cannot run a
+# request twice.
+SERVICE_CONFIG = {
+    "loadBalancingConfig": [{"round_robin": {}}],
+    # watch each replica's grpc.health.v1 status: one that starts draining (NOT_SERVING) gets no new calls
+    "healthCheckConfig": {"serviceName": ""},
+    "methodConfig": [
+        {
+            "name": [{"service": "kiln.v1.Kiln"}, {"service": "inference.GRPCInferenceService"}],
+            "retryPolicy": {
+                "maxAttempts": 5,
+                "initialBackoff": "0.05s",
+                "maxBackoff": "1s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ],
+}
+
+
+def channel_target(address: str | list[str]) -> str:
+    """One gRPC target for one address (a `dns:///` name resolves to every replica behind a headless
+    Service) or for several `ip:port` replicas."""
+    if isinstance(address, str):
+        return address
+    if len(address) == 1:
+        return address[0]
+    hosts = [a.rsplit(":", 1)[0].strip("[]") for a in address]
+    try:
+        families = {ipaddress.ip_address(h).version for h in hosts}
+    except ValueError as exc:
+        raise ValueError(
+            "several addresses must be ip:port; for host names give one dns:///name:port that resolves to every replica"
+        ) from exc
+    if len(families) != 1:
+        raise ValueError("several addresses must be all IPv4 or all IPv6")
+    return f"ipv{families.pop()}:" + ",".join(address)
+
 
 class KilnClient:
     def __init__(
         self,
-        address: str = "127.0.0.1:8001",
+        address: str | list[str] = "127.0.0.1:8001",
         token: str | None = None,
         tls_ca: Path | None = None,
         timeout: float | None = 30.0,
     ):
+        target = channel_target(address)
+        options = [("grpc.service_config", json.dumps(SERVICE_CONFIG)), ("grpc.enable_retries", 1)]
         if tls_ca is not None:
-            self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(Path(tls_ca).read_bytes()))
+            credentials = grpc.ssl_channel_credentials(Path(tls_ca).read_bytes())
+            self._channel = grpc.secure_channel(target, credentials, options=options)
         else:
-            self._channel = grpc.insecure_channel(address)
+            self._channel = grpc.insecure_channel(target, options=options)
         self._stub = pb_grpc.KilnStub(self._channel)
         self._kserve = kserve_grpc.GRPCInferenceServiceStub(self._channel)
         self._metadata = [("authorization", f"Bearer {token}")] if token else []

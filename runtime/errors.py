@@ -89,8 +89,8 @@ class ProviderUnavailable(KilnError):
     grpc_status = "FAILED_PRECONDITION"
 
 
-class MissingDependency(KilnError):
-    """An optional extra (e.g. kiln[export]) is needed for this command but not installed."""
+class MissingDependency(KilnError, ImportError):
+    """An optional extra (e.g. kiln-serve[export]) is needed for this command but not installed."""
 
     exit_code = 10
     grpc_status = "UNIMPLEMENTED"

@@ -6,10 +6,9 @@ import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnxruntime as ort
 from kiln.runtime.errors import PackageError, ProviderMismatch
 from kiln.runtime.manifest import GRAPH_INPUTS, MODEL_NAME, Manifest, inside, read_manifest, verify_files
 from kiln.runtime.providers import (
@@ -22,6 +21,9 @@ from kiln.runtime.providers import (
 )
 from kiln.runtime.session import PROVIDERS, SessionOptions, create_session, resolve_provider
 from kiln.runtime.tokenize import Batch, TextEncoder
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 
 @dataclass

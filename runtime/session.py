@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import onnxruntime as ort
-from kiln.runtime.errors import PackageError, ProviderUnavailable
+from kiln.runtime.errors import MissingDependency, PackageError, ProviderUnavailable
+
+try:
+    import onnxruntime as ort
+except ImportError as exc:  # neither onnxruntime nor onnxruntime-gpu: the install chose no extra
+    raise MissingDependency(
+        "kiln needs onnxruntime: pip install 'kiln-serve[cpu]' (or 'kiln-serve[gpu]' on a machine with a GPU)"
+    ) from exc
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -43,7 +50,8 @@ def resolve_provider(name: str) -> str:
     if PROVIDERS[name] not in available:
         raise ProviderUnavailable(
             f"provider {name!r} is not available in this onnxruntime build ({ort.__version__}; "
-            f"available: {', '.join(available)}); install kiln[gpu] on a machine with a GPU, or use cpu"
+            f"available: {', '.join(available)}); install kiln-serve[gpu] (instead of [cpu]) on a machine "
+            "with a GPU, or use cpu"
         )
     return PROVIDERS[name]
 
@@ -92,6 +100,27 @@ def create_session(
     return session
 
 
-def cpu_count() -> int:
-    """Cores this process may run on (its affinity), which a container may set below the host's."""
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+def cpu_count(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """Cores this process may use: its affinity, or the container's CPU quota where that is lower
+    (a pod limited to 2 CPUs on a 64-core node must not start 64 threads and 64 instances)."""
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = cgroup_cpu_quota(cgroup_root)
+    return max(1, min(affinity, math.ceil(quota)) if quota else affinity)
+
+
+def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs allowed by the cgroup CPU quota (v2 `cpu.max`, else v1 `cfs_quota_us / cfs_period_us`),
+    None where there is no quota."""
+    v2 = root / "cpu.max"
+    try:
+        if v2.is_file():
+            quota, _, period = v2.read_text().strip().partition(" ")
+            return None if quota == "max" else int(quota) / int(period or 100000)
+        for v1 in (root / "cpu", root / "cpu,cpuacct", root):
+            quota_file, period_file = v1 / "cpu.cfs_quota_us", v1 / "cpu.cfs_period_us"
+            if quota_file.is_file() and period_file.is_file():
+                quota = int(quota_file.read_text())
+                return None if quota <= 0 else quota / int(period_file.read_text())
+    except (OSError, ValueError):  # unreadable or odd: no quota known, the affinity decides
+        return None
+    return None

@@ -39,10 +39,14 @@ class Running:
 
 @contextmanager
 def running_server(
-    *args: str, models: dict[str, Path] | None = None, tls: tuple[Path, Path] | None = None
+    *args: str,
+    models: dict[str, Path] | None = None,
+    tls: tuple[Path, Path] | None = None,
+    ports: tuple[int, int, int] | None = None,
 ) -> Iterator[Running]:
-    """Start `kiln serve` on free ports (packages by name, and/or flags); stop it with SIGTERM."""
-    grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
+    """Start `kiln serve` on free ports (or the given gRPC, HTTP and metrics ports; packages by name,
+    and/or flags); stop it with SIGTERM."""
+    grpc_port, http_port, metrics_port = ports or (free_port(), free_port(), free_port())
     command = [sys.executable, "-m", "kiln.runtime.cli", "serve", *map(str, (models or {}).values())]
     for name in models or {}:
         command += ["--name", name]

@@ -108,3 +108,23 @@ def test_tensorrt_builds_and_caches(exported):
     package = exported("bert", "text-classification")
     pipeline(package, provider="tensorrt")(["warm"])
     assert any((package / "cache" / "tensorrt").rglob("*.engine"))
+
+
+def test_cpu_count_follows_the_cgroup_quota(tmp_path):
+    """A pod limited to 1.5 CPUs gets 2 threads and instances, whatever the node has."""
+    from kiln.runtime.session import cgroup_cpu_quota, cpu_count
+
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("150000 100000\n")
+    assert cgroup_cpu_quota(v2) == 1.5 and cpu_count(v2) == min(2, len(__import__("os").sched_getaffinity(0)))
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_quota(v2) is None
+    v1 = tmp_path / "v1" / "cpu,cpuacct"
+    v1.mkdir(parents=True)
+    (v1 / "cpu.cfs_quota_us").write_text("100000\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    assert cgroup_cpu_quota(tmp_path / "v1") == 1.0 and cpu_count(tmp_path / "v1") == 1
+    (v1 / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cgroup_cpu_quota(tmp_path / "v1") is None
+    assert cgroup_cpu_quota(tmp_path / "none") is None

@@ -402,6 +402,9 @@ def test_health_and_reflection(server):
         with pytest.raises(grpc.RpcError) as failure:
             health.Check(health_pb2.HealthCheckRequest(service="nope"))
         assert failure.value.code() == grpc.StatusCode.NOT_FOUND
+        watch = health.Watch(health_pb2.HealthCheckRequest(service="cls"), timeout=5)  # clients balance on this
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         reply = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
         names = {s.name for s in reply.list_services_response.service}

@@ -46,7 +46,21 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--tls-cert", help="PEM certificate chain")
     serve.add_argument("--tls-key", help="PEM private key")
     serve.add_argument("--grace", type=float, default=30.0, help="seconds accepted calls get to finish on SIGTERM")
+    serve.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=2.0,
+        help="after SIGTERM: seconds the server keeps serving while reporting NOT_SERVING, before refusing calls",
+    )
     serve.add_argument("--log-format", choices=["text", "json"], default="text")
+    serve.add_argument(
+        "--grpc-max-connection-age",
+        type=float,
+        help="seconds after which a gRPC connection is closed gracefully, so L4 balancers spread clients again",
+    )
+    serve.add_argument("--grpc-max-connection-age-grace", type=float, default=30.0, help="seconds to finish calls")
+    serve.add_argument("--grpc-keepalive-time", type=float, default=60.0, help="seconds between keepalive pings")
+    serve.add_argument("--grpc-keepalive-timeout", type=float, default=20.0, help="seconds to wait for a ping ack")
 
 
 def serve_options(args: argparse.Namespace) -> Any:
@@ -81,4 +95,9 @@ def serve_options(args: argparse.Namespace) -> Any:
         tls_cert=args.tls_cert and Path(args.tls_cert),
         tls_key=args.tls_key and Path(args.tls_key),
         grace=args.grace,
+        drain_seconds=args.drain_seconds,
+        max_connection_age=args.grpc_max_connection_age,
+        max_connection_age_grace=args.grpc_max_connection_age_grace,
+        keepalive_time=args.grpc_keepalive_time,
+        keepalive_timeout=args.grpc_keepalive_timeout,
     )

@@ -79,6 +79,7 @@ class DataPlane:
         self.metrics = metrics
         self.default_deadline = default_deadline
         self.draining = False
+        self.answered = 0  # requests answered successfully, over the server's life (logged at stop)
 
     # ---- health and metadata -------------------------------------------------------------------
 
@@ -238,6 +239,7 @@ class DataPlane:
             model.in_flight -= 1
             model.release(rows)
         elapsed = time.monotonic() - started
+        self.answered += 1
         model.record_result(True, elapsed, rows)
         self._count(model.name, call, "OK")
         self.metrics.request_seconds.labels(model=model.name).observe(elapsed)

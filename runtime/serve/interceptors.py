@@ -9,6 +9,7 @@ servicer as `Undecodable`, which answers that message with an error and keeps th
 from __future__ import annotations
 
 import hmac
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -61,13 +62,18 @@ def _refuse_undecodable(behaviour: Callable) -> Callable:
 
 
 def _refuse_undecodable_stream(behaviour: Callable) -> Callable:
-    async def call(request: Any, context: Any) -> Any:
-        if isinstance(request, Undecodable):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
-        async for response in behaviour(request, context):
-            yield response
+    """The same for a unary-stream method, written either as an async generator or as a coroutine
+    that writes to its context (grpc's own health Watch is the latter)."""
+    if inspect.isasyncgenfunction(behaviour):
 
-    return call
+        async def stream(request: Any, context: Any) -> Any:
+            if isinstance(request, Undecodable):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+            async for response in behaviour(request, context):
+                yield response
+
+        return stream
+    return _refuse_undecodable(behaviour)
 
 
 class BearerAuth(grpc.aio.ServerInterceptor):

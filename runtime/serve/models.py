@@ -10,10 +10,9 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnxruntime as ort
 from kiln.runtime.errors import InvalidInput, QueueFull
 from kiln.runtime.manifest import MODEL_NAME
 from kiln.runtime.package import load_package
@@ -23,6 +22,9 @@ from kiln.runtime.serve.batcher import Batcher, BatchOptions, BatchRecord, Reque
 from kiln.runtime.serve.metrics import Metrics
 from kiln.runtime.session import PROVIDERS, SessionOptions, cpu_count, create_session
 from kiln.runtime.tasks import TaskSpec, spec_for
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 log = logging.getLogger("kiln.serve")
 

@@ -61,6 +61,13 @@ class ServeOptions:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     grace: float = 30.0
+    drain_seconds: float = 2.0  # after SIGTERM, served as NOT_SERVING before new calls are refused
+    # HTTP/2 connections are long-lived: an L4 balancer pins each client to one replica for good unless
+    # the server closes connections now and then (clients reconnect and spread; none of their calls fail)
+    max_connection_age: float | None = None  # seconds
+    max_connection_age_grace: float = 30.0  # seconds a closing connection's calls get to finish
+    keepalive_time: float = 60.0  # seconds between HTTP/2 pings on an idle connection (dead peers found)
+    keepalive_timeout: float = 20.0
 
 
 def model_names(options: ServeOptions) -> list[str]:
@@ -138,10 +145,14 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> in
         ready.set()
     await stop.wait()
     started = time.monotonic()
-    log.info("draining", extra={"fields": {"grace_s": options.grace}})
-    plane.draining = True
+    log.info("draining", extra={"fields": {"grace_s": options.grace, "drain_s": options.drain_seconds}})
+    # 1. say so: health turns NOT_SERVING (readiness probes fail, clients watching health move away),
+    #    while calls that still arrive are served for drain_seconds, as balancers catch up
     for name in [*models.models, ""]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await asyncio.sleep(options.drain_seconds)
+    # 2. refuse new work with UNAVAILABLE (retryable: nothing was run), finish what was accepted
+    plane.draining = True
     await server.stop(options.grace)
     if poller is not None:
         await poller
@@ -150,7 +161,7 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> in
             await runner.cleanup()
     await models.stop()
     plane.executor.shutdown(wait=True)
-    log.info("stopped", extra={"fields": {"drain_s": round(time.monotonic() - started, 2)}})
+    log.info("stopped", extra={"fields": {"drain_s": round(time.monotonic() - started, 2), "answered": plane.answered}})
     return 0
 
 
@@ -161,10 +172,7 @@ async def _grpc_server(
     interceptors.append(LenientDecoding())
     server = grpc.aio.server(
         interceptors=interceptors,
-        options=[
-            ("grpc.max_receive_message_length", options.max_message_bytes),
-            ("grpc.max_send_message_length", options.max_message_bytes),
-        ],
+        options=_channel_options(options),
     )
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(plane), server)
     kiln_pb2_grpc.add_KilnServicer_to_server(KilnService(plane), server)
@@ -185,6 +193,24 @@ async def _grpc_server(
     if port == 0:
         raise ConfigError(f"cannot listen on {address}")
     return server, health_servicer, port
+
+
+def _channel_options(options: ServeOptions) -> list[tuple[str, int]]:
+    ms = lambda seconds: int(seconds * 1000)  # noqa: E731
+    settings = [
+        ("grpc.max_receive_message_length", options.max_message_bytes),
+        ("grpc.max_send_message_length", options.max_message_bytes),
+        ("grpc.keepalive_time_ms", ms(options.keepalive_time)),
+        ("grpc.keepalive_timeout_ms", ms(options.keepalive_timeout)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),  # clients may ping every 10 s
+    ]
+    if options.max_connection_age:
+        settings += [
+            ("grpc.max_connection_age_ms", ms(options.max_connection_age)),
+            ("grpc.max_connection_age_grace_ms", ms(options.max_connection_age_grace)),
+        ]
+    return settings
 
 
 def _reflection_pool() -> descriptor_pool.DescriptorPool:
