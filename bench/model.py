@@ -8,6 +8,8 @@ engines take turns, ROUNDS times over a share of the batches each, so this machi
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +71,40 @@ def torch_engine(source: Path, task: str, max_length: int, pooling: Any, device:
     return run
 
 
+def optimum_int8_engine(source: Path, task: str, max_length: int, pooling: Any, work: Path) -> Any:
+    """What a user of optimum would run for int8: the model exported by optimum, quantised with
+    optimum's default dynamic int8 for this CPU (ORTQuantizer with avx512_vnni, per-channel, not
+    static) and run through its ORTModel. Built once per bench run, in `work`."""
+    from optimum.onnxruntime import (
+        ORTModelForFeatureExtraction,
+        ORTModelForSequenceClassification,
+        ORTQuantizer,
+    )
+    from optimum.onnxruntime.configuration import AutoQuantizationConfig
+    from transformers import AutoTokenizer
+
+    cls = ORTModelForSequenceClassification if task == "text-classification" else ORTModelForFeatureExtraction
+    quantized = work / "optimum-int8"
+    if not (quantized / "model_quantized.onnx").is_file():
+        cls.from_pretrained(source, export=True).save_pretrained(work / "optimum-fp32")
+        quantizer = ORTQuantizer.from_pretrained(work / "optimum-fp32")
+        config = AutoQuantizationConfig.avx512_vnni(is_static=False, per_channel=True)
+        quantizer.quantize(save_dir=quantized, quantization_config=config)
+    model = cls.from_pretrained(quantized, file_name="model_quantized.onnx")
+    tokenizer = AutoTokenizer.from_pretrained(source)
+
+    def run(batch: list[str]) -> np.ndarray:
+        encoded = tokenizer(batch, padding=True, truncation=True, max_length=max_length, return_tensors="np")
+        out = model(**encoded)
+        if task == "text-classification":
+            return np.asarray(out.logits)
+        mask = encoded["attention_mask"][..., None].astype(np.float32)
+        vectors = (np.asarray(out.last_hidden_state) * mask).sum(1) / mask.sum(1)
+        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True) if pooling.normalize else vectors
+
+    return run
+
+
 def kiln_engine(package: Path, batch_size: int, provider: str = "cpu") -> Any:
     pipe = pipeline(package, batch_size=batch_size, provider=provider)
     if pipe.task == "text-classification":
@@ -99,8 +135,12 @@ def bench_model(
     manifest = read_manifest(package)
     if manifest.task not in ("text-classification", "feature-extraction"):
         raise SystemExit(f"kiln bench model measures text-classification and feature-extraction, not {manifest.task}")
-    engines = {"pytorch-eager": None, **({"onnx-fp32": fp32} if fp32 else {}), f"kiln-{manifest.precision}": package}
+    engines: dict[str, Path | None] = {"pytorch-eager": None, **({"onnx-fp32": fp32} if fp32 else {})}
+    if manifest.precision.startswith("int8") and provider == "cpu":
+        engines["optimum-int8"] = None  # the int8 a user of optimum would otherwise run
+    engines[f"kiln-{manifest.precision}"] = package
     device = "cpu" if provider == "cpu" else "cuda"
+    work = Path(tempfile.mkdtemp(prefix="kiln-bench-"))
     encoder = pipeline(package, allow_fp16_on_cpu=True).encoder
     tokens = sum(len(e.ids) for e in encoder.encode(texts))
     timings, accuracies = [], []
@@ -108,10 +148,7 @@ def bench_model(
         batches = _chunks(texts, size)
         progress(f"model: {', '.join(engines)} at batch {size}, in {ROUNDS} alternating rounds")
         runs = {
-            name: torch_engine(source, manifest.task, manifest.max_sequence_length, manifest.pooling, device)
-            if path is None
-            else kiln_engine(path, size, provider)
-            for name, path in engines.items()
+            name: _engine(name, path, source, manifest, size, provider, device, work) for name, path in engines.items()
         }
         measured = _time_rounds(runs, batches)
         reference = None
@@ -124,6 +161,7 @@ def bench_model(
                 accuracies.append(
                     {"engine": name, "setting": f"batch {size}", **accuracy(manifest.task, reference, values)}
                 )
+    shutil.rmtree(work, ignore_errors=True)
     return {
         "task": manifest.task,
         "precision": manifest.precision,
@@ -132,3 +170,13 @@ def bench_model(
         "timings": timings,
         "accuracy": accuracies,
     }
+
+
+def _engine(
+    name: str, path: Path | None, source: Path, manifest: Any, size: int, provider: str, device: str, work: Path
+) -> Any:
+    if name == "pytorch-eager":
+        return torch_engine(source, manifest.task, manifest.max_sequence_length, manifest.pooling, device)
+    if name == "optimum-int8":
+        return optimum_int8_engine(source, manifest.task, manifest.max_sequence_length, manifest.pooling, work)
+    return kiln_engine(path, size, provider)

@@ -23,7 +23,15 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", type=Path, help="package directory (default: ./<model name>-<precision>)")
     parser.add_argument("--opset", type=int, default=17)
     parser.add_argument("--max-length", type=int, help="maximum sequence length (default: the model's)")
-    parser.add_argument("--calibration", type=Path, help="text file, one example a line, for calibration and checks")
+    parser.add_argument(
+        "--calibration",
+        type=Path,
+        help="text file, one example a line: calibrates int8, and validates what it holds out",
+    )
+    parser.add_argument(
+        "--validation", type=Path, help="text file the gate validates on (default: held out of the calibration text)"
+    )
+    parser.add_argument("--validation-items", type=int, default=400, help="held-out items the gate checks, at most")
     parser.add_argument("--min-agreement", type=float, default=0.99, help="top-1 agreement the package must reach")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
     parser.add_argument("--no-optimize", action="store_true", help="skip onnxruntime's transformer fusions")

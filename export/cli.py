@@ -28,6 +28,8 @@ def run(args: argparse.Namespace) -> int:
         opset=args.opset,
         max_length=args.max_length,
         calibration=args.calibration,
+        validation=args.validation,
+        validation_items=args.validation_items,
         min_agreement=args.min_agreement,
         force=args.force,
         trust_remote_code=args.trust_remote_code,
@@ -55,11 +57,16 @@ def summary(result: ExportResult) -> str:
         f"  size: fp32 ONNX {result.sizes['fp32_onnx'] / 1e6:.1f} MB -> "
         f"model {result.sizes['package_model'] / 1e6:.1f} MB",
     ]
+    texts = report["texts"]
+    lines.append(
+        f"  validated on {report['items']} held-out items ({texts['validation_source']}); "
+        f"calibrated on {texts['calibration_items']}"
+    )
     batched = report["batched"]
     if batched.get("agreement") is not None:
         lines.append(
-            f"  top-1 agreement with PyTorch: {batched['agreement']:.4f} (batched), "
-            f"{report['alone']['agreement']:.4f} (one at a time)"
+            f"  top-1 agreement with PyTorch: {batched['agreement']:.4f} (95% lower bound "
+            f"{batched['agreement_lower_95']:.4f}; batched), {report['alone']['agreement']:.4f} (one at a time)"
         )
     if batched.get("min_cosine") is not None:
         lines.append(
@@ -79,13 +86,6 @@ def summary(result: ExportResult) -> str:
     kept = manifest.quantization.get("kept_float")
     if kept:
         lines.append(f"  kept in float for accuracy: {len(kept)} MatMuls")
-    speed = report.get("speed_one_text_ms")
-    if speed:
-        fp32, ours = speed["fp32"], speed[manifest.precision]
-        lines.append(
-            f"  speed, one text at a time (median): fp32 {fp32:.2f} ms, {manifest.precision} {ours:.2f} ms "
-            f"({fp32 / ours:.2f}x)"
-        )
     return "\n".join(lines)
 
 

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from kiln.export.quantize import Fidelity, QuantInfo, keep_sensitive_in_float, layer_of
+from kiln.export.figures import Fidelity
+from kiln.export.quantize import QuantInfo, keep_sensitive_in_float, matmul_groups
 from kiln.runtime.errors import ParityError
 
 INT8_MAX = 127
@@ -197,16 +198,6 @@ def quantize_qdq(
             "sensitivity": trials,
         },
     )
-
-
-def matmul_groups(model_path: Path) -> dict[str, list[str]]:
-    """MatMuls by encoder layer and the activation they read ('layer.3 <- tensor'): Q, K and V share
-    one group; the task head's MatMuls are 'other'."""
-    groups: dict[str, list[str]] = defaultdict(list)
-    for name, (activation, _) in matmul_inputs(model_path).items():
-        layer = layer_of(name)
-        groups["other" if layer is None else f"{layer} <- {activation}"].append(name)
-    return dict(groups)
 
 
 @dataclass

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from kiln.export.figures import Fidelity
 
 # the largest block that divides K, up to 256: larger blocks ran faster here (roberta-base, one text
 # at a time: 128 -> 22.5 ms, 256 -> 20.6 ms, 64 -> 26.0 ms) at a small cost in accuracy
@@ -185,14 +186,6 @@ def _largest_pow2_divisor(k: int) -> int:
     return k & -k
 
 
-@dataclass
-class Fidelity:
-    """How close a candidate graph is to the reference: a pass/fail score and a finer error."""
-
-    score: float  # top-1 agreement, or minimum cosine for embeddings
-    error: float  # mean absolute output error, to rank layers whose score ties
-
-
 Writer = Callable[[list[str], Path], None]  # (MatMuls to keep in float, output path)
 
 
@@ -222,6 +215,20 @@ def keep_sensitive_in_float(
     return kept, trials
 
 
+def matmul_groups(model_path: Path) -> dict[str, list[str]]:
+    """MatMuls by encoder layer and the activation they read ('layer.3 <- tensor'): Q, K and V share
+    one group; the task head's MatMuls are 'other'."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    groups: dict[str, list[str]] = defaultdict(list)
+    for node in graph.node:
+        if node.op_type == "MatMul":
+            layer = layer_of(node.name)
+            groups["other" if layer is None else f"{layer} <- {node.input[0]}"].append(node.name)
+    return dict(groups)
+
+
 def choose_float_layers(
     model_path: Path,
     work_dir: Path,
@@ -230,10 +237,17 @@ def choose_float_layers(
     always_float: list[str],
     feeds: list[dict[str, np.ndarray]],
     rowwise_everywhere: bool = True,
+    by_projection: bool = False,
 ) -> tuple[list[str], list[dict[str, object]]]:
-    """kiln's int8 with the fewest encoder layers in float that reach the target (the task head
-    and `always_float` stay in float throughout)."""
-    groups = layer_groups([n for n in matmul_weights(model_path) if n not in always_float])
+    """kiln's int8 with the fewest groups in float that reach the target (the task head and
+    `always_float` stay in float throughout): whole encoder layers, or (`by_projection`) a layer's
+    MatMuls that read one tensor (Q/K/V together, the attention output, each FFN projection)."""
+    weighted = [n for n in matmul_weights(model_path) if n not in always_float]
+    if by_projection:
+        groups = {g: [n for n in members if n in weighted] for g, members in matmul_groups(model_path).items()}
+        groups = {g: members for g, members in groups.items() if members and g != "other"}
+    else:
+        groups = layer_groups(weighted)
 
     def write(floating: list[str], path: Path) -> None:
         quantize_int8(model_path, path, floating + always_float, feeds, rowwise_everywhere)

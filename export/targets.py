@@ -45,6 +45,12 @@ class GraphForm:
     def standard_ops_only(self) -> bool:
         return self.fusions is None
 
+    @property
+    def calibrates(self) -> bool:
+        """Whether text sets its scales (and chooses what stays in float): then it is held apart
+        from the text that validates."""
+        return self.precision.startswith("int8")
+
 
 def graph_form(target: str, quantize: str) -> GraphForm:
     if target not in TARGETS:

@@ -57,12 +57,10 @@ def test_int8_answers_do_not_depend_on_batch_mates(exported):
     """A text gets exactly the same logits alone or in any batch: int8 packages run one text per call."""
     package = exported("bert", "text-classification", "int8")
     assert read_manifest(package).max_batch_size == 1
-    clf = pipeline(package)
     texts = ["short one", "a somewhat longer sentence about the central bank and rates", "세 번째 문장입니다"] * 3
-    alone = np.concatenate([clf.logits([t])[0] for t in texts])
+    alone = np.concatenate([pipeline(package).logits([t])[0] for t in texts])
     for batch_size in (1, 2, 9):
-        clf.batch_size = batch_size
-        logits, _ = clf.logits(texts)
+        logits, _ = pipeline(package, batch_size=batch_size).logits(texts)
         assert np.array_equal(logits, alone)
     report = read_manifest(package).parity["batch_invariance"]
     assert report["served_one_text_per_call"] is True and report["max_abs"] == 0.0
@@ -76,7 +74,9 @@ def test_manifest_records_provenance_and_tolerances(exported, tiny_model):
     assert "model.safetensors" in manifest.source["files"]
     assert {"onnxruntime", "transformers", "torch", "optimum-onnx"} <= set(manifest.tools)
     assert manifest.parity["tolerance"]["min_agreement"] == 0.99
-    assert "fp32" in manifest.parity["speed_one_text_ms"]
+    texts = manifest.parity["texts"]
+    assert texts["calibration_items"] > 0 and texts["validation_items"] == manifest.parity["items"]
+    assert "held out from calibration" in texts["validation_source"]
     assert manifest.opset == 17
 
 
@@ -124,3 +124,25 @@ def test_json_output_is_machine_readable(tiny_model, tmp_path):
     assert data["output"] == str(out)
     assert data["manifest"]["parity"]["passed"] is True
     assert "[  export]" not in result.stderr  # no progress lines with --json
+
+
+def test_the_gate_validates_on_text_it_did_not_calibrate_on(tiny_model, tmp_path):
+    """Calibrated on text A, validated on text B: the figures in kiln.json are B's, and a text of B
+    that is also in A is not counted (it would be in-sample)."""
+    from kiln.export.build import ExportOptions, export
+    from kiln.export.texts import builtin_texts
+
+    texts = builtin_texts()
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("\n".join(texts[:20]))
+    b.write_text("\n".join(texts[15:40]))  # five texts overlap with A
+    out = tmp_path / "pkg"
+    model = str(tiny_model("bert", "text-classification"))
+    export(ExportOptions(model=model, output=out, quantize="int8", calibration=a, validation=b))
+    parity = read_manifest(out).parity
+    assert parity["texts"] == {
+        "calibration_items": 20,
+        "validation_items": 20,
+        "validation_source": f"{b} (its texts not calibrated on)",
+    }
+    assert parity["items"] == 20 and parity["batched"]["agreement_lower_95"] < parity["batched"]["agreement"]

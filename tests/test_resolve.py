@@ -29,7 +29,7 @@ def test_export_from_hub_id_offline(tiny_model, tmp_path):
     assert source["model_id"] == "someone/roberta-ynat"
     assert source["commit"] == COMMIT
     assert "[ resolve]" in result.stderr and "[validate]" in result.stderr
-    assert "speed, one text at a time" in result.stdout
+    assert "held-out items" in result.stdout and "95% lower bound" in result.stdout
 
 
 def test_unknown_revision_offline(tiny_model, tmp_path):

@@ -1,0 +1,112 @@
+"""Lowering the fp32 graph to the package's precision, trading speed for accuracy step by step on
+the calibration items until the target is met (the gate then checks held-out items)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from kiln.export.figures import Fidelity, Tolerance, compare
+from kiln.export.gate import our_answers
+from kiln.export.items import run_onnx
+from kiln.export.original import Reference
+from kiln.export.qdq import quantize_qdq
+from kiln.export.quantize import (
+    QuantInfo,
+    choose_float_layers,
+    convert_fp16,
+    head_matmuls,
+    matmul_weights,
+    quantize_int8,
+)
+from kiln.export.targets import GraphForm
+from kiln.runtime.errors import ParityError
+from kiln.runtime.manifest import Manifest
+from kiln.runtime.package import Package
+from kiln.runtime.session import SessionOptions, create_session
+from kiln.runtime.tasks import spec_for
+from kiln.runtime.tokenize import TextEncoder
+
+
+@dataclass
+class Scorer:
+    """Scores a candidate graph on the calibration items, as its package would serve them."""
+
+    raw_dir: Path
+    draft: Manifest
+    encoder: TextEncoder
+    tuning: Reference
+
+    @property
+    def task(self) -> str:
+        return self.draft.task
+
+    def evaluate(self, path: Path) -> Fidelity:
+        """Raw agreement (or cosine) and end-to-end agreement; the lower one counts."""
+        session = create_session(path, SessionOptions())
+        got = run_onnx(session, self.encoder, self.tuning.inputs, self.draft.outputs, alone=True)  # served per text
+        raw = compare(self.task, self.tuning.outputs, got).fidelity()
+        spec = spec_for(self.task)
+        package = Package(
+            self.raw_dir, replace(self.draft, precision="int8-dynamic", max_batch_size=1), self.encoder, session
+        )
+        e2e = spec.gate.agreement(self.tuning.answers, our_answers(spec, spec.pipeline(package), self.tuning.inputs))
+        return Fidelity(score=min(raw.score, e2e.get("agreement", e2e.get("min_cosine", 1.0))), error=raw.error)
+
+
+def lower_precision(
+    form: GraphForm, fp32_path: Path, work: Path, scorer: Scorer | None, tolerance: Tolerance, texts: list[str]
+) -> tuple[Path, QuantInfo | None]:
+    out = work / "lowered.onnx"
+    if form.precision == "fp32":
+        return fp32_path, None
+    if form.precision == "fp16":
+        return out, convert_fp16(fp32_path, out, fused=form.fusions is not None)
+    target = tolerance.min_cosine if scorer.task == "feature-extraction" else tolerance.min_agreement
+    feeds = one_text_feeds(scorer.encoder, texts)
+    if form.precision == "int8-static":
+        return out, quantize_qdq(fp32_path, out, feeds, scorer.evaluate, target)
+    heads = head_matmuls(fp32_path)  # the task head decides the answer directly and costs little: float
+    # fastest first; each step trades speed for accuracy until the target is met
+    info = quantize_int8(fp32_path, out, heads, feeds)
+    reached = scorer.evaluate(out).score
+    tried = {"hybrid": reached}
+    if reached < target:  # the fast kernels, with only the projections that cost answers back in float
+        kept, trials = choose_float_layers(
+            fp32_path, work, scorer.evaluate, target, heads, feeds, rowwise_everywhere=False, by_projection=True
+        )
+        encoder_matmuls = len(matmul_weights(fp32_path)) - len(heads)
+        if (
+            trials
+            and trials[-1].get("score_after_keeping", 0) >= target
+            and len(kept) - len(heads) <= encoder_matmuls / 4
+        ):
+            info = quantize_int8(fp32_path, out, kept, feeds)
+            info.details["sensitivity"] = trials
+            reached = tried["hybrid_with_sensitive_projections_in_float"] = scorer.evaluate(out).score
+        else:
+            tried["hybrid_with_sensitive_projections_in_float"] = (
+                trials[-1].get("score_after_keeping", 0) if trials else 0
+            )
+    if reached < target:
+        info = quantize_int8(fp32_path, out, heads, feeds, rowwise_everywhere=True)
+        reached = tried["rowwise"] = scorer.evaluate(out).score
+    if reached < target:
+        kept, trials = choose_float_layers(fp32_path, work, scorer.evaluate, target, heads, feeds)
+        info = quantize_int8(fp32_path, out, kept, feeds, rowwise_everywhere=True)
+        info.details["sensitivity"] = trials
+    info.details["scores_tried_on_calibration_items"] = tried
+    if info.quantized == 0:
+        raise ParityError(
+            f"int8 cannot reach {target:g} on this model (best with every encoder layer in int8: "
+            f"{max(tried.values()):.4f}), not even with all but one layer back in float; export fp32 "
+            "(--quantize none) or lower --min-agreement",
+            {"quantization": info.details},
+        )
+    return out, info
+
+
+def one_text_feeds(encoder: TextEncoder, texts: list[str]) -> list[dict[str, Any]]:
+    """Each calibration text as its own unpadded batch, the way int8 packages run."""
+    return [encoder.pad([e]).feeds for e in encoder.encode(texts)]
