@@ -77,18 +77,12 @@ def lower_precision(
             fp32_path, work, scorer.evaluate, target, heads, feeds, rowwise_everywhere=False, by_projection=True
         )
         encoder_matmuls = len(matmul_weights(fp32_path)) - len(heads)
-        if (
-            trials
-            and trials[-1].get("score_after_keeping", 0) >= target
-            and len(kept) - len(heads) <= encoder_matmuls / 4
-        ):
+        best = max((float(t.get("score_after_keeping", 0)) for t in trials), default=0.0)
+        tried["hybrid_with_sensitive_projections_in_float"] = best
+        if best >= target and len(kept) - len(heads) <= encoder_matmuls / 4:  # fast enough to be worth it
             info = quantize_int8(fp32_path, out, kept, feeds)
             info.details["sensitivity"] = trials
-            reached = tried["hybrid_with_sensitive_projections_in_float"] = scorer.evaluate(out).score
-        else:
-            tried["hybrid_with_sensitive_projections_in_float"] = (
-                trials[-1].get("score_after_keeping", 0) if trials else 0
-            )
+            reached = scorer.evaluate(out).score
     if reached < target:
         info = quantize_int8(fp32_path, out, heads, feeds, rowwise_everywhere=True)
         reached = tried["rowwise"] = scorer.evaluate(out).score

@@ -168,7 +168,8 @@ def quantize_int8(
     return QuantInfo(
         scheme="int8: smoothed per-tensor dynamic activations x per-channel weights (onnxruntime dynamic int8) "
         f"for {len(dynamic)} MatMuls; per-row blocked activations x 8-bit weight blocks of {max(block, 16)} "
-        f"(MatMulNBits, accuracy_level 4) for {len(rowwise)} post-GELU MatMuls; one text per call",
+        f"(MatMulNBits, accuracy_level 4) for {len(rowwise)} {'' if rowwise_everywhere else 'post-GELU '}MatMuls; "
+        "one text per call",
         quantized=len(dynamic) + len(rowwise),
         kept_float=sorted(floating),
         details={
