@@ -38,6 +38,27 @@ class PoolingSchema(_Strict):
     normalize: StrictBool = False
 
 
+class GenerationSchema(_Strict):
+    """How a generator's sessions fit together (kiln.runtime.generation.sessions)."""
+
+    layout: Literal["decoder-only", "encoder-decoder"]
+    sessions: dict[Literal["decoder", "encoder", "decoder_with_past"], StrictStr]
+    max_positions: StrictInt = Field(gt=0, le=1_000_000)
+    max_source: StrictInt | None = Field(default=None, gt=0, le=1_000_000)
+    decoder_start_token_id: StrictInt | None = None
+
+    @field_validator("sessions")
+    @classmethod
+    def _session_files(cls, sessions: dict[str, str]) -> dict[str, str]:
+        needed = {"decoder"} if "encoder" not in sessions else {"encoder", "decoder", "decoder_with_past"}
+        if set(sessions) != needed:
+            raise ValueError(f"sessions must be {sorted(needed)}, got {sorted(sessions)}")
+        for name in sessions.values():
+            if not _PLAIN_NAME.match(name):
+                raise ValueError(f"session file {name!r} is not a plain name inside the package")
+        return sessions
+
+
 class ManifestSchema(_Strict):
     """kiln.json, format 1."""
 
@@ -60,6 +81,7 @@ class ManifestSchema(_Strict):
     files: dict[str, StrictStr] = {}
     tools: dict[str, StrictStr] = {}
     parity: dict[str, Any] = {}
+    generation: GenerationSchema | None = None
 
     @field_validator("files")
     @classmethod
@@ -103,6 +125,8 @@ class Manifest:
     files: dict[str, str] = field(default_factory=dict)
     tools: dict[str, str] = field(default_factory=dict)
     parity: dict[str, Any] = field(default_factory=dict)
+    # generators only: the layout of their sessions (kiln.runtime.generation); None for encoders
+    generation: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:

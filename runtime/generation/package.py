@@ -1,0 +1,106 @@
+"""A generation package loaded: its sessions, tokenizer, default settings, and how a prompt
+becomes a sequence to decode."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from kiln.runtime.errors import InputTooLong, PackageError
+from kiln.runtime.generation.decoding import Piece, Sequence
+from kiln.runtime.generation.detokenize import Detokenizer, StreamDecoder
+from kiln.runtime.generation.sessions import Decoder, DecoderOnly, load_decoder
+from kiln.runtime.generation.settings import Settings, from_generation_config, with_request
+from kiln.runtime.manifest import Manifest, inside, read_manifest, verify_files
+from kiln.runtime.session import SessionOptions, create_session
+from tokenizers import Tokenizer
+
+
+@dataclass
+class Generator:
+    directory: Path
+    manifest: Manifest
+    tokenizer: Tokenizer
+    detokenizer: Detokenizer
+    decoder: Decoder
+    defaults: Settings
+    max_positions: int  # decoder positions (decoder-only: prompt and output together)
+    max_source: int  # the encoder's limit (seq2seq); the prompt's otherwise
+
+    @property
+    def decoder_only(self) -> bool:
+        return isinstance(self.decoder, DecoderOnly)
+
+    @property
+    def start_id(self) -> int | None:
+        return None if self.decoder_only else self.manifest.generation["decoder_start_token_id"]
+
+    def settings(self, params: Mapping[str, Any]) -> Settings:
+        return with_request(self.defaults, params, self.max_positions)
+
+    def encode(self, text: str, truncate: bool) -> tuple[list[int], bool]:
+        """The prompt's ids, refused or cut (keeping its end for a decoder, its start for an
+        encoder) when over the model's limit; the flag says whether it was cut."""
+        ids = self.tokenizer.encode(text).ids
+        limit = self.max_source if not self.decoder_only else self.max_positions - 1
+        if len(ids) <= limit:
+            return ids, False
+        if not truncate:
+            raise InputTooLong(
+                f"prompt is {len(ids)} tokens; the model takes at most {limit} (pass truncate=true to cut it)"
+            )
+        return (ids[-limit:] if self.decoder_only else ids[: limit - 1] + ids[-1:]), True
+
+    def sequence(self, prompt: list[int], settings: Settings, on_piece: Callable[[Piece], None]) -> Sequence:
+        """A sequence ready for `Decoding.add`, its new tokens bounded by the model's positions."""
+        wanted = settings.new_tokens(len(prompt), self.decoder_only)
+        room = self.max_positions - (len(prompt) if self.decoder_only else 1)
+        context = prompt if self.decoder_only else [self.start_id or 0]
+        rng = np.random.default_rng(settings.seed) if settings.do_sample else None
+        stream = StreamDecoder(self.detokenizer, context)
+        return Sequence(prompt, settings, max(min(wanted, room), 0), stream, on_piece, rng)
+
+
+def load_generator(
+    directory: str | Path, options: SessionOptions | None = None, verify_hashes: bool = True
+) -> Generator:
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    verify_files(directory, manifest, check_hashes=verify_hashes)
+    layout = manifest.generation
+    if not layout:
+        raise PackageError(f"{directory}: kiln.json has no generation layout; is this a {manifest.task} package?")
+    options = options or SessionOptions()
+    sessions = {}
+    for role, name in layout["sessions"].items():
+        path = inside(directory, name)
+        if not path.is_file():
+            raise PackageError(f"{directory}: missing {name} (the {role} session)")
+        sessions[role] = create_session(path, options)
+    tokenizer = Tokenizer.from_file(str(inside(directory, "tokenizer.json")))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    config = _json(directory / "config.json")
+    tokenizer_config = _json(directory / "tokenizer_config.json")
+    defaults = from_generation_config(directory, config, manifest.task)
+    pad = defaults.pad_token_id if defaults.pad_token_id is not None else (defaults.eos_token_ids or (0,))[0]
+    decoder = load_decoder(directory, layout, sessions, pad)
+    detokenizer = Detokenizer(tokenizer, bool(tokenizer_config.get("clean_up_tokenization_spaces", False)))
+    positions = layout["max_positions"]
+    defaults = replace(defaults, pad_token_id=pad)
+    return Generator(
+        directory, manifest, tokenizer, detokenizer, decoder, defaults, positions, layout.get("max_source", positions)
+    )
+
+
+def _json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise PackageError(f"{path}: not valid JSON ({exc})") from exc

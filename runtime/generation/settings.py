@@ -1,0 +1,171 @@
+"""How a text is generated: the model's generation_config.json, overridden per request.
+
+Defaults and meanings follow `transformers` `GenerationConfig`, so a request means what it would
+mean to `model.generate` (top_k 50 when sampling, max_length counting the prompt for decoder-only
+models, forced eos on the last step for BART) and greedy answers are token-identical.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from kiln.runtime.errors import InvalidInput
+
+# request names accepted besides the transformers ones (Triton's and OpenAI's spellings)
+ALIASES = {"max_tokens": "max_new_tokens", "stop_strings": "stop", "random_seed": "seed"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    max_new_tokens: int | None = None  # None: from max_length
+    max_length: int = 20  # transformers' default: prompt + new tokens (decoder-only), decoder tokens (seq2seq)
+    min_new_tokens: int = 0
+    min_length: int = 0  # as max_length counts; from the model's config only
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    seed: int | None = None
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    stop: tuple[str, ...] = ()
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    decoder_start_token_id: int | None = None
+    forced_bos_token_id: int | None = None
+    forced_eos_token_id: int | None = None
+    bad_token_ids: tuple[int, ...] = ()  # single-token bad_words_ids (Marian bans its pad token)
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def new_tokens(self, prompt_length: int, decoder_only: bool) -> int:
+        """How many tokens may be generated for a prompt of this length."""
+        if self.max_new_tokens is not None:
+            return self.max_new_tokens
+        used = prompt_length if decoder_only else 1  # seq2seq counts the decoder start token
+        return max(self.max_length - used, 0)
+
+
+# what a request may set, with its type; the rest comes from the model's generation config
+REQUEST_FIELDS: dict[str, type] = {
+    "max_new_tokens": int,
+    "min_new_tokens": int,
+    "do_sample": bool,
+    "temperature": float,
+    "top_k": int,
+    "top_p": float,
+    "seed": int,
+    "num_beams": int,
+    "length_penalty": float,
+    "early_stopping": bool,
+    "repetition_penalty": float,
+    "no_repeat_ngram_size": int,
+    "stop": list,
+}
+
+
+# the transformers pipelines' own defaults (4.5x `_default_generation_config`), under the model's
+# generation config: kiln answers as `pipeline(task)` answers, in process and over the wire
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "text-generation": {"max_new_tokens": 256, "do_sample": True, "temperature": 0.7},
+    "text2text-generation": {"max_new_tokens": 256, "num_beams": 4},
+    "summarization": {"max_new_tokens": 256, "num_beams": 4},
+    "translation": {"max_new_tokens": 256, "num_beams": 4},
+}
+_GLOBAL = Settings()
+
+
+def from_generation_config(directory: Path, config: Mapping[str, Any], task: str) -> Settings:
+    """The task's defaults, overridden by what the model's generation_config.json (else the
+    generation fields of config.json) sets to other than transformers' global defaults."""
+    path = directory / "generation_config.json"
+    source = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else dict(config)
+    eos = source.get("eos_token_id", config.get("eos_token_id"))
+    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+    bad = tuple(ids[0] for ids in source.get("bad_words_ids") or [] if len(ids) == 1)
+    known = {f.name for f in fields(Settings)} - {"eos_token_ids", "bad_token_ids", "stop", "extra"}
+    model = {k: source[k] for k in known if source.get(k) is not None and source[k] != getattr(_GLOBAL, k)}
+    pipeline = TASK_DEFAULTS.get(task, {})
+    values = {**pipeline, **model}
+    if "max_length" in model and "max_new_tokens" not in model:
+        values.pop("max_new_tokens", None)  # as the pipelines do: a model's own max_length wins over 256 new tokens
+    pad = source.get("pad_token_id", config.get("pad_token_id"))
+    start = source.get("decoder_start_token_id", config.get("decoder_start_token_id"))
+    values.update(eos_token_ids=eos_ids, bad_token_ids=bad, pad_token_id=pad, decoder_start_token_id=start)
+    return Settings(**values)
+
+
+def with_request(defaults: Settings, request: Mapping[str, Any], max_positions: int) -> Settings:
+    """The model's defaults overridden by a request's parameters, each checked by name."""
+    values: dict[str, Any] = {}
+    for raw_name, value in request.items():
+        name = ALIASES.get(raw_name, raw_name)
+        if name not in REQUEST_FIELDS:
+            accepted = ", ".join([*REQUEST_FIELDS, *ALIASES])
+            raise InvalidInput(f"unknown generation parameter {raw_name!r}; accepted: {accepted}")
+        if value is not None:
+            values[name] = _typed(raw_name, value, REQUEST_FIELDS[name])
+    if "stop" in values:
+        values["stop"] = tuple(values["stop"])
+    if values.get("do_sample") is None and any(k in values for k in ("temperature", "top_p", "seed")):
+        values.setdefault("do_sample", True)  # asking for a temperature means sampling, as OpenAI's API does
+    settings = replace(defaults, **values)
+    check(settings, max_positions)
+    return settings
+
+
+def check(settings: Settings, max_positions: int) -> None:
+    """Refuse settings that cannot be honoured, naming the parameter."""
+    limits = [
+        ("max_new_tokens", settings.max_new_tokens is None or 1 <= settings.max_new_tokens <= max_positions),
+        ("min_new_tokens", 0 <= settings.min_new_tokens <= max_positions),
+        ("temperature", settings.temperature > 0),
+        ("top_k", settings.top_k >= 0),
+        ("top_p", 0 < settings.top_p <= 1),
+        ("num_beams", 1 <= settings.num_beams <= 16),
+        ("repetition_penalty", settings.repetition_penalty > 0),
+        ("no_repeat_ngram_size", settings.no_repeat_ngram_size >= 0),
+        ("seed", settings.seed is None or 0 <= settings.seed < 2**63),
+    ]
+    for name, ok in limits:
+        if not ok:
+            raise InvalidInput(
+                f"parameter {name!r} is out of range: {getattr(settings, name)!r}{_range(name, max_positions)}"
+            )
+    if settings.num_beams > 1 and settings.do_sample:
+        raise InvalidInput("parameter 'num_beams' > 1 with do_sample is not supported (beam sampling); choose one")
+    if any(not s for s in settings.stop):
+        raise InvalidInput("parameter 'stop' has an empty string")
+
+
+def _range(name: str, max_positions: int) -> str:
+    ranges = {
+        "max_new_tokens": f" (1 to {max_positions})",
+        "min_new_tokens": f" (0 to {max_positions})",
+        "temperature": " (must be > 0; use do_sample=false for greedy)",
+        "top_p": " (0 < top_p <= 1)",
+        "num_beams": " (1 to 16)",
+        "repetition_penalty": " (must be > 0)",
+    }
+    return ranges.get(name, "")
+
+
+def _typed(name: str, value: Any, kind: type) -> Any:
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, int | float) and not isinstance(value, bool),
+        list: isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)),
+    }[kind]
+    if not ok:
+        expected = {bool: "a boolean", int: "an integer", float: "a number", list: "a string or a list of strings"}
+        raise InvalidInput(f"parameter {name!r} must be {expected[kind]}, got {type(value).__name__} {value!r}")
+    if kind is list:
+        return [value] if isinstance(value, str) else value
+    return float(value) if kind is float else value
