@@ -17,6 +17,7 @@ from typing import Any
 from kiln.export.assemble import assemble, draft_manifest, input_names, mask_token
 from kiln.export.figures import Tolerance, tolerance_for
 from kiln.export.gate import GateResult, run_gate
+from kiln.export.generative import export_generator
 from kiln.export.onnx_export import export_onnx
 from kiln.export.optimize import optimize_graph
 from kiln.export.original import Original, Reference, load_torch, reference, source_record, tool_versions
@@ -49,7 +50,7 @@ class ExportOptions:
     calibration: Path | None = None
     validation: Path | None = None  # held-out text for the gate (else held out of the calibration text)
     validation_items: int = 400
-    min_agreement: float = 0.99
+    min_agreement: float | None = None  # None: 0.99 top-1 for encoders, 0.95 identical greedy for generators
     force: bool = False
     trust_remote_code: bool = False
     optimize: bool = True
@@ -91,6 +92,8 @@ def _export(
     resolved = resolve_model(options.model, options.revision)
     config = resolved.config()
     task = detect_task(resolved.path, config, options.task)
+    if spec_for(task.task).generative:
+        return export_generator(options, form, resolved, config, task, output, work, stages)
     if options.max_length:
         if options.max_length > task.max_length:
             raise UnsupportedModel(f"--max-length {options.max_length} is over the model's limit of {task.max_length}")
@@ -116,7 +119,7 @@ def _export(
     held_out = reference(original, pipe, texts.validation, outputs)
     stages.done("reference", f"PyTorch and transformers on {len(texts.validation)} held-out items")
 
-    tolerance = tolerance_for(form.precision, options.min_agreement)
+    tolerance = tolerance_for(form.precision, options.min_agreement or 0.99)
     scorer = Scorer(raw_dir, draft, encoder, tuning) if tuning else None
     model_path, info = lower_precision(form, fp32_path, work, scorer, tolerance, texts.calibration)
     stages.done("quantize", info.scheme if info else "kept fp32")

@@ -13,7 +13,7 @@ from kiln.export.targets import graph_form
 
 
 def run(args: argparse.Namespace) -> int:
-    if not 0.0 < args.min_agreement <= 1.0:
+    if args.min_agreement is not None and not 0.0 < args.min_agreement <= 1.0:
         raise SystemExit("kiln export: --min-agreement must be in (0, 1]")
     form = graph_form(args.device, args.quantize)
     suffix = form.precision if form.target == "cpu" else f"{form.precision}-{form.target}"
@@ -58,6 +58,8 @@ def summary(result: ExportResult) -> str:
         f"model {result.sizes['package_model'] / 1e6:.1f} MB",
     ]
     texts = report["texts"]
+    if manifest.generation:
+        return "\n".join(lines + _generation_lines(report))
     lines.append(
         f"  validated on {report['items']} held-out items ({texts['validation_source']}); "
         f"calibrated on {texts['calibration_items']}"
@@ -87,6 +89,23 @@ def summary(result: ExportResult) -> str:
     if kept:
         lines.append(f"  kept in float for accuracy: {len(kept)} MatMuls")
     return "\n".join(lines)
+
+
+def _generation_lines(report: dict[str, Any]) -> list[str]:
+    texts, forced = report["texts"], report["teacher_forced"]
+    lines = [
+        f"  validated on {report['items']} held-out prompts ({texts['validation_source']}), greedy, "
+        f"{report['new_tokens']} new tokens, each prompt alone",
+        f"  greedy output identical to transformers generate: {report['identical']:.4f} (95% lower bound "
+        f"{report['identical_lower_95']:.4f}; required {report['required_identical']})",
+        f"  teacher-forced: max logit error {forced['max_logit_error']:.3g}, "
+        f"top-1 agreement {forced['top1_agreement']:.4f}",
+    ]
+    if report.get("first_divergence"):
+        lines.append(f"  first divergence: token {report['first_divergence']['min']} at the earliest")
+    if "chrf_vs_original" in report:
+        lines.append(f"  chrF against the original's text: {report['chrf_vs_original']:.2f} (100: identical)")
+    return lines
 
 
 def _target_line(target: str, on_target: dict[str, Any] | None) -> str:

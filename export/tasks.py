@@ -27,6 +27,20 @@ ARCHITECTURES = {
 }
 
 
+# generator families kiln exports (optimum-onnx's graphs with past): the layout, the default task
+GENERATORS = {
+    "gpt2": ("decoder-only", "text-generation"),
+    "gpt_neo": ("decoder-only", "text-generation"),
+    "llama": ("decoder-only", "text-generation"),
+    "qwen2": ("decoder-only", "text-generation"),
+    "bart": ("encoder-decoder", "text2text-generation"),
+    "mbart": ("encoder-decoder", "text2text-generation"),
+    "t5": ("encoder-decoder", "text2text-generation"),
+    "mt5": ("encoder-decoder", "text2text-generation"),
+    "marian": ("encoder-decoder", "translation"),
+}
+
+
 @dataclass
 class DetectedTask:
     """The task and everything about the model the package needs to know up front."""
@@ -49,6 +63,13 @@ def head_task(architecture: str) -> str | None:
 
 def detect_task(path: Path, config: dict[str, Any], requested: str | None) -> DetectedTask:
     model_type = config.get("model_type", "")
+    if model_type in GENERATORS:
+        return _generator_task(path, config, requested)
+    if requested is not None and requested in SPECS and SPECS[requested].generative:
+        raise UnsupportedModel(
+            f"{requested} needs a generator ({', '.join(sorted(GENERATORS))}); "
+            f"{model_type or 'this model'!r} is not one"
+        )
     if model_type not in ARCHITECTURES:
         raise UnsupportedModel(
             f"architecture {model_type or '(none)'!r} is not supported; kiln exports {', '.join(sorted(ARCHITECTURES))}"
@@ -76,6 +97,19 @@ def detect_task(path: Path, config: dict[str, Any], requested: str | None) -> De
         max_length=max_length(path, config),
         pooling=read_pooling(path) if spec.pooling else None,
     )
+
+
+def _generator_task(path: Path, config: dict[str, Any], requested: str | None) -> DetectedTask:
+    layout, default = GENERATORS[config["model_type"]]
+    task = requested or default
+    if task not in SPECS or not SPECS[task].generative:
+        generative = [name for name, spec in SPECS.items() if spec.generative]
+        raise UnsupportedModel(
+            f"{config['model_type']} is a generator; its tasks are {', '.join(generative)}, not {task!r}"
+        )
+    if (layout == "decoder-only") != (task == "text-generation"):
+        raise UnsupportedModel(f"a {layout} model cannot be exported for {task}")
+    return DetectedTask(task, config["model_type"], [], None, max_length(path, config), None)
 
 
 def _labels(config: dict[str, Any]) -> list[str]:

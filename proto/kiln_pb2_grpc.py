@@ -74,6 +74,16 @@ class KilnStub:
                 request_serializer=kiln_dot_proto_dot_kiln__pb2.ZeroShotRequest.SerializeToString,
                 response_deserializer=kiln_dot_proto_dot_kiln__pb2.ZeroShotResponse.FromString,
                 _registered_method=True)
+        self.Generate = channel.unary_unary(
+                '/kiln.v1.Kiln/Generate',
+                request_serializer=kiln_dot_proto_dot_kiln__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=kiln_dot_proto_dot_kiln__pb2.GenerateResponse.FromString,
+                _registered_method=True)
+        self.GenerateStream = channel.unary_stream(
+                '/kiln.v1.Kiln/GenerateStream',
+                request_serializer=kiln_dot_proto_dot_kiln__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=kiln_dot_proto_dot_kiln__pb2.GenerateChunk.FromString,
+                _registered_method=True)
 
 
 class KilnServicer:
@@ -127,6 +137,20 @@ class KilnServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Generate(self, request, context):
+        """text-generation, text2text-generation, summarization, translation: one result per prompt
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateStream(self, request, context):
+        """one prompt; a message per piece of text as it is generated, the last with finish_reason
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KilnServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -169,6 +193,16 @@ def add_KilnServicer_to_server(servicer, server):
                     servicer.ZeroShot,
                     request_deserializer=kiln_dot_proto_dot_kiln__pb2.ZeroShotRequest.FromString,
                     response_serializer=kiln_dot_proto_dot_kiln__pb2.ZeroShotResponse.SerializeToString,
+            ),
+            'Generate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=kiln_dot_proto_dot_kiln__pb2.GenerateRequest.FromString,
+                    response_serializer=kiln_dot_proto_dot_kiln__pb2.GenerateResponse.SerializeToString,
+            ),
+            'GenerateStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.GenerateStream,
+                    request_deserializer=kiln_dot_proto_dot_kiln__pb2.GenerateRequest.FromString,
+                    response_serializer=kiln_dot_proto_dot_kiln__pb2.GenerateChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -387,6 +421,60 @@ class Kiln:
             '/kiln.v1.Kiln/ZeroShot',
             kiln_dot_proto_dot_kiln__pb2.ZeroShotRequest.SerializeToString,
             kiln_dot_proto_dot_kiln__pb2.ZeroShotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kiln.v1.Kiln/Generate',
+            kiln_dot_proto_dot_kiln__pb2.GenerateRequest.SerializeToString,
+            kiln_dot_proto_dot_kiln__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kiln.v1.Kiln/GenerateStream',
+            kiln_dot_proto_dot_kiln__pb2.GenerateRequest.SerializeToString,
+            kiln_dot_proto_dot_kiln__pb2.GenerateChunk.FromString,
             options,
             channel_credentials,
             insecure,

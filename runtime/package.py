@@ -50,6 +50,11 @@ def load_package(directory: str | Path, options: SessionOptions | None = None, v
     directory = Path(directory)
     manifest = read_manifest(directory)
     _check_task(directory, manifest.task)
+    if manifest.generation:
+        raise PackageError(
+            f"{directory}: a {manifest.task} package runs through kiln.runtime.generation (load_generator, or "
+            "kiln.runtime.pipeline), not as one session"
+        )
     verify_files(directory, manifest, check_hashes=verify_hashes)
     for required in (MODEL_NAME, "tokenizer.json"):
         if not inside(directory, required).is_file():

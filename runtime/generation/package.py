@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ class Generator:
     defaults: Settings
     max_positions: int  # decoder positions (decoder-only: prompt and output together)
     max_source: int  # the encoder's limit (seq2seq); the prompt's otherwise
+    sessions: dict[str, Any] = field(default_factory=dict)  # role -> onnxruntime session
 
     @property
     def decoder_only(self) -> bool:
@@ -92,9 +93,8 @@ def load_generator(
     detokenizer = Detokenizer(tokenizer, bool(tokenizer_config.get("clean_up_tokenization_spaces", False)))
     positions = layout["max_positions"]
     defaults = replace(defaults, pad_token_id=pad)
-    return Generator(
-        directory, manifest, tokenizer, detokenizer, decoder, defaults, positions, layout.get("max_source", positions)
-    )
+    source = layout.get("max_source") or positions
+    return Generator(directory, manifest, tokenizer, detokenizer, decoder, defaults, positions, source, sessions)
 
 
 def _json(path: Path) -> dict[str, Any]:

@@ -100,6 +100,16 @@ class DecoderOnly:
     def can_join(self, a: Cache, b: Cache) -> bool:
         return True
 
+    def teacher_forced(self, prompt: list[int], target: list[int]) -> np.ndarray:
+        """The logits that predict each token of `target` after `prompt`, in one pass (the gate's
+        measure of how far a lowered graph's numbers moved, free of where greedy paths part)."""
+        ids = np.array([prompt + target[:-1]], dtype=np.int64)
+        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(ids.shape[1])[None]}
+        empty = np.zeros((1, self.heads, 0, self.head_dim), dtype=self.dtype)
+        feeds.update({name: empty for name in self.past_names})
+        (logits,) = self.session.run(["logits"], feeds)
+        return logits[0, len(prompt) - 1 :]
+
     def join(self, a: Cache, b: Cache) -> Cache:
         """Two batches as one, the shorter past left-padded (and masked) to the longer."""
         width = max(a.mask.shape[1], b.mask.shape[1])
@@ -166,6 +176,22 @@ class EncoderDecoder:
         logits, *present = self.decoder_with_past.run(["logits", *self.present_names], feeds)
         past = dict(zip(self.past_names, present, strict=True))
         return logits[:, -1], Cache(past, cache.mask, cache.length + 1, cache.cross)
+
+    def teacher_forced(self, prompt: list[int], target: list[int]) -> np.ndarray:
+        """The logits that predict each token of `target` from the source `prompt`, in one pass."""
+        ids = np.array([prompt], dtype=np.int64)
+        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        (hidden,) = self.encoder.run(
+            ["last_hidden_state"], {k: v for k, v in feeds.items() if k in self.encoder_inputs}
+        )
+        decoder_ids = np.array([[self.start_id, *target[:-1]]], dtype=np.int64)
+        decoder_feeds = {
+            "input_ids": decoder_ids,
+            "encoder_hidden_states": hidden,
+            "encoder_attention_mask": feeds["attention_mask"],
+        }
+        (logits,) = self.decoder.run(["logits"], decoder_feeds)
+        return logits[0]
 
     def can_join(self, a: Cache, b: Cache) -> bool:
         """Only rows at the same decoder step: the decoder has no mask over its own past."""

@@ -29,6 +29,19 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--max-batch-size", type=int, default=64)
     serve.add_argument("--max-queue-delay-ms", type=float, default=2.0)
     serve.add_argument("--max-queue", type=int, default=1024, help="waiting sequences before RESOURCE_EXHAUSTED")
+    serve.add_argument(
+        "--max-generating",
+        type=int,
+        default=32,
+        help="generators: sequences decoded side by side (continuous batching)",
+    )
+    serve.add_argument(
+        "--max-cache-tokens",
+        type=int,
+        default=65536,
+        help="generators: KV cache tokens (prompt + max new tokens) reserved by admitted sequences; "
+        "past it RESOURCE_EXHAUSTED",
+    )
     serve.add_argument("--default-deadline", type=float, default=30.0, help="seconds, for calls without one")
     serve.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: one per core)")
     serve.add_argument("--workers", type=int, default=8, help="tokenization/post-processing threads")
@@ -86,6 +99,8 @@ def serve_options(args: argparse.Namespace) -> Any:
             max_size=args.max_batch_size,
             max_delay=args.max_queue_delay_ms / 1000,
             max_queue=args.max_queue,
+            max_generating=args.max_generating,
+            max_cache_tokens=args.max_cache_tokens,
             instances=args.instances,
         ),
         default_deadline=args.default_deadline or None,

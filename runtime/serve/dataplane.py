@@ -10,10 +10,11 @@ protocol maps them once (`kiln.runtime.serve.status`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,11 +22,15 @@ from typing import Any
 import numpy as np
 from kiln.runtime.errors import Draining, InternalError, InvalidInput, KilnError
 from kiln.runtime.serve.batcher import RequestState
+from kiln.runtime.serve.generative import Chunk, GenerativeModel
 from kiln.runtime.serve.metrics import Metrics
 from kiln.runtime.serve.models import ServedModel
 from kiln.runtime.serve.repository import Repository
 from kiln.runtime.serve.tokens import pad_outputs, read_token_rows
 from kiln.runtime.tasks import Texts
+from kiln.runtime.tasks.generation import GenerateRequest, read_request
+
+Served = ServedModel | GenerativeModel
 
 log = logging.getLogger("kiln.serve")
 VERSION = "0.2.0"
@@ -66,7 +71,7 @@ class Call:
 class Answered:
     """A task's answers, with what the protocol needs to phrase them."""
 
-    model: ServedModel
+    model: Served
     answers: Any
     params: dict[str, Any]
     tokens: int
@@ -95,7 +100,7 @@ class DataPlane:
     def server_metadata(self) -> dict[str, Any]:
         return {"name": "kiln", "version": VERSION, "extensions": EXTENSIONS}
 
-    def model(self, name: str, version: str = "") -> ServedModel:
+    def model(self, name: str, version: str = "") -> Served:
         return self.repository.get(name, version)
 
     def model_metadata(self, name: str, version: str = "") -> dict[str, Any]:
@@ -118,7 +123,7 @@ class DataPlane:
     def model_config(self, name: str, version: str = "") -> dict[str, Any]:
         """Triton's model configuration (its JSON form), as Triton's load tools read it."""
         model = self.repository.get(name, version)
-        sizes, spec, options = model.sizes, model.spec, model.batcher.options
+        sizes, spec, options = model.sizes, model.spec, model.options
         manifest = model.manifest
         inputs = [
             {
@@ -165,7 +170,11 @@ class DataPlane:
     async def infer(self, request: InferRequest, call: Call) -> InferResponse:
         """Text in BYTES tensors through the task, or token ids through the graph."""
         model = self.admit(request.model, request.version, call)
-        if any(name in request.inputs for name in TOKEN_INPUTS):
+        if model.spec.generative:
+            generate = read_request(request.inputs, request.parameters)
+            answered = await self.generate(request.model, request.version, generate, call)
+            outputs = model.spec.encode(answered.answers, answered.params)
+        elif any(name in request.inputs for name in TOKEN_INPUTS):
             rows = len(request.inputs.get("input_ids", ()))
             outputs = await self._timed(model, call, rows, lambda state: self._tokens(model, request.inputs, state))
         else:
@@ -181,9 +190,11 @@ class DataPlane:
     ) -> Answered:
         """A task's answers for texts already named by input (the typed API, OpenAI embeddings)."""
         model = self.admit(name, version, call)
+        if model.spec.generative:  # the typed Generate RPC
+            return await self.generate(name, version, GenerateRequest(texts["text_input"], dict(raw_params)), call)
         return await self._answer(model, texts, model.spec.parse_params(raw_params), call)
 
-    def admit(self, name: str, version: str, call: Call) -> ServedModel:
+    def admit(self, name: str, version: str, call: Call) -> Served:
         """The model a request is for, unless the server is draining or serves no such model (both counted)."""
         if self.draining:
             self._count(name, call, "UNAVAILABLE")
@@ -206,9 +217,16 @@ class DataPlane:
         answers = await self._timed(model, call, rows, lambda state: model.run(prepare, state, self.executor))
         return Answered(model, answers, params, tokens[0] if tokens else 0)
 
-    async def _timed(self, model: ServedModel, call: Call, rows: int, work: Any) -> Any:
-        """Run work(request state) as one request of `model`: deadline, statistics, metrics, and an
-        internal error logged with a request id that the caller also gets."""
+    async def _timed(self, model: Served, call: Call, rows: int, work: Any) -> Any:
+        """Run work(request state) as one request of `model` (see `_request`)."""
+        async with self._request(model, call, rows) as state:
+            return await work(state)
+
+    @contextlib.asynccontextmanager
+    async def _request(self, model: Served, call: Call, rows: int) -> AsyncIterator[RequestState]:
+        """One request of `model`, however it answers (at once or as a stream): admission,
+        deadline, statistics, metrics, and an internal error logged with a request id that the
+        caller also gets."""
         started = time.monotonic()
         timeout = call.timeout if call.timeout is not None else self.default_deadline
         state = RequestState(deadline=started + timeout if timeout else None)
@@ -219,8 +237,8 @@ class DataPlane:
             raise
         model.in_flight += 1
         try:
-            result = await work(state)
-        except asyncio.CancelledError:  # the caller went away: what is still queued is dropped
+            yield state
+        except (asyncio.CancelledError, GeneratorExit):  # the caller went away: what is still queued is dropped
             state.cancelled = True
             model.record_result(False, time.monotonic() - started, rows)
             self._count(model.name, call, "CANCELLED")
@@ -243,7 +261,48 @@ class DataPlane:
         model.record_result(True, elapsed, rows)
         self._count(model.name, call, "OK")
         self.metrics.request_seconds.labels(model=model.name).observe(elapsed)
-        return result
+
+    # ---- generation -----------------------------------------------------------------------------
+
+    async def generate(self, name: str, version: str, request: GenerateRequest, call: Call) -> Answered:
+        """Whole answers for a generator's prompts (unary protocols)."""
+        model = self._generator(name, version, call)
+        params = model.spec.parse_params(request.params)
+        work = lambda state: model.answer(request.prompts, params, state, self.executor)  # noqa: E731
+        answers = await self._timed(model, call, len(request.prompts), work)
+        return Answered(model, answers, params, sum(a.prompt_tokens for a in answers))
+
+    async def generate_stream(
+        self, name: str, version: str, request: GenerateRequest, call: Call
+    ) -> AsyncIterator[Chunk]:
+        """One prompt's text as it is generated; the last chunk carries the finish reason and counts.
+        Checked before the first chunk, so a bad request fails as a whole."""
+        model = self._generator(name, version, call)
+        if len(request.prompts) != 1:
+            raise InvalidInput(
+                f"a stream generates one prompt; got {len(request.prompts)} (send them on separate streams)"
+            )
+        params = model.spec.parse_params(request.params)
+        async with self._request(model, call, 1) as state:
+            stream = model.open(request.prompts[0], params, asyncio.get_running_loop())
+            tokens = 0
+            if stream.prefix:
+                yield Chunk(stream.prefix, 0)
+            async for piece in model.pieces(stream, request.prompts[0], params, state, self.executor):
+                tokens += piece.tokens
+                if piece.finish_reason is None:
+                    yield Chunk(piece.text, piece.tokens)
+                else:
+                    yield Chunk(
+                        piece.text, piece.tokens, piece.finish_reason, stream.prompt_tokens, tokens, stream.truncated
+                    )
+
+    def _generator(self, name: str, version: str, call: Call) -> GenerativeModel:
+        model = self.admit(name, version, call)
+        if not isinstance(model, GenerativeModel):
+            self._count(name, call, "INVALID_ARGUMENT")
+            raise InvalidInput(f"model {model.name!r} is a {model.manifest.task} model, not a generator")
+        return model
 
     async def _tokens(self, model: ServedModel, tensors: dict[str, np.ndarray], state: RequestState) -> Any:
         sequences, rows, width = read_token_rows(model, tensors)

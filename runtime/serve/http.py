@@ -1,5 +1,6 @@
 """HTTP on its own port: KServe v2 REST (Triton's HTTP API, binary tensor extension included),
-the model repository API, and OpenAI's `POST /v1/embeddings` — thin adapters over the data plane.
+the model repository API, OpenAI's `POST /v1/embeddings`, and for generators Triton's generate
+extension (`/generate`, `/generate_stream` as server-sent events) — thin adapters over the data plane.
 
 aiohttp, in the server's own event loop beside grpc.aio: measured on this 2-core machine with wrk
 (64 connections, a KServe-shaped JSON POST answered with JSON), aiohttp 3.14 served 9,961-10,142
@@ -19,8 +20,10 @@ import numpy as np
 from aiohttp import web
 from kiln.runtime.errors import InvalidInput, KilnError, Unauthenticated
 from kiln.runtime.serve.dataplane import Call, DataPlane, InferRequest
+from kiln.runtime.serve.generative import Chunk
 from kiln.runtime.serve.status import http_status_of
 from kiln.runtime.serve.tensors import DTYPES, element_count
+from kiln.runtime.tasks.generation import GenerateRequest, read_request
 
 HEADER_LENGTH = "Inference-Header-Content-Length"  # Triton's binary tensor data extension
 OPEN_PATHS = ("/v2/health/",)  # probes need no token
@@ -51,6 +54,8 @@ class HttpApi:
             app.router.add_get(base + "/config", self.config)
             app.router.add_get(base + "/stats", self.statistics)
             app.router.add_post(base + "/infer", self.infer)
+            app.router.add_post(base + "/generate", self.generate)
+            app.router.add_post(base + "/generate_stream", self.generate_stream)
         app.router.add_post("/v2/repository/index", self.repository_index)
         app.router.add_post("/v2/repository/models/{name}/load", self.load)
         app.router.add_post("/v2/repository/models/{name}/unload", self.unload)
@@ -146,6 +151,42 @@ class HttpApi:
             headers={HEADER_LENGTH: str(len(head))},
         )
 
+    async def generate(self, request: web.Request) -> web.Response:
+        """Triton's generate extension: one JSON answer."""
+        name, version = _model(request)
+        generate = generate_request(await _json_body(request))
+        answered = await self.plane.generate(name, version, generate, Call("generate-http"))
+        answer = answered.answers[0] if len(answered.answers) == 1 else None
+        body: dict[str, Any] = {"model_name": answered.model.name, "model_version": answered.model.version}
+        if answer is None:
+            body["text_output"] = [a.text for a in answered.answers]
+            return web.json_response(body)
+        body.update(text_output=answer.text, finish_reason=answer.finish_reason, truncated=answer.truncated)
+        body["usage"] = {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.tokens}
+        return web.json_response(body)
+
+    async def generate_stream(self, request: web.Request) -> web.StreamResponse:
+        """Triton's generate extension, streamed as server-sent events: one event per piece of text,
+        the last with the finish reason. An error before the first piece is an HTTP error; after it,
+        an event `{"error": ...}` ends the stream."""
+        name, version = _model(request)
+        generate = generate_request(await _json_body(request))
+        chunks = aiter(self.plane.generate_stream(name, version, generate, Call("generate-http")))
+        first = await anext(chunks)  # errors here become the HTTP status, as for any request
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        model = {"model_name": name, "model_version": version or "1"}
+        try:
+            await response.write(_event({**model, **_chunk_json(first)}))
+            async for chunk in chunks:
+                await response.write(_event({**model, **_chunk_json(chunk)}))
+        except KilnError as exc:
+            await response.write(_event({"error": str(exc)}))
+        finally:
+            await chunks.aclose()
+        await response.write_eof()
+        return response
+
     async def embeddings(self, request: web.Request) -> web.Response:
         """OpenAI's embeddings API over a feature-extraction model."""
         body = await _json_body(request)
@@ -172,6 +213,40 @@ class HttpApi:
         ]
         usage = {"prompt_tokens": answered.tokens, "total_tokens": answered.tokens}
         return web.json_response({"object": "list", "data": data, "model": name, "usage": usage})
+
+
+def generate_request(body: dict[str, Any]) -> GenerateRequest:
+    """Triton's generate JSON: inputs by name at the top level, request parameters in `parameters`."""
+    parameters = _object(body.get("parameters", {}), "'parameters'")
+    tensors: dict[str, np.ndarray] = {}
+    for name, value in body.items():
+        if name in ("parameters", "id"):
+            continue
+        if name in ("text_input", "sampling_parameters"):
+            texts = value if isinstance(value, list) else [value]
+            texts = [json.dumps(t) if name == "sampling_parameters" and isinstance(t, dict) else t for t in texts]
+            if not texts or not all(isinstance(t, str) for t in texts):
+                raise InvalidInput(f"{name!r} must be a string or a list of strings")
+            tensors[name] = np.array([t.encode("utf-8") for t in texts], dtype=object)
+        elif isinstance(value, bool):
+            tensors[name] = np.array([value])
+        elif isinstance(value, int):
+            tensors[name] = np.array([value], dtype=np.int64)
+        else:
+            raise InvalidInput(f"input {name!r} must be a boolean or an integer, got {type(value).__name__}")
+    return read_request(tensors, parameters)
+
+
+def _chunk_json(chunk: Chunk) -> dict[str, Any]:
+    body: dict[str, Any] = {"text_output": chunk.text}
+    if chunk.finish_reason is not None:
+        body.update(finish_reason=chunk.finish_reason, truncated=chunk.truncated)
+        body["usage"] = {"prompt_tokens": chunk.prompt_tokens, "completion_tokens": chunk.generated_tokens}
+    return body
+
+
+def _event(data: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(data, ensure_ascii=False).encode("utf-8") + b"\n\n"
 
 
 def _model(request: web.Request) -> tuple[str, str]:

@@ -7,6 +7,7 @@ graph's raw outputs. Errors become gRPC status codes here, through kiln.runtime.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,6 +19,8 @@ from kiln.runtime.serve.dataplane import Call, DataPlane, InferRequest
 from kiln.runtime.serve.interceptors import Undecodable
 from kiln.runtime.serve.status import status_of
 from kiln.runtime.serve.tensors import decode_inputs, encode_outputs, parameters
+from kiln.runtime.tasks.generation import read_request
+from kiln.runtime.tasks.spec import bytes_tensor
 
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
@@ -69,20 +72,70 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
     async def ModelStreamInfer(self, request_iterator, context) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        """Each message answered on the stream in turn; a failing one gets an error message and the
-        stream goes on."""
-        async for request in request_iterator:
-            if isinstance(request, Undecodable):
-                yield pb.ModelStreamInferResponse(error_message=request.reason)
-                continue
+        """Triton's decoupled streaming: the requests on a stream are answered side by side and each
+        response is sent when ready. A generator asked to `stream` answers with one response per piece
+        of text; every request's last response carries `triton_final_response`. A failing request gets
+        an error message and the stream goes on."""
+        responses: asyncio.Queue = asyncio.Queue()
+        open_work = 1  # the reader, and each request it has started
+        tasks: set[asyncio.Task] = set()
+
+        async def read() -> None:
+            nonlocal open_work
             try:
-                response = await self._infer(request, context)
-                yield pb.ModelStreamInferResponse(infer_response=response)
+                async for request in request_iterator:
+                    open_work += 1
+                    task = asyncio.create_task(self._stream_one(request, context, responses))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+            finally:
+                responses.put_nowait(_END)
+
+        reader = asyncio.create_task(read())
+        try:
+            while open_work:
+                response = await responses.get()
+                if response is _END:
+                    open_work -= 1
+                else:
+                    yield response
+        finally:
+            for task in (reader, *tasks):
+                task.cancel()
+
+    async def _stream_one(self, request: Any, context: Any, responses: asyncio.Queue) -> None:
+        try:
+            if isinstance(request, Undecodable):
+                responses.put_nowait(pb.ModelStreamInferResponse(error_message=request.reason))
+                return
+            try:
+                async for response in self._stream_responses(request, context):
+                    responses.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
             except KilnError as exc:
                 _, message = status_of(exc)
-                yield pb.ModelStreamInferResponse(
-                    error_message=message, infer_response=pb.ModelInferResponse(id=request.id)
-                )
+                failed = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
+                _final(failed)
+                responses.put_nowait(pb.ModelStreamInferResponse(error_message=message, infer_response=failed))
+        finally:
+            responses.put_nowait(_END)
+
+    async def _stream_responses(self, request: pb.ModelInferRequest, context: Any) -> AsyncIterator[Any]:
+        model = self.plane.model(request.model_name, request.model_version)
+        generate = (
+            read_request(decode_inputs(request), parameters(request.parameters)) if model.spec.generative else None
+        )
+        if generate is None or not generate.stream:
+            response = await self._infer(request, context)
+            _final(response)
+            yield response
+            return
+        call = Call("kserve-stream", context.time_remaining())
+        async for chunk in self.plane.generate_stream(request.model_name, request.model_version, generate, call):
+            response = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
+            encode_outputs(response, {"text_output": bytes_tensor([chunk.text])})
+            if chunk.finish_reason is not None:
+                _final(response, chunk.finish_reason)
+            yield response
 
     async def RepositoryIndex(self, request, context):
         entry = pb.RepositoryIndexResponse.ModelIndex
@@ -100,6 +153,16 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelUnload(self, request, context):
         await _call_async(context, self.plane.repository.unload, request.model_name)
         return pb.RepositoryModelUnloadResponse()
+
+
+_END = object()  # a unit of stream work is done
+
+
+def _final(response: pb.ModelInferResponse, finish_reason: str | None = None) -> None:
+    """Mark a request's last response, as Triton's decoupled models do."""
+    response.parameters["triton_final_response"].bool_param = True
+    if finish_reason is not None:
+        response.parameters["finish_reason"].string_param = finish_reason
 
 
 async def _call(context: Any, function: Any, *args: Any) -> Any:

@@ -78,6 +78,18 @@ class Metrics:
             ["model"],
             registry=self.registry,
         )
+        # generators: one decoding iteration steps every running sequence (continuous batching)
+        self.decoding_rows = Histogram(
+            "kiln_decoding_rows",
+            "Sequences stepped per decoding iteration",
+            ["model"],
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=self.registry,
+        )
+        self.generated_tokens = Counter("kiln_generated_tokens", "Tokens generated", ["model"], registry=self.registry)
+        self.cache_tokens = Gauge(
+            "kiln_kv_cache_tokens", "KV cache tokens held by running sequences", ["model"], registry=self.registry
+        )
 
     def app(self) -> web.Application:
         async def metrics(request: web.Request) -> web.Response:

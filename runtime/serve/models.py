@@ -56,7 +56,72 @@ class Statistics:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-class ServedModel:
+class Counted:
+    """What every served model keeps for the data plane: admission control, in-flight requests,
+    Triton's statistics. A model sets name, version, metrics and `max_queue` before use."""
+
+    name: str
+    version: str
+    metrics: Metrics
+    max_queue: int
+
+    def __init__(self) -> None:
+        self.stats = Statistics()
+        self.in_flight = 0  # requests holding this model (a swapped-out version stops once none does)
+        self.admitted = 0  # items accepted and not yet answered (admission control)
+
+    def admit(self, items: int) -> None:
+        """Admission control, on the event loop: every item accepted and not yet answered counts
+        (waiting for a worker, being prepared, queued for a batch, running, being finished), so
+        `--max-queue` bounds all the work the model holds; past it a request is refused at once."""
+        limit = self.max_queue
+        if items > limit:
+            raise InvalidInput(
+                f"request has {items} items; model {self.name} takes at most {limit} in one request (--max-queue)"
+            )
+        if self.admitted + items > limit:
+            raise QueueFull(
+                f"model {self.name}: {self.admitted} items in progress, limit {limit} (--max-queue); retry later"
+            )
+        self.admitted += items
+        self.metrics.queue_depth.labels(model=self.name).set(self.admitted)
+
+    def release(self, items: int) -> None:
+        self.admitted -= items
+        self.metrics.queue_depth.labels(model=self.name).set(self.admitted)
+
+    def record_result(self, ok: bool, seconds: float, count: int) -> None:
+        with self.stats.lock:
+            (self.stats.success if ok else self.stats.fail).add(seconds)
+            if ok:
+                self.stats.inference_count += count
+                self.stats.last_inference_ms = int(time.time() * 1000)
+
+    def statistics(self) -> dict[str, Any]:
+        """Triton's per-model statistics, in their JSON form."""
+
+        def d(duration: Duration) -> dict[str, int]:
+            return {"count": duration.count, "ns": duration.ns}
+
+        s = self.stats
+        with s.lock:
+            return {
+                "name": self.name,
+                "version": self.version,
+                "last_inference": s.last_inference_ms,
+                "inference_count": s.inference_count,
+                "execution_count": s.execution_count,
+                "inference_stats": {
+                    stage: d(getattr(s, stage))
+                    for stage in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
+                },
+                "batch_stats": [
+                    {"batch_size": size, "compute_infer": d(duration)} for size, duration in sorted(s.batches.items())
+                ],
+            }
+
+
+class ServedModel(Counted):
     """On CPU with several instances the model has two sessions: the package's own, on every core,
     for a batch that runs alone (the lowest latency for a lone request), and a single-threaded one
     the instances share under load, so that batches run side by side, one per core, instead of
@@ -79,9 +144,7 @@ class ServedModel:
         self.provider = self.package.session.get_providers()[0]
         self.pipeline: Pipeline = self.spec.pipeline(self.package)  # prepares and finishes; runs go through us
         self.metrics = metrics
-        self.stats = Statistics()
-        self.in_flight = 0  # requests holding this model (a swapped-out version stops once none does)
-        self.admitted = 0  # items accepted and not yet answered (admission control)
+        super().__init__()
         on_cpu = self.provider == PROVIDERS["cpu"]
         batching = replace(
             batching,
@@ -92,6 +155,7 @@ class ServedModel:
         self.single_threaded = on_cpu and (session.intra_op_threads or cpu_count()) == 1
         if on_cpu and not self.single_threaded and batching.instances > 1:
             self.narrow = create_session(path / MODEL_NAME, replace(session, intra_op_threads=1))
+        self.max_queue = batching.max_queue
         self.batcher = Batcher(name, self._run_batch, self._split, batching, self._record_batch)
         self.batcher.start()
         warm_start = time.monotonic()
@@ -117,6 +181,10 @@ class ServedModel:
         )
 
     @property
+    def options(self) -> BatchOptions:
+        return self.batcher.options
+
+    @property
     def sizes(self) -> dict[str, int]:
         """What symbolic output shapes resolve to for this model (labels, embedding width)."""
         last = self.package.session.get_outputs()[0].shape[-1]
@@ -130,26 +198,6 @@ class ServedModel:
             for o in self.package.session.get_outputs()
             if o.name in self.manifest.outputs
         ]
-
-    def admit(self, items: int) -> None:
-        """Admission control, on the event loop: every item accepted and not yet answered counts
-        (waiting for a worker, being prepared, queued for a batch, running, being finished), so
-        `--max-queue` bounds all the work the model holds; past it a request is refused at once."""
-        limit = self.batcher.options.max_queue
-        if items > limit:
-            raise InvalidInput(
-                f"request has {items} items; model {self.name} takes at most {limit} in one request (--max-queue)"
-            )
-        if self.admitted + items > limit:
-            raise QueueFull(
-                f"model {self.name}: {self.admitted} items in progress, limit {limit} (--max-queue); retry later"
-            )
-        self.admitted += items
-        self.metrics.queue_depth.labels(model=self.name).set(self.admitted)
-
-    def release(self, items: int) -> None:
-        self.admitted -= items
-        self.metrics.queue_depth.labels(model=self.name).set(self.admitted)
 
     def prepare_or_run(self, prepare: Any, request: RequestState) -> tuple[Prepared, Any, list[Future] | None]:
         """On a worker thread: prepare the request, then run it at once if the model is idle and it
@@ -224,36 +272,6 @@ class ServedModel:
             self.stats.compute_infer.add(record.infer_seconds)
             self.stats.queue.add(sum(record.queue_seconds), len(record.queue_seconds))
             self.stats.batches.setdefault(record.size, Duration()).add(record.infer_seconds)
-
-    def record_result(self, ok: bool, seconds: float, count: int) -> None:
-        with self.stats.lock:
-            (self.stats.success if ok else self.stats.fail).add(seconds)
-            if ok:
-                self.stats.inference_count += count
-                self.stats.last_inference_ms = int(time.time() * 1000)
-
-    def statistics(self) -> dict[str, Any]:
-        """Triton's per-model statistics, in their JSON form."""
-
-        def d(duration: Duration) -> dict[str, int]:
-            return {"count": duration.count, "ns": duration.ns}
-
-        s = self.stats
-        with s.lock:
-            return {
-                "name": self.name,
-                "version": self.version,
-                "last_inference": s.last_inference_ms,
-                "inference_count": s.inference_count,
-                "execution_count": s.execution_count,
-                "inference_stats": {
-                    stage: d(getattr(s, stage))
-                    for stage in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
-                },
-                "batch_stats": [
-                    {"batch_size": size, "compute_infer": d(duration)} for size, duration in sorted(s.batches.items())
-                ],
-            }
 
     def stop(self) -> None:
         self.batcher.stop()

@@ -21,8 +21,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from kiln.proto import grpc_service_pb2, grpc_service_pb2_grpc, kiln_pb2, kiln_pb2_grpc
 from kiln.runtime.errors import ConfigError
+from kiln.runtime.manifest import read_manifest
 from kiln.runtime.serve.batcher import BatchOptions
 from kiln.runtime.serve.dataplane import DataPlane
+from kiln.runtime.serve.generative import GenerativeModel
 from kiln.runtime.serve.http import HttpApi
 from kiln.runtime.serve.interceptors import BearerAuth, LenientDecoding
 from kiln.runtime.serve.kserve import InferenceService
@@ -31,6 +33,7 @@ from kiln.runtime.serve.models import ServedModel
 from kiln.runtime.serve.repository import Repository, Source, scan
 from kiln.runtime.serve.typed import KilnService
 from kiln.runtime.session import SessionOptions
+from kiln.runtime.tasks import spec_for
 
 log = logging.getLogger("kiln.serve")
 # how long onnxruntime's pool threads keep spinning when idle (SessionOptions.spin_after_us). Measured
@@ -84,8 +87,9 @@ def repository(options: ServeOptions, metrics: Metrics) -> Repository:
     """Positional packages (fixed models), or a Triton-style model repository."""
     session = _bounded_spin(options.session)
 
-    def load(source: Source) -> ServedModel:
-        return ServedModel(source.name, source.path, session, options.batching, metrics, source.version)
+    def load(source: Source) -> ServedModel | GenerativeModel:
+        kind = GenerativeModel if spec_for(read_manifest(source.path).task).generative else ServedModel
+        return kind(source.name, source.path, session, options.batching, metrics, source.version)
 
     if options.model_repository is not None:
         if options.packages:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 from kiln.proto import kiln_pb2 as pb
@@ -10,7 +11,8 @@ from kiln.runtime.errors import InvalidInput, KilnError
 from kiln.runtime.serve.dataplane import Call, DataPlane
 from kiln.runtime.serve.models import ServedModel
 from kiln.runtime.serve.status import status_of
-from kiln.runtime.tasks import SPECS, TaskSpec
+from kiln.runtime.tasks import SPECS, TaskSpec, generation
+from kiln.runtime.tasks.generation import GenerateRequest
 
 
 def model_info(model: ServedModel) -> pb.ModelInfo:
@@ -44,7 +46,7 @@ class KilnService(pb_grpc.KilnServicer):
         try:
             call = Call(spec.rpc, context.time_remaining())
             model = self.plane.admit(request.model, "", call)
-            if model.spec is not spec:
+            if model.spec.rpc != spec.rpc:
                 raise InvalidInput(
                     f"model {model.name!r} is a {model.manifest.task} model; {spec.rpc} needs a {spec.task} model"
                 )
@@ -53,6 +55,24 @@ class KilnService(pb_grpc.KilnServicer):
                 request.model, "", texts, params, Call(spec.rpc, context.time_remaining())
             )
             return spec.to_typed(answered.answers, answered.params)
+        except KilnError as exc:
+            await context.abort(*status_of(exc))
+
+    async def GenerateStream(self, request: pb.GenerateRequest, context: Any) -> AsyncIterator[pb.GenerateChunk]:
+        """A message per piece of text; the last carries finish_reason and the token counts."""
+        try:
+            texts, params = generation.from_typed(request)
+            generate = GenerateRequest(texts["text_input"], params)
+            call = Call("GenerateStream", context.time_remaining())
+            async for chunk in self.plane.generate_stream(request.model, "", generate, call):
+                yield pb.GenerateChunk(
+                    text=chunk.text,
+                    tokens=chunk.tokens,
+                    finish_reason=chunk.finish_reason or "",
+                    prompt_tokens=chunk.prompt_tokens,
+                    generated_tokens=chunk.generated_tokens,
+                    truncated=chunk.truncated,
+                )
         except KilnError as exc:
             await context.abort(*status_of(exc))
 

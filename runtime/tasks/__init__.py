@@ -6,6 +6,7 @@ from kiln.runtime.errors import PackageError
 from kiln.runtime.tasks import (
     feature_extraction,
     fill_mask,
+    generation,
     question_answering,
     text_classification,
     token_classification,
@@ -24,6 +25,7 @@ SPECS: dict[str, TaskSpec] = {
         zero_shot,
     )
 }
+SPECS.update({spec.task: spec for spec in generation.SPECS})
 
 
 def spec_for(task: str) -> TaskSpec:

@@ -129,6 +129,7 @@ class TaskSpec:
     from_head: bool = True  # chosen automatically when the model's head is `head` (else only by --task)
     optimum_task: str | None = None  # optimum's name for the graph, where it differs
     check_config: Callable[[dict[str, Any]], None] | None = None  # refuses a model this task cannot use
+    generative: bool = False  # runs through the decoding loop (kiln.runtime.generation), not the batcher
 
     @property
     def rows_input(self) -> str:
