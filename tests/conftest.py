@@ -11,6 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import tiny_generators
 import tiny_models
 
 
@@ -58,6 +59,45 @@ def task_packages(exported) -> dict[str, Path]:
         "mlm": exported("bert", "fill-mask"),
         "nli": exported("bert", "zero-shot-classification"),
     }
+
+
+@pytest.fixture(scope="session")
+def generator_model(tmp_path_factory):
+    """generator_model(kind) -> a tiny trained generator directory: gpt2 (continues news titles),
+    bart (summarises a story as its lead words), t5 (translates English words into Korean)."""
+    builders = {"gpt2": tiny_generators.build_gpt2, "bart": tiny_generators.build_bart, "t5": tiny_generators.build_t5}
+    cache: dict[str, Path] = {}
+
+    def make(kind: str) -> Path:
+        if kind not in cache:
+            cache[kind] = builders[kind](tmp_path_factory.mktemp(f"generator-{kind}"))
+        return cache[kind]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def generator_package(generator_model, tmp_path_factory):
+    """generator_package(kind, quantize="none", task=None) -> a generation package that passed the gate
+    (the task by default: what each tiny model was trained for)."""
+    trained_for = {"gpt2": "text-generation", "bart": "summarization", "t5": "translation"}
+    from kiln.export.build import ExportOptions, export
+
+    cache: dict[tuple[str, str, str | None], Path] = {}
+
+    def make(kind: str, quantize: str = "none", task: str | None = None) -> Path:
+        task = task or trained_for[kind]
+        key = (kind, quantize, task)
+        if key not in cache:
+            out = tmp_path_factory.mktemp("generators") / f"{kind}-{quantize}-{task}"
+            options = ExportOptions(
+                model=str(generator_model(kind)), output=out, quantize=quantize, task=task, validation_items=16
+            )
+            export(options)
+            cache[key] = out
+        return cache[key]
+
+    return make
 
 
 @pytest.fixture(scope="session")

@@ -47,12 +47,18 @@ def test_missing_weights(tmp_path):
 
 
 def test_unsupported_architecture(tmp_path):
-    model = tmp_path / "gpt"
+    model = tmp_path / "mamba"
     model.mkdir()
-    (model / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    (model / "config.json").write_text(json.dumps({"model_type": "mamba", "architectures": ["MambaForCausalLM"]}))
     (model / "model.safetensors").write_bytes(b"")
     result = run_kiln("export", "--model", str(model), "--output", str(tmp_path / "out"))
-    _assert_clean_failure(result, UnsupportedModel, "architecture 'gpt2' is not supported", tmp_path)
+    _assert_clean_failure(result, UnsupportedModel, "architecture 'mamba' is not supported", tmp_path)
+
+
+def test_a_generator_task_for_an_encoder_is_refused(tiny_model, tmp_path):
+    model = tiny_model("bert", "text-classification")
+    result = run_kiln("export", "--model", str(model), "--task", "summarization", "--output", str(tmp_path / "out"))
+    _assert_clean_failure(result, UnsupportedModel, "summarization needs a generator", tmp_path)
 
 
 def test_task_that_does_not_match_the_head(tiny_model, tmp_path):

@@ -14,7 +14,7 @@ from kiln.runtime.errors import InputTooLong, PackageError
 from kiln.runtime.generation.decoding import Piece, Sequence
 from kiln.runtime.generation.detokenize import Detokenizer, StreamDecoder
 from kiln.runtime.generation.sessions import Decoder, DecoderOnly, load_decoder
-from kiln.runtime.generation.settings import Settings, from_generation_config, with_request
+from kiln.runtime.generation.settings import Settings, from_generation_config, prompt_prefix, with_request
 from kiln.runtime.manifest import Manifest, inside, read_manifest, verify_files
 from kiln.runtime.session import SessionOptions, create_session
 from tokenizers import Tokenizer
@@ -31,6 +31,7 @@ class Generator:
     max_positions: int  # decoder positions (decoder-only: prompt and output together)
     max_source: int  # the encoder's limit (seq2seq); the prompt's otherwise
     sessions: dict[str, Any] = field(default_factory=dict)  # role -> onnxruntime session
+    prefix: str = ""  # put before every prompt, as the transformers pipeline does (t5's "summarize: ")
 
     @property
     def decoder_only(self) -> bool:
@@ -46,7 +47,7 @@ class Generator:
     def encode(self, text: str, truncate: bool) -> tuple[list[int], bool]:
         """The prompt's ids, refused or cut (keeping its end for a decoder, its start for an
         encoder) when over the model's limit; the flag says whether it was cut."""
-        ids = self.tokenizer.encode(text).ids
+        ids = self.tokenizer.encode(self.prefix + text).ids
         limit = self.max_source if not self.decoder_only else self.max_positions - 1
         if len(ids) <= limit:
             return ids, False
@@ -94,7 +95,10 @@ def load_generator(
     positions = layout["max_positions"]
     defaults = replace(defaults, pad_token_id=pad)
     source = layout.get("max_source") or positions
-    return Generator(directory, manifest, tokenizer, detokenizer, decoder, defaults, positions, source, sessions)
+    prefix = prompt_prefix(config, manifest.task)
+    return Generator(
+        directory, manifest, tokenizer, detokenizer, decoder, defaults, positions, source, sessions, prefix
+    )
 
 
 def _json(path: Path) -> dict[str, Any]:

@@ -92,13 +92,27 @@ def from_generation_config(directory: Path, config: Mapping[str, Any], task: str
     known = {f.name for f in fields(Settings)} - {"eos_token_ids", "bad_token_ids", "stop", "extra"}
     model = {k: source[k] for k in known if source.get(k) is not None and source[k] != getattr(_GLOBAL, k)}
     pipeline = TASK_DEFAULTS.get(task, {})
-    values = {**pipeline, **model}
+    specific = {k: v for k, v in task_parameters(config, task).items() if k in known}
+    values = {**pipeline, **model, **specific}
     if "max_length" in model and "max_new_tokens" not in model:
         values.pop("max_new_tokens", None)  # as the pipelines do: a model's own max_length wins over 256 new tokens
     pad = source.get("pad_token_id", config.get("pad_token_id"))
     start = source.get("decoder_start_token_id", config.get("decoder_start_token_id"))
     values.update(eos_token_ids=eos_ids, bad_token_ids=bad, pad_token_id=pad, decoder_start_token_id=start)
     return Settings(**values)
+
+
+def task_parameters(config: Mapping[str, Any], task: str) -> dict[str, Any]:
+    """The legacy `task_specific_params` the transformers pipeline applies for a task (t5's
+    "summarize: " prefix and beam settings; "translation" takes the first translation_XX_to_YY)."""
+    params = config.get("task_specific_params") or {}
+    key = task if task in params else next((k for k in params if task == "translation" and k.startswith(task)), None)
+    return dict(params.get(key) or {})
+
+
+def prompt_prefix(config: Mapping[str, Any], task: str) -> str:
+    """Text the pipeline puts before every input (the task's prefix, else the model's)."""
+    return str(task_parameters(config, task).get("prefix") or config.get("prefix") or "")
 
 
 def with_request(defaults: Settings, request: Mapping[str, Any], max_positions: int) -> Settings:

@@ -35,7 +35,13 @@ Served = ServedModel | GenerativeModel
 log = logging.getLogger("kiln.serve")
 VERSION = "0.2.0"
 TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-CONFIG_TYPES = {"BYTES": "TYPE_STRING", "FP32": "TYPE_FP32", "INT64": "TYPE_INT64"}
+CONFIG_TYPES = {
+    "BYTES": "TYPE_STRING",
+    "FP32": "TYPE_FP32",
+    "INT64": "TYPE_INT64",
+    "INT32": "TYPE_INT32",
+    "BOOL": "TYPE_BOOL",
+}
 EXTENSIONS = ["model_configuration", "statistics", "model_repository", "binary_tensor_data"]
 
 
@@ -108,7 +114,8 @@ class DataPlane:
         model = self.repository.get(name, version)
         sizes = model.sizes
         inputs = [_tensor(t.name, t.datatype, t.resolved_shape(sizes)) for t in model.spec.inputs]
-        inputs += [_tensor(n, "INT64", [-1, -1]) for n in model.manifest.inputs]
+        if not model.spec.generative:  # token ids straight into the graph: encoders only
+            inputs += [_tensor(n, "INT64", [-1, -1]) for n in model.manifest.inputs]
         outputs = [_tensor(t.name, t.datatype, t.resolved_shape(sizes)) for t in model.spec.outputs]
         taken = {t["name"] for t in outputs}
         outputs += [_tensor(n, "FP32", shape) for n, shape in model.raw_outputs() if n not in taken]
@@ -134,7 +141,10 @@ class DataPlane:
             }
             for t in spec.inputs
         ]
-        inputs += [{"name": n, "data_type": "TYPE_INT64", "dims": [-1, -1], "optional": True} for n in manifest.inputs]
+        if not spec.generative:
+            inputs += [
+                {"name": n, "data_type": "TYPE_INT64", "dims": [-1, -1], "optional": True} for n in manifest.inputs
+            ]
         strings = {
             "task": manifest.task,
             "precision": manifest.precision,
@@ -158,6 +168,8 @@ class DataPlane:
                 "max_queue_delay_microseconds": int(options.max_delay * 1e6),
             },
             "parameters": {key: {"string_value": value} for key, value in strings.items()},
+            # generators answer a request with many responses (Triton's decoupled mode)
+            "model_transaction_policy": {"decoupled": spec.generative},
         }
 
     def statistics(self, name: str = "", version: str = "") -> dict[str, Any]:

@@ -72,20 +72,26 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
     async def ModelStreamInfer(self, request_iterator, context) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        """Triton's decoupled streaming: the requests on a stream are answered side by side and each
-        response is sent when ready. A generator asked to `stream` answers with one response per piece
-        of text; every request's last response carries `triton_final_response`. A failing request gets
-        an error message and the stream goes on."""
+        """Triton's streaming: a generator's requests (decoupled) are answered side by side, each with
+        one response per piece of text when asked to `stream`, in the order they finish; every other
+        request gets one response, in the order the requests came. Every request's last response
+        carries `triton_final_response`. A failing request gets an error message; the stream goes on."""
         responses: asyncio.Queue = asyncio.Queue()
         open_work = 1  # the reader, and each request it has started
         tasks: set[asyncio.Task] = set()
 
         async def read() -> None:
             nonlocal open_work
+            previous: asyncio.Future | None = None  # the last in-order request's turn to answer
             try:
                 async for request in request_iterator:
                     open_work += 1
-                    task = asyncio.create_task(self._stream_one(request, context, responses))
+                    turn = None
+                    if not self._decoupled(request):
+                        turn = asyncio.get_running_loop().create_future()
+                    work = self._stream_one(request, context, responses, previous, turn)
+                    previous = turn or previous
+                    task = asyncio.create_task(work)
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
             finally:
@@ -103,20 +109,45 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             for task in (reader, *tasks):
                 task.cancel()
 
-    async def _stream_one(self, request: Any, context: Any, responses: asyncio.Queue) -> None:
+    def _decoupled(self, request: Any) -> bool:
+        if isinstance(request, Undecodable):
+            return False
+        try:
+            return self.plane.model(request.model_name, request.model_version).spec.generative
+        except KilnError:
+            return False
+
+    async def _stream_one(
+        self,
+        request: Any,
+        context: Any,
+        responses: asyncio.Queue,
+        after: asyncio.Future | None,
+        turn: asyncio.Future | None,
+    ) -> None:
+        """Answer one request on the stream; an in-order one (`turn` set) waits for the request
+        before it (`after`) to have answered."""
+        ready: list[pb.ModelStreamInferResponse] = []
+        send = ready.append if turn is not None else responses.put_nowait
         try:
             if isinstance(request, Undecodable):
-                responses.put_nowait(pb.ModelStreamInferResponse(error_message=request.reason))
+                send(pb.ModelStreamInferResponse(error_message=request.reason))
                 return
             try:
                 async for response in self._stream_responses(request, context):
-                    responses.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
+                    send(pb.ModelStreamInferResponse(infer_response=response))
             except KilnError as exc:
                 _, message = status_of(exc)
                 failed = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
                 _final(failed)
-                responses.put_nowait(pb.ModelStreamInferResponse(error_message=message, infer_response=failed))
+                send(pb.ModelStreamInferResponse(error_message=message, infer_response=failed))
         finally:
+            if after is not None:
+                await asyncio.shield(after)
+            for response in ready:
+                responses.put_nowait(response)
+            if turn is not None:
+                turn.set_result(None)
             responses.put_nowait(_END)
 
     async def _stream_responses(self, request: pb.ModelInferRequest, context: Any) -> AsyncIterator[Any]:

@@ -159,7 +159,13 @@ def _spec(
         pipeline=pipeline,  # type: ignore[arg-type]  # generation pipelines run sequences, not encodings
         head=head,
         auto_class=auto_class,
-        inputs=(Tensor("text_input", "BYTES", (-1,)),),
+        inputs=(
+            Tensor("text_input", "BYTES", (-1,)),
+            Tensor("max_tokens", "INT32", (1,), optional=True, per_row=False),
+            Tensor("stream", "BOOL", (1,), optional=True, per_row=False),
+            Tensor("sampling_parameters", "BYTES", (1,), optional=True, per_row=False),
+            Tensor("exclude_input_in_output", "BOOL", (1,), optional=True, per_row=False),
+        ),
         outputs=(Tensor("text_output", "BYTES", (-1,)),),
         parameters=PARAMETERS,
         prepare=_not_a_pipeline_call,
