@@ -205,26 +205,25 @@ def test_cache_budget_refuses_and_a_cancelled_stream_frees_its_share(server):
 
 
 def test_a_new_request_joins_the_running_batch(server):
-    """Continuous batching: while one stream runs, others start and share its decoding steps."""
+    """Continuous batching: requests arriving while others run share their decoding steps."""
     stub = pb_grpc.KilnStub(grpc.insecure_channel(server.address))
-    before = metric(server.metrics_url, "kiln_decoding_rows_sum", model="gpt")
+    rows_before = metric(server.metrics_url, "kiln_decoding_rows_sum", model="gpt")
     steps_before = metric(server.metrics_url, "kiln_decoding_rows_count", model="gpt")
-    threads = [
-        threading.Thread(
-            target=lambda: stub.Generate(
-                pb.GenerateRequest(model="gpt", prompts=[PROMPT], max_new_tokens=40, min_new_tokens=40, do_sample=False)
-            )
-        )
-        for _ in range(4)
-    ]
+    start = threading.Barrier(6)
+    request = pb.GenerateRequest(model="gpt", prompts=[PROMPT], max_new_tokens=100, min_new_tokens=100, do_sample=False)
+
+    def call() -> None:
+        start.wait()
+        stub.Generate(request)
+
+    threads = [threading.Thread(target=call) for _ in range(6)]
     for thread in threads:
         thread.start()
-        time.sleep(0.05)
     for thread in threads:
         thread.join()
-    rows = metric(server.metrics_url, "kiln_decoding_rows_sum", model="gpt") - before
+    rows = metric(server.metrics_url, "kiln_decoding_rows_sum", model="gpt") - rows_before
     steps = metric(server.metrics_url, "kiln_decoding_rows_count", model="gpt") - steps_before
-    assert rows / steps > 1.5  # 4 x 40 tokens in far fewer than 160 steps
+    assert rows / steps > 2  # 6 x 100 tokens in far fewer than 600 steps
 
 
 def test_deadline_stops_a_long_generation(server):
