@@ -1,4 +1,4 @@
-"""`kiln bench model|serve|all`: arguments, progress, verdicts against the targets."""
+"""`kiln bench model|serve|all|gpu|soak|generate`: arguments, progress, verdicts against the targets."""
 
 from __future__ import annotations
 
@@ -27,11 +27,13 @@ TARGETS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("what", choices=["model", "serve", "all", "gpu", "soak"])
+    parser.add_argument("what", choices=["model", "serve", "all", "gpu", "soak", "generate"])
     parser.add_argument("package", type=Path, nargs="*", help="package to measure (gpu: one or more)")
-    parser.add_argument("--url", help="serve: measure a running server at this gRPC HOST:PORT instead")
+    parser.add_argument(
+        "--url", help="serve: measure a running server at this gRPC HOST:PORT instead; generate: a kiln server too"
+    )
     parser.add_argument("--http-url", help="serve --url: its HTTP base URL too (http://HOST:PORT), for KServe REST")
-    parser.add_argument("--model", help="serve --url: the model to measure")
+    parser.add_argument("--model", help="serve --url: the model to measure; generate: a local Hugging Face model DIR")
     parser.add_argument("--rates", default="", help="serve --url: open-loop requests/s (default: 1/2 and 4/5 of peak)")
     parser.add_argument("--seconds", type=float, default=20.0, help="serve --url: seconds per open-loop rate")
     parser.add_argument("--minutes", type=float, default=5.0, help="soak: minutes of steady load")
@@ -51,6 +53,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", default="1,4,16,64")
     parser.add_argument("--requests", type=int, default=256, help="requests per concurrency level")
     parser.add_argument("--server-args", default="", help="extra `kiln serve` flags, quoted")
+    parser.add_argument(
+        "--package", type=Path, action="append", dest="packages", help="generate: a kiln package (repeatable)"
+    )
+    parser.add_argument(
+        "--engines",
+        default="transformers,optimum,ctranslate2-fp32,ctranslate2-int8",
+        help="generate: engines beside the --package ones (transformers is the accuracy reference)",
+    )
+    parser.add_argument("--new-tokens", type=int, default=64, help="generate: new tokens per prompt, exactly")
+    parser.add_argument("--prompts", type=int, default=32, help="generate: corpus prompts for one stream")
+    parser.add_argument("--streams", default="1,8,32", help="generate: concurrent streams (batched for in-process)")
+    parser.add_argument("--served-model", help="generate --url: the model's name on the server (default: --model's)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
 
 
@@ -69,6 +83,8 @@ class Progress:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.what == "generate":
+        return _run_generate(args)
     texts = read_corpus(args.corpus, args.limit)
     if args.what == "gpu":
         return _run_gpu(args, texts)
@@ -141,6 +157,34 @@ def _run_remote(args: argparse.Namespace, texts: list[str]) -> int:
     for path in report.write(results, args.out):
         print(f"wrote {path}", file=sys.stderr)
     print(report.markdown(results))
+    return 0
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from kiln.bench import generate
+
+    if not args.model or not Path(args.model, "config.json").is_file():
+        raise SystemExit(
+            "kiln bench generate needs --model DIR, a local Hugging Face model "
+            "(python -m kiln.bench.generate gpt2|bart DIR builds a random-weight one)"
+        )
+    options = generate.Options(
+        model=Path(args.model),
+        engines=[name for name in args.engines.split(",") if name],
+        packages=args.packages or [],
+        new_tokens=args.new_tokens,
+        prompts=args.prompts,
+        streams=_ints(args.streams),
+        url=args.url,
+        served_model=args.served_model,
+        cache=args.out / "cache",
+    )
+    progress = Progress(generate.steps(options))
+    results: dict[str, Any] = {"machine": report.machine(), "source": args.model, "corpus": str(args.corpus)}
+    results["generate"] = generate.bench_generate(options, read_corpus(args.corpus), progress)
+    for path in generate.write(results, args.out):
+        print(f"wrote {path}", file=sys.stderr)
+    print(generate.render(results))
     return 0
 
 

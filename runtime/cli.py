@@ -67,6 +67,8 @@ def _named_texts(spec: Any, args: argparse.Namespace) -> dict[str, list[str]]:
     """The texts (arguments or stdin lines) as the task's first input; its other inputs from flags."""
     texts = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     named = {spec.rows_input: texts}
+    if spec.generative:  # prompts only; generation settings are --param NAME=VALUE
+        return named
     for tensor in spec.inputs[1:]:
         value = getattr(args, tensor.name)
         if value is None:
@@ -96,7 +98,7 @@ def _add_input_arguments(parser: argparse.ArgumentParser) -> None:
     from kiln.runtime.tasks import SPECS
 
     parser.add_argument("text", nargs="*", help="texts (questions for QA; default: one a line on stdin)")
-    others = {t.name: t for spec in SPECS.values() for t in spec.inputs[1:]}
+    others = {t.name: t for spec in SPECS.values() if not spec.generative for t in spec.inputs[1:]}
     for name, tensor in others.items():
         flags = [f"--{name.replace('_', '-')}"] + (["--labels"] if name == "candidate_labels" else [])
         what = "the same for every text" if tensor.per_row else "comma-separated"

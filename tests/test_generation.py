@@ -111,6 +111,11 @@ def test_sampling_is_reproducible_with_a_seed(generator_package):
     assert len(others) > 1  # sampling samples
 
 
+def test_temperature_zero_is_greedy_as_openai_and_vllm_mean_it(generator_package):
+    pipe = pipeline(generator_package("gpt2"))
+    assert pipe(PROMPTS[0], temperature=0, max_new_tokens=12) == pipe(PROMPTS[0], do_sample=False, max_new_tokens=12)
+
+
 def test_stop_strings_end_the_answer_before_them(generator_package):
     pipe = pipeline(generator_package("gpt2"))
     full = pipe(PROMPTS[0], max_new_tokens=24, do_sample=False, return_full_text=False)[0]["generated_text"]
@@ -124,7 +129,7 @@ def test_stop_strings_end_the_answer_before_them(generator_package):
 @pytest.mark.parametrize(
     ("params", "needle"),
     [
-        ({"temperature": 0}, "'temperature'"),
+        ({"temperature": -0.5}, "'temperature'"),
         ({"top_p": 1.5}, "'top_p'"),
         ({"max_new_tokens": 0}, "'max_new_tokens'"),
         ({"num_beams": 2, "do_sample": True}, "'num_beams'"),

@@ -37,6 +37,20 @@ def test_runtime_never_imports_torch(exported, architecture, task, call):
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
 
 
+def test_generation_never_imports_torch(generator_package):
+    for kind in ("gpt2", "t5"):
+        code = textwrap.dedent(f"""
+            import json, sys
+            from kiln.runtime import pipeline
+            pipe = pipeline({str(generator_package(kind))!r})
+            pipe('red apple', max_new_tokens=4, num_beams=2)
+            list(pipe.stream('red apple', max_new_tokens=4, num_beams=1))
+            print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {FORBIDDEN!r})))
+        """)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
 def test_cli_predict(exported):
     from conftest import run_kiln
 

@@ -16,7 +16,7 @@ from typing import Any
 from kiln.runtime.errors import InvalidInput
 
 # request names accepted besides the transformers ones (Triton's and OpenAI's spellings)
-ALIASES = {"max_tokens": "max_new_tokens", "stop_strings": "stop", "random_seed": "seed"}
+ALIASES = {"max_tokens": "max_new_tokens", "min_tokens": "min_new_tokens", "stop_strings": "stop", "random_seed": "seed"}
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,11 @@ def with_request(defaults: Settings, request: Mapping[str, Any], max_positions: 
             values[name] = _typed(raw_name, value, REQUEST_FIELDS[name])
     if "stop" in values:
         values["stop"] = tuple(values["stop"])
-    if values.get("do_sample") is None and any(k in values for k in ("temperature", "top_p", "seed")):
+    if values.get("num_beams", 1) > 1 and "do_sample" not in values:
+        values["do_sample"] = False  # beams asked for, sampling only the task's default: beam search
+    if values.get("temperature") == 0:  # OpenAI's and vLLM's greedy; transformers would refuse it
+        values.update(temperature=1.0, do_sample=False)
+    elif values.get("do_sample") is None and any(k in values for k in ("temperature", "top_p", "seed")):
         values.setdefault("do_sample", True)  # asking for a temperature means sampling, as OpenAI's API does
     settings = replace(defaults, **values)
     check(settings, max_positions)
