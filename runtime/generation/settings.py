@@ -16,7 +16,12 @@ from typing import Any
 from kiln.runtime.errors import InvalidInput
 
 # request names accepted besides the transformers ones (Triton's and OpenAI's spellings)
-ALIASES = {"max_tokens": "max_new_tokens", "min_tokens": "min_new_tokens", "stop_strings": "stop", "random_seed": "seed"}
+ALIASES = {
+    "max_tokens": "max_new_tokens",
+    "min_tokens": "min_new_tokens",
+    "stop_strings": "stop",
+    "random_seed": "seed",
+}
 
 
 @dataclass(frozen=True)
