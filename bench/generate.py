@@ -409,6 +409,7 @@ class KilnServerEngine:
             "max_tokens": (np.array([self.new_tokens], dtype=np.int32), "INT32"),
             "stream": (np.array([True]), "BOOL"),
             "sampling_parameters": (np.array([sampling.encode()], dtype=object), "BYTES"),
+            "exclude_input_in_output": (np.array([True]), "BOOL"),  # the new text only, as the others give
         }
         inputs = []
         for name, (value, dtype) in values.items():
@@ -435,12 +436,16 @@ class KilnServerEngine:
                 if text is not None and text.size:
                     pieces.append(b"".join(text.reshape(-1)).decode("utf-8", "replace"))
                     arrivals.append(at - start)
-                if result.get_response().parameters["triton_final_response"].bool_param:
+                parameters = result.get_response().parameters
+                if parameters["triton_final_response"].bool_param:
                     break
         finally:
             client.stop_stream()
             client.close()
-        return Generation(None, "".join(pieces), arrivals)
+        # kiln's last response says how many tokens the pieces covered (a piece may hold back a
+        # partial character and cover several); a server that does not say counts its responses
+        counted = parameters["generated_tokens"].int64_param if "generated_tokens" in parameters else None
+        return Generation(None, "".join(pieces), arrivals, tokens=counted)
 
     def batch(self, prompts: list[str]) -> list[Generation]:
         with ThreadPoolExecutor(len(prompts)) as pool:

@@ -166,6 +166,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             encode_outputs(response, {"text_output": bytes_tensor([chunk.text])})
             if chunk.finish_reason is not None:
                 _final(response, chunk.finish_reason)
+                response.parameters["prompt_tokens"].int64_param = chunk.prompt_tokens
+                response.parameters["generated_tokens"].int64_param = chunk.generated_tokens
             yield response
 
     async def RepositoryIndex(self, request, context):
