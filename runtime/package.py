@@ -85,7 +85,7 @@ def load_package(directory: str | Path, options: SessionOptions | None = None, v
         )
     except Exception as exc:  # tokenizers raises its own untyped errors on a broken file
         raise PackageError(f"{directory}: tokenizer.json cannot be loaded ({exc})") from exc
-    package = Package(directory, manifest, encoder, session, _read_json(directory / "tokenizer_config.json"))
+    package = Package(directory, manifest, encoder, session, read_json(directory / "tokenizer_config.json"))
     if provider == PROVIDERS["cuda"]:
         package.binding = CudaBinding(session, manifest.outputs)
     return package
@@ -125,7 +125,7 @@ def _mismatch(directory: Path, target: str, provider: str) -> str:
     )
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:

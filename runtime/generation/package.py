@@ -3,7 +3,6 @@ becomes a sequence to decode."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -16,6 +15,7 @@ from kiln.runtime.generation.detokenize import Detokenizer, StreamDecoder
 from kiln.runtime.generation.sessions import Decoder, DecoderOnly, load_decoder
 from kiln.runtime.generation.settings import Settings, from_generation_config, prompt_prefix, with_request
 from kiln.runtime.manifest import Manifest, inside, read_manifest, verify_files
+from kiln.runtime.package import read_json
 from kiln.runtime.session import SessionOptions, create_session
 from tokenizers import Tokenizer
 
@@ -86,8 +86,8 @@ def load_generator(
     tokenizer = Tokenizer.from_file(str(inside(directory, "tokenizer.json")))
     tokenizer.no_padding()
     tokenizer.no_truncation()
-    config = _json(directory / "config.json")
-    tokenizer_config = _json(directory / "tokenizer_config.json")
+    config = read_json(directory / "config.json")
+    tokenizer_config = read_json(directory / "tokenizer_config.json")
     defaults = from_generation_config(directory, config, manifest.task)
     pad = defaults.pad_token_id if defaults.pad_token_id is not None else (defaults.eos_token_ids or (0,))[0]
     decoder = load_decoder(directory, layout, sessions, pad)
@@ -99,12 +99,3 @@ def load_generator(
     return Generator(
         directory, manifest, tokenizer, detokenizer, decoder, defaults, positions, source, sessions, prefix
     )
-
-
-def _json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise PackageError(f"{path}: not valid JSON ({exc})") from exc
