@@ -153,10 +153,7 @@ class EncoderDecoder:
         for row, source in enumerate(sources):
             ids[row, : len(source)] = source
             mask[row, : len(source)] = 1
-        feeds = {"input_ids": ids, "attention_mask": mask}
-        (hidden,) = self.encoder.run(
-            ["last_hidden_state"], {k: v for k, v in feeds.items() if k in self.encoder_inputs}
-        )
+        hidden = self._encode(ids, mask)
         start = np.full((len(sources), 1), self.start_id, dtype=np.int64)
         decoder_feeds = {"input_ids": start, "encoder_hidden_states": hidden, "encoder_attention_mask": mask}
         logits, *present = self.decoder.run(self.first_outputs, decoder_feeds)
@@ -180,18 +177,23 @@ class EncoderDecoder:
     def teacher_forced(self, prompt: list[int], target: list[int]) -> np.ndarray:
         """The logits that predict each token of `target` from the source `prompt`, in one pass."""
         ids = np.array([prompt], dtype=np.int64)
-        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-        (hidden,) = self.encoder.run(
-            ["last_hidden_state"], {k: v for k, v in feeds.items() if k in self.encoder_inputs}
-        )
+        mask = np.ones_like(ids)
+        hidden = self._encode(ids, mask)
         decoder_ids = np.array([[self.start_id, *target[:-1]]], dtype=np.int64)
         decoder_feeds = {
             "input_ids": decoder_ids,
             "encoder_hidden_states": hidden,
-            "encoder_attention_mask": feeds["attention_mask"],
+            "encoder_attention_mask": mask,
         }
         (logits,) = self.decoder.run(["logits"], decoder_feeds)
         return logits[0]
+
+    def _encode(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        (hidden,) = self.encoder.run(
+            ["last_hidden_state"], {k: v for k, v in feeds.items() if k in self.encoder_inputs}
+        )
+        return hidden
 
     def can_join(self, a: Cache, b: Cache) -> bool:
         """Only rows at the same decoder step: the decoder has no mask over its own past."""

@@ -183,8 +183,7 @@ class DataPlane:
         """Text in BYTES tensors through the task, or token ids through the graph."""
         model = self.admit(request.model, request.version, call)
         if model.spec.generative:
-            generate = read_request(request.inputs, request.parameters)
-            answered = await self.generate(request.model, request.version, generate, call)
+            answered = await self._generate(model, read_request(request.inputs, request.parameters), call)
             outputs = model.spec.encode(answered.answers, answered.params)
         elif any(name in request.inputs for name in TOKEN_INPUTS):
             rows = len(request.inputs.get("input_ids", ()))
@@ -202,8 +201,8 @@ class DataPlane:
     ) -> Answered:
         """A task's answers for texts already named by input (the typed API, OpenAI embeddings)."""
         model = self.admit(name, version, call)
-        if model.spec.generative:  # the typed Generate RPC
-            return await self.generate(name, version, GenerateRequest(texts["text_input"], dict(raw_params)), call)
+        if isinstance(model, GenerativeModel):  # the typed Generate RPC
+            return await self._generate(model, GenerateRequest(texts["text_input"], dict(raw_params)), call)
         return await self._answer(model, texts, model.spec.parse_params(raw_params), call)
 
     def admit(self, name: str, version: str, call: Call) -> Served:
@@ -278,7 +277,9 @@ class DataPlane:
 
     async def generate(self, name: str, version: str, request: GenerateRequest, call: Call) -> Answered:
         """Whole answers for a generator's prompts (unary protocols)."""
-        model = self._generator(name, version, call)
+        return await self._generate(self._generator(name, version, call), request, call)
+
+    async def _generate(self, model: GenerativeModel, request: GenerateRequest, call: Call) -> Answered:
         params = model.spec.parse_params(request.params)
         work = lambda state: model.answer(request.prompts, params, state, self.executor)  # noqa: E731
         answers = await self._timed(model, call, len(request.prompts), work)

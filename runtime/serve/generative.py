@@ -134,7 +134,6 @@ class GenerativeModel(Counted):
                 if piece.finish_reason is not None:
                     return
         except TimeoutError as exc:
-            stream.cancel()
             raise DeadlineExceeded("deadline passed while generating; the sequence was stopped") from exc
         finally:
             stream.cancel()  # a caller that went away frees its row at the next step

@@ -57,15 +57,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         except KilnError as exc:
             await context.abort(*status_of(exc))
 
-    async def _infer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-        infer = InferRequest(
-            model=request.model_name,
-            version=request.model_version,
-            inputs=decode_inputs(request),
-            parameters=parameters(request.parameters),
-            outputs=[o.name for o in request.outputs],
-            id=request.id,
-        )
+    async def _infer(
+        self, request: pb.ModelInferRequest, context: Any, infer: InferRequest | None = None
+    ) -> pb.ModelInferResponse:
+        infer = infer or _infer_request(request)
         result = await self.plane.infer(infer, Call("kserve", context.time_remaining()))
         response = pb.ModelInferResponse(model_name=result.model, model_version=result.version, id=result.id)
         encode_outputs(response, result.outputs)
@@ -152,11 +147,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _stream_responses(self, request: pb.ModelInferRequest, context: Any) -> AsyncIterator[Any]:
         model = self.plane.model(request.model_name, request.model_version)
-        generate = (
-            read_request(decode_inputs(request), parameters(request.parameters)) if model.spec.generative else None
-        )
+        infer = _infer_request(request)  # decoded once, whichever way it is answered
+        generate = read_request(infer.inputs, infer.parameters) if model.spec.generative else None
         if generate is None or not generate.stream:
-            response = await self._infer(request, context)
+            response = await self._infer(request, context, infer)
             _final(response)
             yield response
             return
@@ -189,6 +183,17 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
 
 _END = object()  # a unit of stream work is done
+
+
+def _infer_request(request: pb.ModelInferRequest) -> InferRequest:
+    return InferRequest(
+        model=request.model_name,
+        version=request.model_version,
+        inputs=decode_inputs(request),
+        parameters=parameters(request.parameters),
+        outputs=[o.name for o in request.outputs],
+        id=request.id,
+    )
 
 
 def _final(response: pb.ModelInferResponse, finish_reason: str | None = None) -> None:
