@@ -43,7 +43,7 @@ demo: install
 	curl -s localhost:$(DEMO_HTTP)/v1/embeddings -H 'Content-Type: application/json' \
 		-d '{"model": "minilm", "input": ["kiln serves fine-tuned transformers"]}' | \
 		$(BIN)/python -c 'import json, sys; r = json.load(sys.stdin); v = r["data"][0]["embedding"]; \
-		print(f"embedding of dimension {len(v)}, first values {[round(x, 4) for x in v[:4]]}, usage {r[\"usage\"]}")'
+		print(f"embedding of dimension {len(v)}, first values {[round(x, 4) for x in v[:4]]}, usage", r["usage"])'
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
