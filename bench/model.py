@@ -130,8 +130,11 @@ def bench_model(
     batch_sizes: list[int],
     progress: Any,
     provider: str = "cpu",
+    length_grouped: bool = False,
 ) -> dict[str, Any]:
-    """On a GPU provider PyTorch runs on the GPU too (fp32 eager, the reference)."""
+    """On a GPU provider PyTorch runs on the GPU too (fp32 eager, the reference). `length_grouped`
+    orders the texts by length first, so batches hold texts of similar length, as a busy server's
+    batcher forms them; every engine gets the same batches either way."""
     manifest = read_manifest(package)
     if manifest.task not in ("text-classification", "feature-extraction"):
         raise SystemExit(f"kiln bench model measures text-classification and feature-extraction, not {manifest.task}")
@@ -142,7 +145,10 @@ def bench_model(
     device = "cpu" if provider == "cpu" else "cuda"
     work = Path(tempfile.mkdtemp(prefix="kiln-bench-"))
     encoder = pipeline(package, allow_fp16_on_cpu=True).encoder
-    tokens = sum(len(e.ids) for e in encoder.encode(texts))
+    lengths = [len(e.ids) for e in encoder.encode(texts)]
+    if length_grouped:
+        texts = [text for _, text in sorted(zip(lengths, texts, strict=True), key=lambda pair: pair[0])]
+    tokens = sum(lengths)
     timings, accuracies = [], []
     for size in batch_sizes:
         batches = _chunks(texts, size)
@@ -167,6 +173,7 @@ def bench_model(
         "precision": manifest.precision,
         "texts": len(texts),
         "tokens": tokens,
+        "length_grouped": length_grouped,
         "timings": timings,
         "accuracy": accuracies,
     }

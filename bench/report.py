@@ -31,7 +31,7 @@ def markdown(results: dict[str, Any]) -> str:
             continue
         data = results[section]
         lines += [
-            f"## {section}: {data['task']}, {data['texts']} texts",
+            f"## {section}: {data['task']}, {data['texts']} texts{_grouping(data)}",
             "",
             "| engine | setting | p50 ms | p90 ms | p99 ms | texts/s | tokens/s | errors |",
             "|---|---|---:|---:|---:|---:|---:|---:|",
@@ -137,3 +137,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _grouping(data: dict[str, Any]) -> str:
+    return ", length-grouped batches" if data.get("length_grouped") else ""

@@ -71,7 +71,7 @@ def assemble(
         precision=form.precision,
         target=form.target,
         inputs=input_names(package_dir / MODEL_NAME),
-        max_batch_size=1 if form.precision == "int8-dynamic" else 0,
+        max_batch_size=0 if info is None or info.details.get("batch_invariant", True) else 1,
         quantization={"optimized": fused, **(_quantization(info) if info else {"scheme": "none"})},
         files={p.name: sha256_file(p) for p in sorted(package_dir.iterdir()) if p.is_file()},
         **extra,

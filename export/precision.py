@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from kiln.export.figures import Fidelity, Tolerance, compare
 from kiln.export.gate import our_answers
 from kiln.export.items import run_onnx
@@ -17,7 +18,6 @@ from kiln.export.quantize import (
     choose_float_layers,
     convert_fp16,
     head_matmuls,
-    matmul_weights,
     quantize_int8,
 )
 from kiln.export.targets import GraphForm
@@ -48,11 +48,17 @@ class Scorer:
         got = run_onnx(session, self.encoder, self.tuning.inputs, self.draft.outputs, alone=True)  # served per text
         raw = compare(self.task, self.tuning.outputs, got).fidelity()
         spec = spec_for(self.task)
-        package = Package(
-            self.raw_dir, replace(self.draft, precision="int8-dynamic", max_batch_size=1), self.encoder, session
-        )
+        package = Package(self.raw_dir, replace(self.draft, precision="int8-dynamic"), self.encoder, session)
         e2e = spec.gate.agreement(self.tuning.answers, our_answers(spec, spec.pipeline(package), self.tuning.inputs))
         return Fidelity(score=min(raw.score, e2e.get("agreement", e2e.get("min_cosine", 1.0))), error=raw.error)
+
+    def batch_invariant(self, path: Path) -> bool:
+        """Whether every item's outputs are the same bits alone and in padded batches; a graph
+        that is not runs one text per call (the manifest's max_batch_size 1)."""
+        session = create_session(path, SessionOptions())
+        alone = run_onnx(session, self.encoder, self.tuning.inputs, self.draft.outputs, alone=True)
+        batched = run_onnx(session, self.encoder, self.tuning.inputs, self.draft.outputs, alone=False)
+        return all(np.array_equal(a[k], b[k]) for a, b in zip(alone, batched, strict=True) for k in a)
 
 
 def lower_precision(
@@ -64,43 +70,27 @@ def lower_precision(
     if form.precision == "fp16":
         return out, convert_fp16(fp32_path, out, fused=form.fusions is not None)
     target = tolerance.min_cosine if scorer.task == "feature-extraction" else tolerance.min_agreement
-    feeds = one_text_feeds(scorer.encoder, texts)
     if form.precision == "int8-static":
-        return out, quantize_qdq(fp32_path, out, feeds, scorer.evaluate, target)
+        return out, quantize_qdq(fp32_path, out, one_text_feeds(scorer.encoder, texts), scorer.evaluate, target)
     heads = head_matmuls(fp32_path)  # the task head decides the answer directly and costs little: float
-    # fastest first; each step trades speed for accuracy until the target is met
-    info = quantize_int8(fp32_path, out, heads, feeds)
+    info = quantize_int8(fp32_path, out, heads)
     reached = scorer.evaluate(out).score
-    tried = {"hybrid": reached}
-    if reached < target:  # the fast kernels, with only the projections that cost answers back in float
-        kept, trials = choose_float_layers(
-            fp32_path, work, scorer.evaluate, target, heads, feeds, rowwise_everywhere=False, by_projection=True
-        )
-        encoder_matmuls = len(matmul_weights(fp32_path)) - len(heads)
-        best = max((float(t.get("score_after_keeping", 0)) for t in trials), default=0.0)
-        tried["hybrid_with_sensitive_projections_in_float"] = best
-        if best >= target and len(kept) - len(heads) <= encoder_matmuls / 4:  # fast enough to be worth it
-            info = quantize_int8(fp32_path, out, kept, feeds)
-            info.details["sensitivity"] = trials
-            reached = scorer.evaluate(out).score
-    if reached < target:
-        info = quantize_int8(fp32_path, out, heads, feeds, rowwise_everywhere=True)
-        reached = tried["rowwise"] = scorer.evaluate(out).score
-    if reached < target:
-        kept, trials = choose_float_layers(fp32_path, work, scorer.evaluate, target, heads, feeds)
-        info = quantize_int8(fp32_path, out, kept, feeds, rowwise_everywhere=True)
-        info.details["sensitivity"] = trials
-    info.details["scores_tried_on_calibration_items"] = tried
+    info.details["score_on_calibration_items"] = reached
+    if reached < target:  # the projections that cost answers go back to float, most damaging first
+        kept, trials = choose_float_layers(fp32_path, work, scorer.evaluate, target, heads, by_projection=True)
+        info = quantize_int8(fp32_path, out, kept)
+        info.details.update(sensitivity=trials, score_on_calibration_items=scorer.evaluate(out).score)
     if info.quantized == 0:
         raise ParityError(
-            f"int8 cannot reach {target:g} on this model (best with every encoder layer in int8: "
-            f"{max(tried.values()):.4f}), not even with all but one layer back in float; export fp32 "
-            "(--quantize none) or lower --min-agreement",
+            f"int8 cannot reach {target:g} on this model (every encoder MatMul in int8: {reached:.4f}), "
+            "nor with its most sensitive projections back in float; export fp32 (--quantize none) or lower "
+            "--min-agreement",
             {"quantization": info.details},
         )
+    info.details["batch_invariant"] = scorer.batch_invariant(out)
     return out, info
 
 
 def one_text_feeds(encoder: TextEncoder, texts: list[str]) -> list[dict[str, Any]]:
-    """Each calibration text as its own unpadded batch, the way int8 packages run."""
+    """Each calibration text as its own unpadded batch, for the calibration of explicit int8."""
     return [encoder.pad([e]).feeds for e in encoder.encode(texts)]

@@ -1,15 +1,5 @@
-"""Lower-precision graphs: kiln's accurate int8, calibrated static int8, and fp16.
-
-kiln's int8 uses two kernels, each where it is right:
-- MatMuls that read a LayerNorm or attention output: activations smoothed (kiln.export.smooth),
-  then onnxruntime's fused dynamic int8 (per-tensor u8 activations, per-channel s8 weights, VNNI).
-- MatMuls that read a GELU output (the FFN's second projection, where outliers are worst and
-  smoothing does not reach): MatMulNBits with 8-bit symmetric weight blocks and accuracy_level 4,
-  which quantises activations per row and per block of K at run time.
-- The task head stays in float.
-Packages run one text per session call (manifest max_batch_size 1), so a per-tensor scale is a
-per-text scale and no text's answer depends on its batch-mates.
-"""
+"""Lower-precision graphs: kiln's int8 (per-row, batch-invariant), the steps that keep its most
+sensitive MatMuls in float, and fp16. Calibrated explicit int8 lives in kiln.export.qdq."""
 
 from __future__ import annotations
 
@@ -21,12 +11,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from kiln.export.figures import Fidelity
+from kiln.export.rowwise_int8 import LEVELS, constant_matmuls, quantize_rows
 
-# the largest block that divides K, up to 256: larger blocks ran faster here (roberta-base, one text
-# at a time: 128 -> 22.5 ms, 256 -> 20.6 ms, 64 -> 26.0 ms) at a small cost in accuracy
-BLOCK_SIZE = 256
 # overflow-prone or precision-critical ops that stay in float32 inside an fp16 graph
 FP16_KEEP_FLOAT = [
     "LayerNormalization",
@@ -74,13 +61,7 @@ def matmul_weights(model_path: Path) -> dict[str, tuple[int, int]]:
     """MatMul nodes with a constant weight, and the weight's shape [K, N]."""
     import onnx
 
-    model = onnx.load(str(model_path), load_external_data=False)
-    shapes = {init.name: tuple(init.dims) for init in model.graph.initializer}
-    return {
-        node.name: shapes[node.input[1]]
-        for node in model.graph.node
-        if node.op_type == "MatMul" and node.input[1] in shapes and len(shapes[node.input[1]]) == 2
-    }
+    return constant_matmuls(onnx.load(str(model_path), load_external_data=False).graph)
 
 
 def head_matmuls(model_path: Path) -> list[str]:
@@ -102,89 +83,18 @@ def layer_groups(nodes: list[str]) -> dict[str, list[str]]:
     return dict(groups)
 
 
-def post_activation_matmuls(model_path: Path) -> set[str]:
-    """MatMuls whose input comes straight from a GELU/ReLU (the FFN's second projection)."""
-    import onnx
-
-    model = onnx.load(str(model_path), load_external_data=False)
-    producers = {out: node for node in model.graph.node for out in node.output}
-    return {
-        node.name
-        for node in model.graph.node
-        if node.op_type == "MatMul"
-        and node.input[0] in producers
-        and producers[node.input[0]].op_type in ("Gelu", "BiasGelu", "FastGelu", "Relu", "QuickGelu")
-    }
-
-
-@_quietly
-def quantize_int8(
-    model_path: Path,
-    out_path: Path,
-    keep_float: list[str],
-    feeds: list[dict[str, np.ndarray]],
-    rowwise_everywhere: bool = False,
-) -> QuantInfo:
-    """kiln's int8 (see the module docstring). `rowwise_everywhere` puts every MatMul on the
-    per-row kernel: slower, more accurate, the step before keeping layers in float."""
-    import onnx
-    from kiln.export.smooth import smooth
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    weights = matmul_weights(model_path)
-    too_small = {name for name, (k, _) in weights.items() if k < 16}
-    floating = {*keep_float, *too_small} & set(weights)
-    rowwise = (set(weights) if rowwise_everywhere else post_activation_matmuls(model_path)) - floating
-    dynamic = set(weights) - floating - rowwise
-    smoothed_path = out_path.with_suffix(".smoothed.onnx")
-    dynamic_path = out_path.with_suffix(".dynamic.onnx")
-    smoothed = 0
-    if dynamic:
-        smoothed = smooth(model_path, smoothed_path, dynamic, feeds)
-        quantize_dynamic(
-            str(smoothed_path),
-            str(dynamic_path),
-            per_channel=True,
-            weight_type=QuantType.QInt8,
-            op_types_to_quantize=["MatMul"],
-            nodes_to_exclude=sorted(floating | rowwise),
-            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-        )
-    block = min(BLOCK_SIZE, *(_largest_pow2_divisor(weights[n][0]) for n in rowwise)) if rowwise else BLOCK_SIZE
-    quantizer = MatMulNBitsQuantizer(
-        onnx.load(str(dynamic_path if dynamic else model_path)),
-        bits=8,
-        block_size=max(block, 16),
-        is_symmetric=True,
-        accuracy_level=4,
-        nodes_to_exclude=sorted(floating),
-        op_types_to_quantize=("MatMul",),
-    )
-    quantizer.process()
-    quantizer.model.save_model_to_file(str(out_path), use_external_data_format=False)
-    smoothed_path.unlink(missing_ok=True)
-    dynamic_path.unlink(missing_ok=True)
+def quantize_int8(model_path: Path, out_path: Path, keep_float: list[str]) -> QuantInfo:
+    """kiln's int8 (kiln.export.rowwise_int8) on every MatMul but those kept in float."""
+    int8 = quantize_rows(model_path, out_path, set(keep_float))
+    floating = sorted(set(matmul_weights(model_path)) - set(int8))
     return QuantInfo(
-        scheme="int8: smoothed per-tensor dynamic activations x per-channel weights (onnxruntime dynamic int8) "
-        f"for {len(dynamic)} MatMuls; per-row blocked activations x 8-bit weight blocks of {max(block, 16)} "
-        f"(MatMulNBits, accuracy_level 4) for {len(rowwise)} {'' if rowwise_everywhere else 'post-GELU '}MatMuls; "
-        "one text per call",
-        quantized=len(dynamic) + len(rowwise),
-        kept_float=sorted(floating),
-        details={
-            "dynamic_matmuls": len(dynamic),
-            "rowwise_matmuls": len(rowwise),
-            "smoothed_activations": smoothed,
-            "smoothing_alpha": 0.5,
-            "block_size": max(block, 16),
-            "calibration_texts": len(feeds),
-        },
+        scheme=f"int8: per-row activations ({LEVELS} levels a side, scale computed per token at run time) x "
+        f"per-column int8 weights, exact int32 sums (MatMulIntegerToFloat) on {len(int8)} MatMuls; "
+        "answers do not depend on batch-mates",
+        quantized=len(int8),
+        kept_float=floating,
+        details={"int8_matmuls": len(int8), "activation_levels": LEVELS, "calibrated": False},
     )
-
-
-def _largest_pow2_divisor(k: int) -> int:
-    return k & -k
 
 
 Writer = Callable[[list[str], Path], None]  # (MatMuls to keep in float, output path)
@@ -236,8 +146,6 @@ def choose_float_layers(
     evaluate: Callable[[Path], Fidelity],
     target: float,
     always_float: list[str],
-    feeds: list[dict[str, np.ndarray]],
-    rowwise_everywhere: bool = True,
     by_projection: bool = False,
 ) -> tuple[list[str], list[dict[str, object]]]:
     """kiln's int8 with the fewest groups in float that reach the target (the task head and
@@ -251,7 +159,7 @@ def choose_float_layers(
         groups = layer_groups(weighted)
 
     def write(floating: list[str], path: Path) -> None:
-        quantize_int8(model_path, path, floating + always_float, feeds, rowwise_everywhere)
+        quantize_int8(model_path, path, floating + always_float)
 
     kept, trials = keep_sensitive_in_float(groups, write, evaluate, target, work_dir / "probe.onnx")
     return list(always_float) + kept, trials

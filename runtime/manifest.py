@@ -116,9 +116,8 @@ class Manifest:
     target: str = "cpu"
     pooling: Pooling | None = None
     mask_token: str | None = None
-    # 1: run one text per session call. kiln's int8 kernels round a row slightly differently
-    # depending on how many rows share the call (~1e-6, then amplified by int8 rounding), so only
-    # one text per call makes answers exactly independent of batch-mates. 0: any batch size.
+    # 1: run one text per session call, for a graph whose rows round differently with the rows
+    # beside them (the export found its outputs not bit-identical alone and batched). 0: any size.
     max_batch_size: int = 0
     quantization: dict[str, Any] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)

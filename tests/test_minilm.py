@@ -56,3 +56,11 @@ def test_int8_answer_does_not_depend_on_thread_count(minilm_packages):
     one_core = pipeline(minilm_packages["int8"], threads=1, batch_size=1)(texts)
     two_cores = pipeline(minilm_packages["int8"], threads=2, batch_size=1)(texts)
     assert np.array_equal(one_core, two_cores)
+
+
+def test_int8_embeddings_are_the_same_bits_alone_and_batched(minilm_packages):
+    texts = builtin_texts()
+    assert read_manifest(minilm_packages["int8"]).max_batch_size == 0  # the server may batch it
+    alone = pipeline(minilm_packages["int8"], batch_size=1)(texts)
+    for batch_size in (3, 8, 32):
+        assert np.array_equal(pipeline(minilm_packages["int8"], batch_size=batch_size)(texts), alone)

@@ -252,20 +252,29 @@ def test_concurrent_requests_are_merged_into_batches(server):
     assert batches < 48, "no two requests were ever batched together"
 
 
-def test_int8_model_runs_one_text_per_call(server):
+def test_int8_model_batches_and_each_text_keeps_its_alone_answer(server):
+    """Per-row int8 batches like fp32, and a text's scores are the same bits in any batch."""
     address, metrics_url, _ = server
+    texts = [f"{TEXTS[i % 4]} {'and more ' * (i % 5)}{i}" for i in range(16)]
     with KilnClient(address) as client, concurrent.futures.ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda i: client.classify("cls8", TEXTS), range(8)))
-    assert metric(metrics_url, "kiln_batch_size_sum", model="cls8") == metric(
-        metrics_url, "kiln_batch_size_count", model="cls8"
-    )
+        alone = [client.classify("cls8", [text], top_k=-1) for text in texts]
+        before = (
+            metric(metrics_url, "kiln_batch_size_sum", model="cls8"),
+            metric(metrics_url, "kiln_batch_size_count", model="cls8"),
+        )
+        together = list(pool.map(lambda text: client.classify("cls8", [text], top_k=-1), texts * 4))
+    rows = metric(metrics_url, "kiln_batch_size_sum", model="cls8") - before[0]
+    batches = metric(metrics_url, "kiln_batch_size_count", model="cls8") - before[1]
+    assert rows == 64 and batches < rows, "no two int8 requests were ever batched together"
+    assert together == alone * 4
 
 
 def test_answers_are_the_same_alone_and_under_load(packages):
     """Alone, a batch runs on every core; under load, instances run side by side on one core each.
     Either way a text gets the same answer, bit for bit."""
     texts = [f"{TEXTS[i % 4]} {i}" for i in range(24)]
-    with running_server("--instances", "2", models={"cls8": packages["cls8"]}) as (address, metrics_url, _):
+    flags = ("--instances", "2", "--max-batch-size", "2")  # small batches, so two run side by side
+    with running_server(*flags, models={"cls8": packages["cls8"]}) as (address, metrics_url, _):
         with KilnClient(address) as client, concurrent.futures.ThreadPoolExecutor(12) as pool:
             alone = [client.classify("cls8", [text], top_k=-1) for text in texts]
             loaded = list(pool.map(lambda text: client.classify("cls8", [text], top_k=-1), texts * 4))
@@ -274,7 +283,7 @@ def test_answers_are_the_same_alone_and_under_load(packages):
         assert metric(metrics_url, "kiln_batches_total", model="cls8", cores="one") >= 1
 
 
-@pytest.mark.parametrize("package", ["cls", "cls8"])  # the batcher, and the one-text-per-call runner of int8
+@pytest.mark.parametrize("package", ["cls", "cls8"])
 def test_full_queue_is_refused_then_recovers(packages, package):
     flags = ("--max-queue", "8", "--max-queue-delay-ms", "50", "--max-batch-size", "2")
     with (

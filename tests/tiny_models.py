@@ -175,17 +175,19 @@ def _fit(model, tokenizer, task: str, steps: int = 60, max_steps: int = 400) -> 
         starts = [batch.sequence_ids(i).index(1) + 1 for i in range(len(texts))]
         ends = [min(start + 2, int(mask[i].sum()) - 2) for i, start in enumerate(starts)]
         labels = {"start_positions": torch.tensor(starts), "end_positions": torch.tensor(ends)}
-    else:  # fill-mask: learn to restore masked tokens
-        masked = (torch.rand(ids.shape, generator=generator) < 0.15) & mask.bool()
-        labels = {"labels": torch.where(masked, ids, -100)}
-        ids = torch.where(masked, tokenizer.mask_token_id, ids)
+    else:  # fill-mask: restore masked tokens, masks drawn afresh each step, so any word the gate masks is learnt
+        labels = {}
     inputs = {k: v for k, v in batch.items() if k in tokenizer.model_input_names}
-    inputs["input_ids"] = ids
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     # until the (memorisable) synthetic labels are learnt: the gate checks these same texts, and a
     # confident head keeps its top-1 under int8 rounding whatever thread timing did to the weights
     for step in range(max_steps):
+        if task == "fill-mask":
+            masked = (torch.rand(ids.shape, generator=generator) < 0.15) & mask.bool()
+            # every position learns its token (the gate's raw figures compare the top-1 at every position)
+            labels = {"labels": torch.where(mask.bool(), ids, -100)}
+            inputs["input_ids"] = torch.where(masked, tokenizer.mask_token_id, ids)
         optimizer.zero_grad()
         loss = model(**inputs, **labels).loss
         loss.backward()

@@ -49,7 +49,7 @@ def split_row(outputs: dict[str, np.ndarray], row: int, length: int, sequence_ou
 
 class SessionRunner:
     """In process: the package's own session, on length-sorted chunks of at most `batch_size`
-    (or the package's own limit, which int8 packages set to one text per call)."""
+    (or the package's own limit: 1 for a graph whose rows are not batch-invariant)."""
 
     def __init__(self, package: Package, sequence_outputs: tuple[str, ...], batch_size: int = 8):
         self.package = package

@@ -5,7 +5,7 @@ batching thread waits at most `max_delay` after the oldest pending sequence, the
 around it from the pending sequences of the most similar length, while the padded batch stays
 within `max_tokens` (rows x longest row) and `max_size` rows, so little compute goes to padding.
 A request that finds the model idle (nothing queued, nothing running) and could not gain from
-waiting (it fills a batch by itself, as every request to a one-text-per-call int8 model does, or
+waiting (it fills a batch by itself, as every request to a one-text-per-call model does, or
 no delay is allowed) runs at once on its caller's thread, skipping two thread hand-offs.
 Expired and cancelled work is dropped, never run. Sessions run on these threads (onnxruntime
 releases the GIL), never on the event loop.

@@ -1,0 +1,112 @@
+"""kiln's int8 MatMul (kiln.export.rowwise_int8) on small graphs run by onnxruntime: it computes the
+per-row scheme exactly, a row's output does not depend on the other rows, and the int32 sums never
+saturate, whatever the kernel."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from kiln.export.rowwise_int8 import LEVELS, quantize_rows
+from onnx import TensorProto, helper, numpy_helper
+
+K, N = 96, 48
+
+
+def _graph(tmp_path: Path, weights: dict[str, np.ndarray], reads: dict[str, str]) -> Path:
+    """x[batch, rows, K] -> one MatMul per weight (reading x, or another MatMul's output) -> outputs."""
+    nodes = [helper.make_node("MatMul", [reads[name], f"{name}.w"], [name], name=name) for name in weights]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "rows", K])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in weights],
+        [numpy_helper.from_array(w.astype(np.float32), f"{name}.w") for name, w in weights.items()],
+    )
+    path = tmp_path / "float.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def _run(path: Path, x: np.ndarray) -> list[np.ndarray]:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+
+
+def _scheme(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """The scheme in numpy: per-row activation scale, per-column weight scale, exact integer sums."""
+    peak = np.abs(x).max(axis=-1, keepdims=True) + np.float32(1e-12)
+    q = np.floor(x * (np.float32(LEVELS) / peak) + np.float32(0.5)).astype(np.int32)
+    column = (np.abs(w).max(axis=0) / 127).astype(np.float32)
+    w8 = np.clip(np.round(w / column), -127, 127).astype(np.int32)
+    return (q @ w8).astype(np.float32) * column * (peak * np.float32(1 / LEVELS))
+
+
+def test_the_graph_computes_the_per_row_scheme(tmp_path):
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(K, N)).astype(np.float32)
+    x = rng.normal(size=(2, 5, K)).astype(np.float32)
+    x[0, 1, 7] = 40.0  # an outlier widens its own row's scale, no other row's
+    quantized = tmp_path / "int8.onnx"
+    assert quantize_rows(_graph(tmp_path, {"proj": w}, {"proj": "x"}), quantized, set()) == ["proj"]
+    (got,) = _run(quantized, x)
+    np.testing.assert_allclose(got, _scheme(x, w), rtol=1e-6, atol=1e-6)
+    error = np.abs(got - x @ w) / np.abs(x @ w).max(axis=-1, keepdims=True)
+    assert error[0, 0].max() < 0.02 and error[0, 1].max() < 0.05  # the outlier's row rounds coarser
+
+
+def test_a_row_gets_the_same_bits_alone_and_next_to_any_rows(tmp_path):
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(K, N)).astype(np.float32)
+    quantized = tmp_path / "int8.onnx"
+    quantize_rows(_graph(tmp_path, {"proj": w}, {"proj": "x"}), quantized, set())
+    session = ort.InferenceSession(str(quantized), providers=["CPUExecutionProvider"])
+    rows = rng.normal(size=(70, K)).astype(np.float32) * rng.uniform(0.01, 50, size=(70, 1)).astype(np.float32)
+    rows[3] = 0.0  # padding-like: all zeros quantise to zeros, not NaN
+    alone = np.stack([session.run(None, {"x": row[None, None]})[0][0, 0] for row in rows])
+    assert np.isfinite(alone).all() and not alone[3].any()
+    for count in (2, 3, 7, 16, 33, 70):  # kernels tile M in blocks; no tiling may change a row
+        together = session.run(None, {"x": rows[None, :count]})[0][0]
+        assert np.array_equal(together, alone[:count])
+    batched = session.run(None, {"x": rows.reshape(7, 10, K)})[0].reshape(70, N)
+    assert np.array_equal(batched, alone)
+
+
+def test_int32_sums_are_exact_at_the_largest_values(tmp_path):
+    """u8 x s8 kernels without VNNI add product pairs in int16; 63 activation levels keep them below
+    its saturation, so the extreme case still equals the exact integer result."""
+    w = np.where(np.arange(K)[:, None] % 2 == 0, 1.0, -1.0) * np.ones((K, N), np.float32)
+    w[:, 1] = 1.0
+    x = np.ones((1, 2, K), np.float32)
+    x[0, 1, ::2] = -1.0
+    quantized = tmp_path / "int8.onnx"
+    quantize_rows(_graph(tmp_path, {"proj": w}, {"proj": "x"}), quantized, set())
+    (got,) = _run(quantized, x)
+    np.testing.assert_allclose(got, x @ w, rtol=1e-6, atol=1e-5)
+
+
+def test_readers_of_one_activation_share_its_quantisation_and_kept_matmuls_stay_float(tmp_path):
+    rng = np.random.default_rng(2)
+    weights = {name: rng.normal(size=(K, K)).astype(np.float32) for name in ("q", "k", "v", "head")}
+    reads = {"q": "x", "k": "x", "v": "x", "head": "q"}
+    quantized = tmp_path / "int8.onnx"
+    assert quantize_rows(_graph(tmp_path, weights, reads), quantized, {"head"}) == ["k", "q", "v"]
+    ops = Counter(node.op_type for node in onnx.load(str(quantized)).graph.node)
+    assert ops["Abs"] == 1 and ops["MatMulIntegerToFloat"] == 3 and ops["MatMul"] == 1
+    x = rng.normal(size=(1, 4, K)).astype(np.float32)
+    for got, name in zip(_run(quantized, x)[:3], ("q", "k", "v"), strict=True):
+        np.testing.assert_allclose(got, _scheme(x, weights[name]), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("depth", [8, 15])
+def test_too_narrow_matmuls_stay_float(tmp_path, depth):
+    quantized = tmp_path / "int8.onnx"
+    source = _graph(tmp_path, {"proj": np.ones((K, N), np.float32)}, {"proj": "x"})
+    model = onnx.load(str(source))
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.ones((depth, N), np.float32), "proj.w"))
+    model.graph.input[0].type.tensor_type.shape.dim[2].dim_value = depth
+    onnx.save(model, str(source))
+    assert quantize_rows(source, quantized, set()) == []
