@@ -10,8 +10,9 @@ with W8 the weight in symmetric int8, one scale per output column. A row's scale
 integer products are summed in int32 (exact, so the kernel's tiling and summation order cannot
 change them) and the two scales are applied elementwise: a token's output is the same bits alone,
 in any batch, padded or not. Per-tensor dynamic int8 (onnxruntime's, optimum's) shares one scale
-across the batch, and blocked kernels (MatMulNBits) sum block partials in float in an order that
-follows the row's place in a tile; both make an answer depend on what else was in the call.
+across the batch, and MatMulNBits' int8 compute (per-row scales per block of K, block partials summed
+in float) was measured drifting with the number of rows in the call; both make an answer depend on
+what else was in the call.
 
 Activations use 63 levels a side, not 127: x86 kernels without VNNI multiply u8 by s8 in pairs
 summed into int16 (vpmaddubsw), which saturates above 32767; 127 * 127 * 2 = 32258 never does, so the
