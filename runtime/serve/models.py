@@ -18,7 +18,14 @@ from kiln.runtime.manifest import MODEL_NAME
 from kiln.runtime.package import load_package
 from kiln.runtime.pipelines import Pipeline
 from kiln.runtime.pipelines.base import Outputs, Prepared, split_row
-from kiln.runtime.serve.batcher import Batcher, BatchOptions, BatchRecord, RequestState
+from kiln.runtime.serve.batcher import (
+    CPU_BATCH_TOKENS,
+    GPU_BATCH_TOKENS,
+    Batcher,
+    BatchOptions,
+    BatchRecord,
+    RequestState,
+)
 from kiln.runtime.serve.metrics import Metrics
 from kiln.runtime.session import PROVIDERS, SessionOptions, cpu_count, create_session
 from kiln.runtime.tasks import TaskSpec, spec_for
@@ -149,6 +156,7 @@ class ServedModel(Counted):
         batching = replace(
             batching,
             max_size=self.manifest.max_batch_size or batching.max_size,
+            max_tokens=batching.max_tokens or (CPU_BATCH_TOKENS if on_cpu else GPU_BATCH_TOKENS),
             instances=batching.instances or (cpu_count() if on_cpu else 1),
         )
         self.narrow: ort.InferenceSession | None = None  # None: every batch runs on the package's session
