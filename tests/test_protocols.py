@@ -4,6 +4,7 @@ and plain JSON), and the typed kiln.v1 API (kiln's client), against one running 
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import urllib.request
 
@@ -23,8 +24,8 @@ LABELS = ["politics", "economy", "sports"]
 
 
 @pytest.fixture(scope="module")
-def packages(task_packages):
-    return task_packages
+def packages(task_packages, exported):
+    return {**task_packages, "cls8": exported("bert", "text-classification", "int8")}
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +168,21 @@ def test_a_classification_request_runs_the_model_once_per_text(server, protocol)
     before = rows()
     protocol(server, "cls", {"text": TEXTS})
     assert rows() - before == len(TEXTS)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_int8_logits_are_the_same_bits_alone_and_batched_with_other_callers(server, local, protocol):
+    """Per-row int8: whatever the batcher merges a request with, its logits are those of its text alone."""
+    texts = [f"{TEXTS[i % len(TEXTS)]} {'and then some ' * (i % 4)}{i}" for i in range(12)]
+    alone = {text: local["cls8"].logits([text])[0][0] for text in texts}
+    rows = lambda: metric(server.metrics_url, "kiln_batch_size_sum", model="cls8")  # noqa: E731
+    batches = lambda: metric(server.metrics_url, "kiln_batch_size_count", model="cls8")  # noqa: E731
+    before = rows(), batches()
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda text: protocol(server, "cls8", {"text": [text]}), texts * 3))
+    for text, reply in zip(texts * 3, replies, strict=True):
+        assert np.array_equal(np.asarray(reply["logits"], dtype=np.float32)[0], alone[text])
+    assert batches() - before[1] < rows() - before[0], "no two requests were batched together"
 
 
 def test_tritonclient_and_kiln_client_in_one_process(server):
