@@ -118,6 +118,10 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+def _grouping(data: dict[str, Any]) -> str:
+    return ", length-grouped batches" if data.get("length_grouped") else ""
+
+
 def write(results: dict[str, Any], out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
@@ -137,7 +141,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-
-
-def _grouping(data: dict[str, Any]) -> str:
-    return ", length-grouped batches" if data.get("length_grouped") else ""

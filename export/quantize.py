@@ -85,8 +85,7 @@ def layer_groups(nodes: list[str]) -> dict[str, list[str]]:
 
 def quantize_int8(model_path: Path, out_path: Path, keep_float: list[str]) -> QuantInfo:
     """kiln's int8 (kiln.export.rowwise_int8) on every MatMul but those kept in float."""
-    int8 = quantize_rows(model_path, out_path, set(keep_float))
-    floating = sorted(set(matmul_weights(model_path)) - set(int8))
+    int8, floating = quantize_rows(model_path, out_path, set(keep_float))
     return QuantInfo(
         scheme=f"int8: per-row activations ({LEVELS} levels a side, scale computed per token at run time) x "
         f"per-column int8 weights, exact int32 sums (MatMulIntegerToFloat) on {len(int8)} MatMuls; "

@@ -46,14 +46,15 @@ def constant_matmuls(graph: GraphProto) -> dict[str, tuple[int, int]]:
     }
 
 
-def quantize_rows(model_path: Path, out_path: Path, keep_float: set[str]) -> list[str]:
+def quantize_rows(model_path: Path, out_path: Path, keep_float: set[str]) -> tuple[list[str], list[str]]:
     """Rewrite every constant-weight MatMul not in keep_float (and at least MIN_K deep); returns
-    the names of the MatMuls now in int8."""
+    the names of the MatMuls now in int8 and of those left in float."""
     import onnx
 
     model = onnx.load(str(model_path))
     graph = model.graph
-    chosen = {name for name, (k, _) in constant_matmuls(graph).items() if k >= MIN_K} - keep_float
+    weighted = constant_matmuls(graph)
+    chosen = {name for name, (k, _) in weighted.items() if k >= MIN_K} - keep_float
     readers: dict[str, list[NodeProto]] = defaultdict(list)
     for node in graph.node:
         if node.name in chosen:
@@ -80,7 +81,7 @@ def quantize_rows(model_path: Path, out_path: Path, keep_float: set[str]) -> lis
     if not any(op.domain == "com.microsoft" for op in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     onnx.save(model, str(out_path))
-    return sorted(chosen)
+    return sorted(chosen), sorted(set(weighted) - chosen)
 
 
 def _quantize_activation(graph: GraphProto, activation: str, prefix: str) -> list[NodeProto]:

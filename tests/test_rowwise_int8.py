@@ -51,7 +51,7 @@ def test_the_graph_computes_the_per_row_scheme(tmp_path):
     x = rng.normal(size=(2, 5, K)).astype(np.float32)
     x[0, 1, 7] = 40.0  # an outlier widens its own row's scale, no other row's
     quantized = tmp_path / "int8.onnx"
-    assert quantize_rows(_graph(tmp_path, {"proj": w}, {"proj": "x"}), quantized, set()) == ["proj"]
+    assert quantize_rows(_graph(tmp_path, {"proj": w}, {"proj": "x"}), quantized, set()) == (["proj"], [])
     (got,) = _run(quantized, x)
     np.testing.assert_allclose(got, _scheme(x, w), rtol=1e-6, atol=1e-6)
     error = np.abs(got - x @ w) / np.abs(x @ w).max(axis=-1, keepdims=True)
@@ -93,7 +93,7 @@ def test_readers_of_one_activation_share_its_quantisation_and_kept_matmuls_stay_
     weights = {name: rng.normal(size=(K, K)).astype(np.float32) for name in ("q", "k", "v", "head")}
     reads = {"q": "x", "k": "x", "v": "x", "head": "q"}
     quantized = tmp_path / "int8.onnx"
-    assert quantize_rows(_graph(tmp_path, weights, reads), quantized, {"head"}) == ["k", "q", "v"]
+    assert quantize_rows(_graph(tmp_path, weights, reads), quantized, {"head"}) == (["k", "q", "v"], ["head"])
     ops = Counter(node.op_type for node in onnx.load(str(quantized)).graph.node)
     assert ops["Abs"] == 1 and ops["MatMulIntegerToFloat"] == 3 and ops["MatMul"] == 1
     x = rng.normal(size=(1, 4, K)).astype(np.float32)
@@ -109,4 +109,4 @@ def test_too_narrow_matmuls_stay_float(tmp_path, depth):
     model.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.ones((depth, N), np.float32), "proj.w"))
     model.graph.input[0].type.tensor_type.shape.dim[2].dim_value = depth
     onnx.save(model, str(source))
-    assert quantize_rows(source, quantized, set()) == []
+    assert quantize_rows(source, quantized, set()) == ([], ["proj"])
