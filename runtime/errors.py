@@ -12,6 +12,7 @@ class KilnError(Exception):
 
     exit_code = 1
     grpc_status = "INTERNAL"
+    http_status: int | None = None  # where HTTP has a status of its own for it; else the gRPC code's
 
 
 class InvalidInput(KilnError, ValueError):
@@ -114,6 +115,13 @@ class DeadlineExceeded(KilnError):
     grpc_status = "DEADLINE_EXCEEDED"
 
 
+class RequestTimeout(KilnError):
+    """An HTTP client took longer than the server allows to send its request."""
+
+    grpc_status = "DEADLINE_EXCEEDED"
+    http_status = 408
+
+
 class Cancelled(KilnError):
     """The caller cancelled; its queued work was dropped."""
 
@@ -122,6 +130,12 @@ class Cancelled(KilnError):
 
 class Draining(KilnError):
     """The server is shutting down and takes no new work."""
+
+    grpc_status = "UNAVAILABLE"
+
+
+class ModelUnavailable(KilnError):
+    """A model cannot take work for a moment (its decoding loop is restarting after a failure)."""
 
     grpc_status = "UNAVAILABLE"
 

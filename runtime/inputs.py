@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import math
 import unicodedata
 from collections.abc import Sequence
+from typing import Any
 
 from kiln.runtime.errors import InvalidInput, InvalidInputType
 
 MAX_CHARS = 50_000
+MAX_JSON_DEPTH = 32  # arrays and objects inside each other; KServe tensors need their rank, parameters 2-3
+MAX_JSON_INTEGER_DIGITS = 20  # 64-bit integers; longer ones would cost Python quadratic time to parse
 _ALLOWED_CONTROLS = {"\t", "\n", "\r"}
 
 
@@ -43,3 +48,54 @@ def check_pairs(texts: list[str], pairs: object, what: str = "text_pair") -> lis
     if len(checked) != len(texts):
         raise InvalidInput(f"{len(texts)} texts but {len(checked)} {what} values; they must pair one to one")
     return checked
+
+
+def finite_float(name: str, value: int | float) -> float:
+    """A request's number as a float, refusing what no float holds (a 400-digit integer, inf, nan)."""
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise InvalidInput(f"parameter {name!r} must be a finite number, got {value!r}")
+    return number
+
+
+def parse_json(raw: bytes | str, what: str) -> Any:
+    """A request's JSON, refusing what would break later steps with a message that names the limit:
+    nesting deeper than MAX_JSON_DEPTH, integers beyond 64 bits, and the non-JSON NaN and Infinity
+    that Python's parser would otherwise accept."""
+    try:
+        value = json.loads(raw, parse_constant=_not_json, parse_int=_integer)
+    except RecursionError as exc:
+        raise InvalidInput(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"{what} is not valid JSON: {exc}") from exc
+    if _deeper_than(value, MAX_JSON_DEPTH):
+        raise InvalidInput(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels")
+    return value
+
+
+def _not_json(constant: str) -> Any:
+    raise InvalidInput(f"{constant} is not a JSON number (give a finite number)")
+
+
+def _integer(digits: str) -> int:
+    if len(digits.lstrip("-")) > MAX_JSON_INTEGER_DIGITS or not -(2**63) <= (value := int(digits)) < 2**64:
+        raise InvalidInput(f"integer {digits[:24]}{'...' if len(digits) > 24 else ''} does not fit in 64 bits")
+    return value
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether containers nest past `limit`, level by level (no recursion to exhaust)."""
+    level = [value] if isinstance(value, list | dict) else []
+    for _ in range(limit):
+        level = [
+            item
+            for container in level
+            for item in (container.values() if isinstance(container, dict) else container)
+            if isinstance(item, list | dict)
+        ]
+        if not level:
+            return False
+    return bool(level)

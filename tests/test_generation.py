@@ -149,3 +149,9 @@ def test_over_long_prompt_is_refused_or_cut_with_a_flag(generator_package):
         pipe(long_prompt, max_new_tokens=4)
     (answer,) = pipe.generate([long_prompt], {"max_new_tokens": 4, "do_sample": False, "truncate": True})
     assert answer.truncated and answer.prompt_tokens == pipe.generator.max_positions - 1
+
+
+def test_an_empty_prompt_is_answered_as_transformers_answers_it(generator_package, hf):
+    """transformers gives `generate` no input ids for "", which then starts from the bos token."""
+    for params in ({"max_new_tokens": 8, "do_sample": False}, {"max_new_tokens": 6, "num_beams": 2}):
+        assert pipeline(generator_package("gpt2"))("", **params) == hf("gpt2")("", **params)

@@ -5,6 +5,8 @@ the same early-stopping heuristics, so answers are token-identical to `generate(
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from kiln.runtime.generation.logits import Context, log_softmax, process
 from kiln.runtime.generation.sessions import Decoder, DecoderOnly
@@ -14,9 +16,15 @@ _FAR = -1.0e9
 
 
 def beam_search(
-    decoder: Decoder, prompt: list[int], settings: Settings, allowed: int, start_id: int | None
+    decoder: Decoder,
+    prompt: list[int],
+    settings: Settings,
+    allowed: int,
+    start_id: int | None,
+    check: Callable[[], None] = lambda: None,
 ) -> list[int]:
-    """The best hypothesis' new token ids (its eos included, as transformers returns it)."""
+    """The best hypothesis' new token ids (its eos included, as transformers returns it). `check`
+    runs before every step: a server stops a search whose caller left or whose deadline passed."""
     beams = settings.num_beams
     decoder_only = isinstance(decoder, DecoderOnly)
     prefix = list(prompt) if decoder_only else [start_id or 0]
@@ -26,11 +34,13 @@ def beam_search(
     running_scores = np.array([0.0] + [_FAR] * (beams - 1))
     finished: list[tuple[float, list[int]]] = []  # (score, ids), at most `beams`, best first
     improvable = True
+    check()
     logits, cache = decoder.prefill([prompt])
     cache = cache.select([0] * beams)
     logits = np.repeat(logits, beams, axis=0)
     cur_len = len(prefix)
     while True:
+        check()
         scores = np.stack([_processed(logits[b], running[b], len(prefix), allowed, settings) for b in range(beams)])
         flat = (scores + running_scores[:, None]).reshape(-1)
         order = np.argsort(-flat, kind="stable")[:keep]

@@ -5,10 +5,16 @@ model; a cohort per decoder step for seq2seq). `add` prefills new sequences and 
 group at the next step; `step` advances every group by one token; a finished or cancelled sequence
 leaves its group at once. In process the pipeline drives it until everything is done; the server's
 scheduler drives it forever, adding requests between steps (continuous batching).
+
+A failure is the failing sequences' alone: a row whose token cannot be chosen ends with its error, a
+session run that raises ends the group it ran, and a prefill that raises is retried prompt by prompt
+so that only the prompt at fault ends. The error travels with the sequence (`Sequence.error`, a
+last piece whose finish reason is "error"); nothing raises out of `add` or `step`.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -18,7 +24,7 @@ from kiln.runtime.generation.logits import Context, process, sample, warp
 from kiln.runtime.generation.sessions import Cache, Decoder, DecoderOnly
 from kiln.runtime.generation.settings import Settings
 
-FINISH_LENGTH, FINISH_STOP, FINISH_CANCELLED = "length", "stop", "cancelled"
+FINISH_LENGTH, FINISH_STOP, FINISH_CANCELLED, FINISH_ERROR = "length", "stop", "cancelled", "error"
 
 
 @dataclass
@@ -47,6 +53,8 @@ class Sequence:
     finish_reason: str | None = None
     cancelled: bool = False
     decoder_only: bool = True
+    error: BaseException | None = None  # why the sequence ended with FINISH_ERROR
+    request_id: str = ""  # who asked, for the log line of a failure
 
     def context(self, start_id: int | None) -> list[int]:
         """The ids logits processors look at: prompt and output (decoder-only), else start and output."""
@@ -78,27 +86,44 @@ class Decoding:
         """Prefill new sequences (together), choose their first tokens, and join them to a group."""
         for sequence in sequences:
             sequence.decoder_only = self.decoder_only
-        logits, cache = self.decoder.prefill([s.prompt for s in sequences])
+        try:
+            logits, cache = self.decoder.prefill([s.prompt for s in sequences])
+        except Exception as exc:
+            if len(sequences) == 1:
+                fail(sequences[0], exc)
+                return
+            for sequence in sequences:  # find the prompt at fault: the others must not fail with it
+                self.add([sequence])
+            return
         self._advance(Group(sequences, cache, np.zeros(len(sequences), dtype=np.int64)), logits)
 
     def step(self) -> None:
         """One token for every running sequence; cancelled ones leave first."""
         groups, self.groups = self.groups, []
         for group in groups:
-            for sequence in group.sequences:
-                if sequence.cancelled and sequence.finish_reason is None:
-                    _finish(sequence, FINISH_CANCELLED, "")
-            group = _without_finished(self.decoder, group)
-            if group is None:
-                continue
-            logits, cache = self.decoder.step(group.cache, group.last)
-            self._advance(Group(group.sequences, cache, group.last), logits)
+            try:
+                self._step(group)
+            except Exception as exc:  # the session run (or the cache) failed: the group it held ends
+                for sequence in group.sequences:
+                    fail(sequence, exc)
+
+    def _step(self, group: Group) -> None:
+        for sequence in group.sequences:
+            if sequence.cancelled and sequence.finish_reason is None:
+                _finish(sequence, FINISH_CANCELLED, "")
+        remaining = _without_finished(self.decoder, group)
+        if remaining is not None:
+            logits, cache = self.decoder.step(remaining.cache, remaining.last)
+            self._advance(Group(remaining.sequences, cache, remaining.last), logits)
 
     def _advance(self, group: Group, logits: np.ndarray) -> None:
         for row, sequence in enumerate(group.sequences):
-            token = choose(sequence, logits[row], self.start_id)
-            group.last[row] = token
-            accept(sequence, token)
+            try:
+                token = choose(sequence, logits[row], self.start_id)
+                group.last[row] = token
+                accept(sequence, token)
+            except Exception as exc:  # this row's processing or its caller's hand-off: this row alone
+                fail(sequence, exc)
         remaining = _without_finished(self.decoder, group)
         if remaining is not None:
             self._join(remaining)
@@ -141,6 +166,15 @@ def accept(sequence: Sequence, token: int) -> None:
         _finish(sequence, FINISH_LENGTH, sequence.stream.flush(), tokens=1)
         return
     _emit(sequence, _safe_end(sequence.text, settings.stop), tokens=1)
+
+
+def fail(sequence: Sequence, error: BaseException) -> None:
+    """End a sequence with an error; its caller gets a last piece saying so."""
+    if sequence.finish_reason is not None:
+        return
+    sequence.finish_reason, sequence.error = FINISH_ERROR, error
+    with contextlib.suppress(Exception):  # a caller that cannot take the piece has gone already
+        sequence.on_piece(Piece("", 0, FINISH_ERROR))
 
 
 def _emit(sequence: Sequence, upto: int, tokens: int, finish: str | None = None) -> None:

@@ -27,7 +27,9 @@ def process(scores: np.ndarray, context: Context, settings: Settings) -> np.ndar
     if settings.repetition_penalty != 1.0 and context.ids:
         seen = np.unique(np.asarray(context.ids))
         picked = scores[seen]
-        scores[seen] = np.where(picked < 0, picked * settings.repetition_penalty, picked / settings.repetition_penalty)
+        with np.errstate(over="ignore", under="ignore"):  # an extreme penalty may give +-inf; sampling copes
+            penalised = np.where(picked < 0, picked * settings.repetition_penalty, picked / settings.repetition_penalty)
+        scores[seen] = penalised
     if settings.no_repeat_ngram_size > 0:
         scores[banned_ngram_tokens(context.ids, settings.no_repeat_ngram_size)] = NEG_INF
     if settings.bad_token_ids:
@@ -43,8 +45,15 @@ def process(scores: np.ndarray, context: Context, settings: Settings) -> np.ndar
 
 
 def warp(scores: np.ndarray, settings: Settings) -> np.ndarray:
-    """Sampling's reshaping of a row: temperature, then top-k, then top-p (nucleus)."""
-    scores = scores / settings.temperature if settings.temperature != 1.0 else scores
+    """Sampling's reshaping of a row: temperature, then top-k, then top-p (nucleus).
+
+    In float64 and relative to the best score, so that no temperature or penalty the settings
+    accept can turn a row into NaN: (score - best) / temperature is never inf - inf. A row where
+    penalties overflowed some scores to +inf keeps just those, equally likely (the limit of the
+    finite case); NaN scores count as banned."""
+    scores = _relative(scores.astype(np.float64))
+    if settings.temperature != 1.0:
+        scores = scores / settings.temperature
     if 0 < settings.top_k < scores.shape[-1]:
         kth = np.partition(scores, -settings.top_k)[-settings.top_k]
         scores = np.where(scores < kth, NEG_INF, scores)
@@ -59,8 +68,19 @@ def warp(scores: np.ndarray, settings: Settings) -> np.ndarray:
 
 
 def sample(scores: np.ndarray, rng: np.random.Generator) -> int:
-    probs = softmax(scores.astype(np.float64))
-    return int(rng.choice(probs.shape[-1], p=probs))
+    """A token drawn from a warped row; a row with every token banned gives what greedy gives."""
+    scores = scores.astype(np.float64)
+    if not np.isfinite(scores.max()):
+        return int(np.argmax(scores))
+    return int(rng.choice(scores.shape[-1], p=softmax(scores)))
+
+
+def _relative(scores: np.ndarray) -> np.ndarray:
+    scores = np.where(np.isnan(scores), NEG_INF, scores)
+    best = scores.max()
+    if best == np.inf:
+        return np.where(scores == np.inf, 0.0, NEG_INF)
+    return scores - best if np.isfinite(best) else scores
 
 
 def softmax(x: np.ndarray) -> np.ndarray:

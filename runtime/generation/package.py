@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from kiln.runtime.errors import InputTooLong, PackageError
+from kiln.runtime.errors import InputTooLong, InvalidInput, PackageError
 from kiln.runtime.generation.decoding import Piece, Sequence
 from kiln.runtime.generation.detokenize import Detokenizer, StreamDecoder
 from kiln.runtime.generation.sessions import Decoder, DecoderOnly, load_decoder
@@ -32,6 +32,7 @@ class Generator:
     max_source: int  # the encoder's limit (seq2seq); the prompt's otherwise
     sessions: dict[str, Any] = field(default_factory=dict)  # role -> onnxruntime session
     prefix: str = ""  # put before every prompt, as the transformers pipeline does (t5's "summarize: ")
+    bos_id: int | None = None  # where a decoder-only model starts when the prompt has no tokens
 
     @property
     def decoder_only(self) -> bool:
@@ -48,6 +49,10 @@ class Generator:
         """The prompt's ids, refused or cut (keeping its end for a decoder, its start for an
         encoder) when over the model's limit; the flag says whether it was cut."""
         ids = self.tokenizer.encode(self.prefix + text).ids
+        if not ids:  # transformers' generate starts a prompt-less sequence from the bos token
+            if self.decoder_only and self.bos_id is not None:
+                return [self.bos_id], False
+            raise InvalidInput("prompt is empty (it has no tokens) and the model has no bos token to start from")
         limit = self.max_source if not self.decoder_only else self.max_positions - 1
         if len(ids) <= limit:
             return ids, False
@@ -96,6 +101,8 @@ def load_generator(
     defaults = replace(defaults, pad_token_id=pad)
     source = layout.get("max_source") or positions
     prefix = prompt_prefix(config, manifest.task)
+    generation_config = directory / "generation_config.json"
+    bos = (read_json(generation_config) if generation_config.is_file() else config).get("bos_token_id")
     return Generator(
-        directory, manifest, tokenizer, detokenizer, decoder, defaults, positions, source, sessions, prefix
+        directory, manifest, tokenizer, detokenizer, decoder, defaults, positions, source, sessions, prefix, bos
     )

@@ -8,12 +8,14 @@ models, forced eos on the last step for BART) and greedy answers are token-ident
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from kiln.runtime.errors import InvalidInput
+from kiln.runtime.inputs import finite_float
 
 # request names accepted besides the transformers ones (Triton's and OpenAI's spellings)
 ALIASES = {
@@ -143,15 +145,28 @@ def with_request(defaults: Settings, request: Mapping[str, Any], max_positions: 
     return settings
 
 
+# Bounds every request is held to, so that no value a request may send can break a decoding step
+# (README, "Generation parameters: ranges"): floats must be finite; a temperature or a penalty of
+# any finite positive size is safe, since sampling works relative to the best score in float64.
+MAX_BEAMS = 16
+MAX_LENGTH_PENALTY = 10.0  # beam scores divide by length ** length_penalty: 4096 ** 10 is still finite
+MAX_STOP_STRINGS = 16  # each token's text is checked against every stop string
+MAX_STOP_CHARS = 128
+
+
 def check(settings: Settings, max_positions: int) -> None:
-    """Refuse settings that cannot be honoured, naming the parameter."""
+    """Refuse settings that cannot be honoured, naming the parameter and its range."""
+    for name in ("temperature", "top_p", "length_penalty", "repetition_penalty"):
+        if not math.isfinite(getattr(settings, name)):
+            raise InvalidInput(f"parameter {name!r} must be a finite number, got {getattr(settings, name)!r}")
     limits = [
         ("max_new_tokens", settings.max_new_tokens is None or 1 <= settings.max_new_tokens <= max_positions),
         ("min_new_tokens", 0 <= settings.min_new_tokens <= max_positions),
         ("temperature", settings.temperature > 0),
         ("top_k", settings.top_k >= 0),
         ("top_p", 0 < settings.top_p <= 1),
-        ("num_beams", 1 <= settings.num_beams <= 16),
+        ("num_beams", 1 <= settings.num_beams <= MAX_BEAMS),
+        ("length_penalty", abs(settings.length_penalty) <= MAX_LENGTH_PENALTY),
         ("repetition_penalty", settings.repetition_penalty > 0),
         ("no_repeat_ngram_size", settings.no_repeat_ngram_size >= 0),
         ("seed", settings.seed is None or 0 <= settings.seed < 2**63),
@@ -161,10 +176,19 @@ def check(settings: Settings, max_positions: int) -> None:
             raise InvalidInput(
                 f"parameter {name!r} is out of range: {getattr(settings, name)!r}{_range(name, max_positions)}"
             )
+    if settings.max_new_tokens is not None and settings.min_new_tokens > settings.max_new_tokens:
+        raise InvalidInput(
+            f"parameter 'min_new_tokens' ({settings.min_new_tokens}) is more than 'max_new_tokens' "
+            f"({settings.max_new_tokens})"
+        )
     if settings.num_beams > 1 and settings.do_sample:
         raise InvalidInput("parameter 'num_beams' > 1 with do_sample is not supported (beam sampling); choose one")
+    if len(settings.stop) > MAX_STOP_STRINGS:
+        raise InvalidInput(f"parameter 'stop' has {len(settings.stop)} strings; the limit is {MAX_STOP_STRINGS}")
     if any(not s for s in settings.stop):
         raise InvalidInput("parameter 'stop' has an empty string")
+    if any(len(s) > MAX_STOP_CHARS for s in settings.stop):
+        raise InvalidInput(f"parameter 'stop' has a string over {MAX_STOP_CHARS} characters")
 
 
 def _range(name: str, max_positions: int) -> str:
@@ -172,9 +196,13 @@ def _range(name: str, max_positions: int) -> str:
         "max_new_tokens": f" (1 to {max_positions})",
         "min_new_tokens": f" (0 to {max_positions})",
         "temperature": " (must be > 0; use do_sample=false for greedy)",
+        "top_k": " (must be >= 0; 0 keeps every token)",
         "top_p": " (0 < top_p <= 1)",
-        "num_beams": " (1 to 16)",
+        "num_beams": f" (1 to {MAX_BEAMS})",
+        "length_penalty": f" (-{MAX_LENGTH_PENALTY:g} to {MAX_LENGTH_PENALTY:g})",
         "repetition_penalty": " (must be > 0)",
+        "no_repeat_ngram_size": " (must be >= 0)",
+        "seed": " (0 to 2**63 - 1)",
     }
     return ranges.get(name, "")
 
@@ -191,4 +219,4 @@ def _typed(name: str, value: Any, kind: type) -> Any:
         raise InvalidInput(f"parameter {name!r} must be {expected[kind]}, got {type(value).__name__} {value!r}")
     if kind is list:
         return [value] if isinstance(value, str) else value
-    return float(value) if kind is float else value
+    return finite_float(name, value) if kind is float else value

@@ -4,7 +4,7 @@ text as it is generated."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,13 +47,16 @@ class GenerationPipeline:
         settings = self.generator.settings(params)
         prompts = [self.generator.encode(text, truncate) for text in texts]
         if settings.num_beams > 1:
-            return [self._beam(ids, settings, cut) for ids, cut in prompts]
+            return [self.beam(ids, settings, cut) for ids, cut in prompts]
         sequences = [self.generator.sequence(ids, settings, lambda piece: None) for ids, _ in prompts]
         decoding = Decoding(self.generator.decoder, self.generator.start_id)
         for start in range(0, len(sequences), self.batch_size):
             decoding.add(sequences[start : start + self.batch_size])
             while decoding.active:
                 decoding.step()
+        failed = next((s.error for s in sequences if s.error is not None), None)
+        if failed is not None:
+            raise failed
         return [
             Generated(s.text, len(s.prompt), len(s.generated), s.finish_reason or FINISH_LENGTH, cut)
             for s, (_, cut) in zip(sequences, prompts, strict=True)
@@ -70,15 +73,18 @@ class GenerationPipeline:
         decoding = Decoding(self.generator.decoder, self.generator.start_id)
         decoding.add([sequence])
         while True:
+            if sequence.error is not None:
+                raise sequence.error
             yield from pieces
             pieces.clear()
             if not decoding.active:
                 return
             decoding.step()
 
-    def _beam(self, ids: list[int], settings: Any, cut: bool) -> Generated:
+    def beam(self, ids: list[int], settings: Any, cut: bool, check: Callable[[], None] = lambda: None) -> Generated:
+        """One prompt's beam search answer; `check` runs every step and may raise to stop it."""
         sequence = self.generator.sequence(ids, settings, lambda piece: None)
-        tokens = beam_search(self.generator.decoder, ids, settings, sequence.allowed, self.generator.start_id)
+        tokens = beam_search(self.generator.decoder, ids, settings, sequence.allowed, self.generator.start_id, check)
         for token in tokens:
             if sequence.finish_reason is None:
                 accept(sequence, token)

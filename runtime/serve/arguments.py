@@ -26,6 +26,15 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--metrics-port", type=int, default=8002, help="Prometheus /metrics (0: off)")
     serve.add_argument("--max-message-mb", type=float, default=64)
     serve.add_argument(
+        "--http-header-timeout",
+        type=float,
+        default=15.0,
+        help="seconds an HTTP connection may take to send a request's head (and may stay idle between requests)",
+    )
+    serve.add_argument(
+        "--http-body-timeout", type=float, default=30.0, help="seconds an HTTP request body may take to arrive (408)"
+    )
+    serve.add_argument(
         "--max-batch-tokens",
         type=int,
         default=0,
@@ -120,4 +129,6 @@ def serve_options(args: argparse.Namespace) -> Any:
         max_connection_age_grace=args.grpc_max_connection_age_grace,
         keepalive_time=args.grpc_keepalive_time,
         keepalive_timeout=args.grpc_keepalive_timeout,
+        http_header_timeout=args.http_header_timeout,
+        http_body_timeout=args.http_body_timeout,
     )

@@ -281,7 +281,7 @@ class DataPlane:
 
     async def _generate(self, model: GenerativeModel, request: GenerateRequest, call: Call) -> Answered:
         params = model.spec.parse_params(request.params)
-        work = lambda state: model.answer(request.prompts, params, state, self.executor)  # noqa: E731
+        work = lambda state: model.answer(request.prompts, params, state)  # noqa: E731
         answers = await self._timed(model, call, len(request.prompts), work)
         return Answered(model, answers, params, sum(a.prompt_tokens for a in answers))
 
@@ -297,18 +297,22 @@ class DataPlane:
             )
         params = model.spec.parse_params(request.params)
         async with self._request(model, call, 1) as state:
-            stream = model.open(request.prompts[0], params, asyncio.get_running_loop())
+            [stream] = model.open(request.prompts, params, asyncio.get_running_loop())
             tokens = 0
-            if stream.prefix:
-                yield Chunk(stream.prefix, 0)
-            async for piece in model.pieces(stream, request.prompts[0], params, state, self.executor):
-                tokens += piece.tokens
-                if piece.finish_reason is None:
-                    yield Chunk(piece.text, piece.tokens)
-                else:
-                    yield Chunk(
-                        piece.text, piece.tokens, piece.finish_reason, stream.prompt_tokens, tokens, stream.truncated
-                    )
+            try:
+                if stream.prefix:
+                    yield Chunk(stream.prefix, 0)
+                async for piece in model.pieces(stream, state):
+                    tokens += piece.tokens
+                    if piece.finish_reason is None:
+                        yield Chunk(piece.text, piece.tokens)
+                    else:
+                        yield Chunk(
+                            piece.text, piece.tokens, piece.finish_reason, stream.prompt_tokens, tokens,
+                            stream.truncated,
+                        )  # fmt: skip
+            finally:
+                stream.cancel()  # a caller gone before the first piece was asked for frees its row too
 
     def _generator(self, name: str, version: str, call: Call) -> GenerativeModel:
         model = self.admit(name, version, call)

@@ -6,13 +6,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from kiln.runtime.errors import Cancelled, DeadlineExceeded, InternalError
-from kiln.runtime.generation.decoding import FINISH_CANCELLED, Decoding, Piece, Sequence
+from kiln.runtime.generation.decoding import FINISH_CANCELLED, FINISH_ERROR, Decoding, Piece, Sequence
 from kiln.runtime.generation.package import load_generator
 from kiln.runtime.pipelines.text_generation import Generated, GenerationPipeline
 from kiln.runtime.serve.batcher import BatchOptions, RequestState
@@ -40,17 +42,25 @@ class Chunk:
 
 @dataclass
 class Stream:
-    """One prompt being generated for a caller: pieces arrive on `queue` from the decoding thread."""
+    """One prompt being generated for a caller: pieces arrive on `queue` from the decoding thread
+    (a beam search's one answer comes from the model's beam thread instead)."""
 
-    sequence: Sequence | None
+    sequence: Sequence
     queue: asyncio.Queue
     truncated: bool
-    prompt_tokens: int
     prefix: str = ""  # text-generation's return_full_text: the prompt, sent before the new text
+    request_id: str = ""
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.sequence.prompt)
+
+    @property
+    def beams(self) -> int:
+        return self.sequence.settings.num_beams
 
     def cancel(self) -> None:
-        if self.sequence is not None:
-            self.sequence.cancelled = True
+        self.sequence.cancelled = True
 
 
 class GenerativeModel(Counted):
@@ -74,8 +84,9 @@ class GenerativeModel(Counted):
         self.options = replace(batching, max_size=min(batching.max_size, batching.max_generating))
         self.max_queue = batching.max_queue
         decoding = Decoding(self.generator.decoder, self.generator.start_id)
-        self.scheduler = Scheduler(decoding, self.options.max_size, batching.max_cache_tokens, self._record_step)
+        self.scheduler = Scheduler(decoding, self.options.max_size, batching.max_cache_tokens, self._record_step, name)
         self.scheduler.start()
+        self.beam_thread = ThreadPoolExecutor(1, f"kiln-beam-{name}")
         self.pipeline.generate(["warm up"], {"max_new_tokens": 2, "do_sample": False, "num_beams": 1})
         self.load_seconds = time.monotonic() - started
         log.info(
@@ -98,37 +109,39 @@ class GenerativeModel(Counted):
     def raw_outputs(self) -> list[tuple[str, list[int]]]:
         return []
 
-    def open(self, text: str, params: dict[str, Any], loop: asyncio.AbstractEventLoop) -> Stream:
-        """Tokenize a prompt and hand it to the scheduler (beam search runs on its own, later)."""
+    def open(self, texts: list[str], params: dict[str, Any], loop: asyncio.AbstractEventLoop) -> list[Stream]:
+        """Tokenize and check every prompt, then admit them all at once: a request is taken whole or
+        refused whole, so nothing of a refused request is left generating or holding the KV cache."""
         settings = self.generator.settings(settings_of(params))
-        ids, truncated = self.generator.encode(text, bool(params.get("truncate")))
-        queue: asyncio.Queue = asyncio.Queue()
-        full = params.get("return_full_text")
-        prefix = text if self.generator.decoder_only and (full is None or full) else ""
-        if settings.num_beams > 1:
-            return Stream(None, queue, truncated, len(ids), prefix)
+        truncate, full = bool(params.get("truncate")), params.get("return_full_text")
+        streams = []
+        for text in texts:
+            ids, truncated = self.generator.encode(text, truncate)
+            queue: asyncio.Queue = asyncio.Queue()
+            sequence = self.generator.sequence(ids, settings, _deliver_to(queue, loop))
+            sequence.request_id = uuid.uuid4().hex[:12]
+            prefix = text if self.generator.decoder_only and (full is None or full) else ""
+            streams.append(Stream(sequence, queue, truncated, prefix, sequence.request_id))
+        sequences = [stream.sequence for stream in streams]
+        if settings.num_beams > 1:  # beams run one prompt at a time on the beam thread, inside the budget
+            self.scheduler.reserve(sum(self._beam_cost(s) for s in sequences))
+        else:
+            self.scheduler.submit(sequences)
+        return streams
 
-        def deliver(piece: Piece) -> None:  # on the decoding thread
-            loop.call_soon_threadsafe(queue.put_nowait, piece)
-
-        sequence = self.generator.sequence(ids, settings, deliver)
-        self.scheduler.submit([sequence])
-        return Stream(sequence, queue, truncated, len(ids), prefix)
-
-    async def pieces(
-        self, stream: Stream, text: str, params: dict[str, Any], state: RequestState, executor: Any
-    ) -> AsyncIterator[Piece]:
+    async def pieces(self, stream: Stream, state: RequestState) -> AsyncIterator[Piece]:
         """The stream's pieces until the last; cancelling the caller or its deadline frees the row."""
-        if stream.sequence is None:  # beam search: one answer, computed on a worker thread
-            answer = await asyncio.get_running_loop().run_in_executor(executor, self._beam, text, params)
-            yield Piece(answer.text, answer.tokens, answer.finish_reason)
-            return
         try:
+            if stream.beams > 1:
+                yield await self._beam(stream, state)
+                return
             while True:
-                timeout = None if state.deadline is None else max(state.deadline - time.monotonic(), 0)
-                piece = await asyncio.wait_for(stream.queue.get(), timeout)
-                if piece.finish_reason == "error":
-                    raise InternalError("the decoding step failed (see the server log)")
+                piece = await asyncio.wait_for(stream.queue.get(), _remaining(state))
+                if piece.finish_reason == FINISH_ERROR:
+                    raise InternalError(
+                        f"generation failed in a decoding step (request {stream.request_id}): "
+                        f"{_described(stream.sequence.error)}; the server log has the traceback"
+                    )
                 self.metrics.generated_tokens.labels(model=self.name).inc(piece.tokens)
                 yield piece
                 if piece.finish_reason is not None:
@@ -136,29 +149,25 @@ class GenerativeModel(Counted):
         except TimeoutError as exc:
             raise DeadlineExceeded("deadline passed while generating; the sequence was stopped") from exc
         finally:
-            stream.cancel()  # a caller that went away frees its row at the next step
+            stream.cancel()  # a caller that went away frees its row (or stops its beam search) at the next step
 
-    async def answer(
-        self, texts: list[str], params: dict[str, Any], state: RequestState, executor: Any
-    ) -> list[Generated]:
-        """Whole answers for several prompts, generated side by side."""
-        loop = asyncio.get_running_loop()
-        streams = [self.open(text, params, loop) for text in texts]
+    async def answer(self, texts: list[str], params: dict[str, Any], state: RequestState) -> list[Generated]:
+        """Whole answers for several prompts, generated side by side; whatever the request opened
+        is cancelled on every way out (an error in one prompt, the caller leaving, the deadline)."""
+        streams = self.open(texts, params, asyncio.get_running_loop())
+        tasks = [asyncio.ensure_future(self._collect(stream, state)) for stream in streams]
         try:
-            return list(
-                await asyncio.gather(
-                    *(self._collect(s, t, params, state, executor) for s, t in zip(streams, texts, strict=True))
-                )
-            )
+            return list(await asyncio.gather(*tasks))
         finally:
             for stream in streams:
                 stream.cancel()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _collect(
-        self, stream: Stream, text: str, params: dict[str, Any], state: RequestState, executor: Any
-    ) -> Generated:
+    async def _collect(self, stream: Stream, state: RequestState) -> Generated:
         parts, tokens, reason = [stream.prefix], 0, FINISH_CANCELLED
-        async for piece in self.pieces(stream, text, params, state, executor):
+        async for piece in self.pieces(stream, state):
             parts.append(piece.text)
             tokens += piece.tokens
             reason = piece.finish_reason or reason
@@ -166,9 +175,30 @@ class GenerativeModel(Counted):
             raise Cancelled("request was cancelled")
         return Generated("".join(parts), stream.prompt_tokens, tokens, reason, stream.truncated)
 
-    def _beam(self, text: str, params: dict[str, Any]) -> Generated:
-        call = {k: v for k, v in params.items() if v is not None and k != "return_full_text"}
-        return self.pipeline.generate([text], call)[0]
+    async def _beam(self, stream: Stream, state: RequestState) -> Piece:
+        """A beam search on the model's own beam thread (never the pool that tokenizes for other
+        models); it checks the caller and the deadline every step, and gives back its KV cache share
+        when it ends, or at once if it never started."""
+        sequence = stream.sequence
+
+        def stop_if_unwanted() -> None:
+            if sequence.cancelled or state.cancelled:
+                raise Cancelled("request was cancelled")
+            if state.deadline is not None and time.monotonic() > state.deadline:
+                raise DeadlineExceeded("deadline passed during beam search; the search was stopped")
+
+        def search() -> Generated:
+            return self.pipeline.beam(sequence.prompt, sequence.settings, stream.truncated, stop_if_unwanted)
+
+        future = self.beam_thread.submit(search)
+        share = self._beam_cost(sequence)
+        future.add_done_callback(lambda _: self.scheduler.release(share))
+        answer = await asyncio.wait_for(asyncio.wrap_future(future), _remaining(state))
+        return Piece(answer.text, answer.tokens, answer.finish_reason)
+
+    @staticmethod
+    def _beam_cost(sequence: Sequence) -> int:
+        return Scheduler.cost(sequence) * sequence.settings.num_beams
 
     def _record_step(self, record: StepRecord) -> None:
         self.metrics.decoding_rows.labels(model=self.name).observe(record.rows)
@@ -178,5 +208,26 @@ class GenerativeModel(Counted):
             self.stats.execution_count += 1
             self.stats.compute_infer.add(record.seconds)
 
+    @property
+    def healthy(self) -> bool:
+        """False while the decoding loop is restarting after a failure (readiness NOT_SERVING)."""
+        return self.scheduler.alive
+
     def stop(self) -> None:
         self.scheduler.stop()
+        self.beam_thread.shutdown(wait=True, cancel_futures=True)
+
+
+def _deliver_to(queue: asyncio.Queue, loop: asyncio.AbstractEventLoop) -> Callable[[Piece], None]:
+    def deliver(piece: Piece) -> None:  # on the decoding thread
+        loop.call_soon_threadsafe(queue.put_nowait, piece)
+
+    return deliver
+
+
+def _remaining(state: RequestState) -> float | None:
+    return None if state.deadline is None else max(state.deadline - time.monotonic(), 0)
+
+
+def _described(error: BaseException | None) -> str:
+    return "unknown error" if error is None else f"{type(error).__name__}: {error}"

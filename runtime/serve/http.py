@@ -10,6 +10,7 @@ HTTP client the bench uses, and needs no second server loop or signal handling o
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hmac
 import json
@@ -18,7 +19,8 @@ from typing import Any
 
 import numpy as np
 from aiohttp import web
-from kiln.runtime.errors import InvalidInput, KilnError, Unauthenticated
+from kiln.runtime.errors import InvalidInput, KilnError, RequestTimeout, Unauthenticated
+from kiln.runtime.inputs import parse_json
 from kiln.runtime.serve.dataplane import Call, DataPlane, InferRequest
 from kiln.runtime.serve.generative import Chunk
 from kiln.runtime.serve.status import http_status_of
@@ -26,6 +28,7 @@ from kiln.runtime.serve.tensors import DTYPES, element_count
 from kiln.runtime.tasks.generation import GenerateRequest, read_request
 
 HEADER_LENGTH = "Inference-Header-Content-Length"  # Triton's binary tensor data extension
+BODY_TIMEOUT = web.AppKey("body_timeout", float)  # seconds a request body may take to arrive
 OPEN_PATHS = ("/v2/health/",)  # probes need no token
 
 
@@ -35,13 +38,21 @@ def json_error(exc: BaseException) -> web.Response:
 
 
 class HttpApi:
-    def __init__(self, plane: DataPlane, auth_token: str | None = None, max_body_bytes: int = 64 << 20):
+    def __init__(
+        self,
+        plane: DataPlane,
+        auth_token: str | None = None,
+        max_body_bytes: int = 64 << 20,
+        body_timeout: float = 30.0,
+    ):
         self.plane = plane
         self.auth_token = auth_token
         self.max_body_bytes = max_body_bytes
+        self.body_timeout = body_timeout
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.max_body_bytes, middlewares=[self._errors, self._auth])
+        app[BODY_TIMEOUT] = self.body_timeout
         model = "/v2/models/{name}"
         versioned = "/v2/models/{name}/versions/{version}"
         app.router.add_get("/v2", self.server_metadata)
@@ -227,10 +238,13 @@ def generate_request(body: dict[str, Any]) -> GenerateRequest:
             texts = [json.dumps(t) if name == "sampling_parameters" and isinstance(t, dict) else t for t in texts]
             if not texts or not all(isinstance(t, str) for t in texts):
                 raise InvalidInput(f"{name!r} must be a string or a list of strings")
-            tensors[name] = np.array([t.encode("utf-8") for t in texts], dtype=object)
+            # a lone surrogate passes through here, to be refused by name with the rest of the text checks
+            tensors[name] = np.array([t.encode("utf-8", "surrogatepass") for t in texts], dtype=object)
         elif isinstance(value, bool):
             tensors[name] = np.array([value])
         elif isinstance(value, int):
+            if not -(2**63) <= value < 2**63:
+                raise InvalidInput(f"input {name!r} is {value}, past the INT64 range")
             tensors[name] = np.array([value], dtype=np.int64)
         else:
             raise InvalidInput(f"input {name!r} must be a boolean or an integer, got {type(value).__name__}")
@@ -253,11 +267,19 @@ def _model(request: web.Request) -> tuple[str, str]:
     return request.match_info.get("name", ""), request.match_info.get("version", "")
 
 
-async def _json_body(request: web.Request) -> dict[str, Any]:
+async def _read(request: web.Request) -> bytes:
+    """The whole body, within the server's body timeout: a client trickling it is cut off (408)."""
     try:
-        body = json.loads(await request.read())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidInput(f"request body is not valid JSON: {exc}") from exc
+        async with asyncio.timeout(request.app[BODY_TIMEOUT]):
+            return await request.read()
+    except TimeoutError as exc:
+        raise RequestTimeout(
+            f"the request body did not arrive within {request.app[BODY_TIMEOUT]:g} s (--http-body-timeout)"
+        ) from exc
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    body = parse_json(await _read(request), "request body")
     if not isinstance(body, dict):
         raise InvalidInput("request body must be a JSON object")
     return body
@@ -265,7 +287,7 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
 
 async def _split_body(request: web.Request) -> tuple[dict[str, Any], bytes]:
     """The JSON header and, with Triton's binary extension, the binary tensor data after it."""
-    raw = await request.read()
+    raw = await _read(request)
     length = request.headers.get(HEADER_LENGTH)
     if length is None:
         header_bytes, binary = raw, b""
@@ -273,10 +295,7 @@ async def _split_body(request: web.Request) -> tuple[dict[str, Any], bytes]:
         if not length.isdigit() or int(length) > len(raw):
             raise InvalidInput(f"{HEADER_LENGTH} {length!r} does not fit a body of {len(raw)} bytes")
         header_bytes, binary = raw[: int(length)], raw[int(length) :]
-    try:
-        header = json.loads(header_bytes)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidInput(f"request body is not valid JSON: {exc}") from exc
+    header = parse_json(header_bytes, "request body")
     if not isinstance(header, dict):
         raise InvalidInput("request body must be a JSON object")
     return header, binary
@@ -347,7 +366,10 @@ def _read_tensor(tensor: dict[str, Any], binary: bytes, offset: int) -> tuple[np
         raise InvalidInput(f"input {name!r}: unsupported datatype {datatype!r}")
     if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in flat) and datatype != "BOOL":
         raise InvalidInput(f"input {name!r}: {datatype} data must be numbers")
-    return np.array(flat, dtype=DTYPES[datatype]).reshape(shape), offset
+    try:
+        return np.array(flat, dtype=DTYPES[datatype]).reshape(shape), offset
+    except OverflowError as exc:
+        raise InvalidInput(f"input {name!r}: a value does not fit in {datatype}") from exc
 
 
 def _from_binary(name: str, datatype: Any, shape: list[int], count: int, blob: bytes) -> np.ndarray:

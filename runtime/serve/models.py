@@ -77,6 +77,11 @@ class Counted:
         self.in_flight = 0  # requests holding this model (a swapped-out version stops once none does)
         self.admitted = 0  # items accepted and not yet answered (admission control)
 
+    @property
+    def healthy(self) -> bool:
+        """Whether the model can serve now (a generator is not while its decoding loop restarts)."""
+        return True
+
     def admit(self, items: int) -> None:
         """Admission control, on the event loop: every item accepted and not yet answered counts
         (waiting for a worker, being prepared, queued for a batch, running, being finished), so

@@ -107,10 +107,10 @@ class Repository:
 
     def ready(self, name: str, version: str = "") -> bool:
         model = self.models.get(name)
-        return model is not None and version in ("", model.version)
+        return model is not None and version in ("", model.version) and model.healthy
 
     def any_ready(self) -> bool:
-        return bool(self.models)
+        return any(model.healthy for model in self.models.values())
 
     def knows(self, name: str) -> bool:
         return name in self.models or name in self.sources

@@ -4,6 +4,7 @@ REST + OpenAI embeddings) and a metrics port, every protocol a thin adapter over
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -41,6 +42,7 @@ log = logging.getLogger("kiln.serve")
 # a run, as slow as one thread); 2 ms kept the speed of onnxruntime's default (4.7 ms; it spins for
 # tens of ms) at 13.6 ms of CPU per run instead of 26.6 (5 ms: 18.9).
 SPIN_AFTER_RUN_US = 2000
+HEALTH_SYNC_SECONDS = 0.5
 
 
 @dataclass
@@ -71,6 +73,10 @@ class ServeOptions:
     max_connection_age_grace: float = 30.0  # seconds a closing connection's calls get to finish
     keepalive_time: float = 60.0  # seconds between HTTP/2 pings on an idle connection (dead peers found)
     keepalive_timeout: float = 20.0
+    # HTTP: a connection must send each request's head within this many seconds of opening or of its
+    # last answer (idle keep-alive connections close then too), and each body within http_body_timeout
+    http_header_timeout: float = 15.0
+    http_body_timeout: float = 30.0
 
 
 def model_names(options: ServeOptions) -> list[str]:
@@ -115,7 +121,9 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> in
     server, health_servicer, grpc_port = await _grpc_server(options, plane)
     runners = [
         await _http_site(
-            HttpApi(plane, options.auth_token, options.max_message_bytes).app(), options, options.http_port
+            HttpApi(plane, options.auth_token, options.max_message_bytes, options.http_body_timeout).app(),
+            options,
+            options.http_port,
         ),
         await _http_site(metrics.app(), options, options.metrics_port),
     ]
@@ -145,9 +153,11 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> in
         if models.control_mode == "poll"
         else None
     )
+    health_sync = asyncio.create_task(_sync_health(plane, health_servicer, stop))
     if ready is not None:
         ready.set()
     await stop.wait()
+    await health_sync
     started = time.monotonic()
     log.info("draining", extra={"fields": {"grace_s": options.grace, "drain_s": options.drain_seconds}})
     # 1. say so: health turns NOT_SERVING (readiness probes fail, clients watching health move away),
@@ -167,6 +177,25 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> in
     plane.executor.shutdown(wait=True)
     log.info("stopped", extra={"fields": {"drain_s": round(time.monotonic() - started, 2), "answered": plane.answered}})
     return 0
+
+
+async def _sync_health(plane: DataPlane, servicer: health.aio.HealthServicer, stop: asyncio.Event) -> None:
+    """grpc.health.v1 follows each model's readiness (a model loaded or unloaded, a generator whose
+    decoding loop is restarting), checked every HEALTH_SYNC_SECONDS until the server stops."""
+    status = {True: health_pb2.HealthCheckResponse.SERVING, False: health_pb2.HealthCheckResponse.NOT_SERVING}
+    shown: dict[str, bool] = {}
+    while not stop.is_set():
+        names = {*plane.repository.sources, *plane.repository.models, *shown} - {""}
+        now = {name: plane.model_ready(name) for name in names} | {"": plane.ready()}
+        try:
+            for name, ready in now.items():
+                if shown.get(name) != ready:
+                    await servicer.set(name, status[ready])
+            shown = now
+        except Exception:  # health must keep following readiness whatever one update did
+            log.exception("updating gRPC health failed")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), HEALTH_SYNC_SECONDS)
 
 
 async def _grpc_server(
@@ -229,7 +258,9 @@ def _reflection_pool() -> descriptor_pool.DescriptorPool:
 async def _http_site(app: web.Application, options: ServeOptions, port: int) -> web.AppRunner | None:
     if not port:
         return None
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    # aiohttp closes a connection that sends no complete request head within keepalive_timeout of
+    # opening or of its last answer: that is the header read timeout (slow clients are dropped)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=options.http_header_timeout)
     await runner.setup()
     site = web.TCPSite(runner, options.host, port, ssl_context=_ssl_context(options), shutdown_timeout=options.grace)
     try:

@@ -33,4 +33,5 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 def http_status_of(exc: BaseException) -> tuple[int, str]:
     code, message = status_of(exc)
-    return HTTP_STATUS.get(code.name, 500), message
+    own = exc.http_status if isinstance(exc, KilnError) else None
+    return own or HTTP_STATUS.get(code.name, 500), message

@@ -8,7 +8,6 @@ in the head they load, optimum's graph, and the key their answers carry.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +16,7 @@ import numpy as np
 from kiln.proto import kiln_pb2 as pb
 from kiln.runtime.errors import InvalidInput
 from kiln.runtime.generation.settings import ALIASES, REQUEST_FIELDS
+from kiln.runtime.inputs import parse_json
 from kiln.runtime.pipelines.text_generation import (
     Generated,
     GenerationPipeline,
@@ -84,10 +84,7 @@ def read_request(tensors: Mapping[str, np.ndarray], parameters: Mapping[str, Any
 
 
 def _json_object(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidInput(f"input 'sampling_parameters' is not JSON ({exc})") from exc
+    value = parse_json(text, "input 'sampling_parameters'")
     if not isinstance(value, dict):
         raise InvalidInput("input 'sampling_parameters' must be a JSON object of parameters")
     return value

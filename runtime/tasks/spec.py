@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 from kiln.runtime.errors import InvalidInput
+from kiln.runtime.inputs import finite_float
 from kiln.runtime.pipelines.base import Pipeline, Prepared
 
 Texts = dict[str, list[str]]  # input name -> its texts (KServe BYTES tensors, typed repeated fields)
@@ -87,7 +88,7 @@ class Param:
             )
         if self.kind is list and isinstance(value, str):  # a comma-separated string, as a URL or CLI gives it
             return [part.strip() for part in value.split(",") if part.strip()]
-        return float(value) if self.kind is float else value
+        return finite_float(self.name, value) if self.kind is float else value
 
 
 @dataclass(frozen=True)
@@ -178,9 +179,20 @@ def utf8_strings(array: np.ndarray, name: str) -> list[str]:
         try:
             decoded.append(bytes(value).decode("utf-8"))
         except UnicodeDecodeError as exc:
-            where = f"{exc.reason} at byte {exc.start}"
-            raise InvalidInput(f"input {name!r}[{index}] is not valid UTF-8 ({where})") from exc
+            raise InvalidInput(
+                f"input {name!r}[{index}] is not valid UTF-8 ({_why_not_utf8(bytes(value), exc)})"
+            ) from exc
     return decoded
+
+
+def _why_not_utf8(value: bytes, error: UnicodeDecodeError) -> str:
+    """A lone surrogate (JSON's "\\ud800") named as one; other bad bytes by where they are."""
+    try:
+        text = value.decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError:
+        return f"{error.reason} at byte {error.start}"
+    index = next(i for i, char in enumerate(text) if "\ud800" <= char <= "\udfff")
+    return f"a lone surrogate U+{ord(text[index]):04X} at character {index}"
 
 
 def bytes_tensor(values: list[str]) -> np.ndarray:
