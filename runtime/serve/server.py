@@ -43,6 +43,7 @@ log = logging.getLogger("kiln.serve")
 # tens of ms) at 13.6 ms of CPU per run instead of 26.6 (5 ms: 18.9).
 SPIN_AFTER_RUN_US = 2000
 HEALTH_SYNC_SECONDS = 0.5
+HTTP_LINGER_SECONDS = 1.0
 
 
 @dataclass
@@ -259,8 +260,16 @@ async def _http_site(app: web.Application, options: ServeOptions, port: int) -> 
     if not port:
         return None
     # aiohttp closes a connection that sends no complete request head within keepalive_timeout of
-    # opening or of its last answer: that is the header read timeout (slow clients are dropped)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=options.http_header_timeout)
+    # opening or of its last answer: that is the header read timeout. After an answer given before the
+    # body was read (a 408 for a body too slow, a 401, a 413) it reads what is left for lingering_time,
+    # then closes: a client trickling its body holds a connection body timeout + HTTP_LINGER_SECONDS
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        keepalive_timeout=options.http_header_timeout,
+        lingering_time=HTTP_LINGER_SECONDS,
+    )
     await runner.setup()
     site = web.TCPSite(runner, options.host, port, ssl_context=_ssl_context(options), shutdown_timeout=options.grace)
     try:
