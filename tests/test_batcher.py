@@ -135,3 +135,29 @@ def test_a_failing_row_fails_alone_and_its_batch_mates_are_answered():
         batcher.stop()
     assert outcomes == [[n] for n in range(1, 13)] + ["index out of range"]
     assert max(session.failed_sizes) > 1 and session.failed_sizes[-1] == 1  # batched, failed, then row by row
+
+
+def test_a_row_that_cannot_be_split_fails_alone_and_broken_metrics_stop_nothing():
+    """The batcher thread outlives a failing split (that row gets the error, its batch-mates their
+    outputs) and a metrics callback that raises."""
+
+    def picky_split(outputs, row, length):
+        if length == 13:
+            raise ValueError("injected: this row's outputs cannot be split")
+        return split(outputs, row, length)
+
+    def broken_metrics(record):
+        raise RuntimeError("injected: the metrics registry is broken")
+
+    options = BatchOptions(max_tokens=4096, max_size=8, max_delay=0.05, instances=1)
+    batcher = Batcher("test", RecordingSession(), picky_split, options, broken_metrics)
+    batcher.start()
+    try:
+        futures = batcher.submit([Sequence([1] * 5), Sequence([1] * 13), Sequence([1] * 7)], RequestState())
+        assert futures[0].result(timeout=5)["length"].tolist() == [5]
+        assert "injected" in str(futures[1].exception(timeout=5))
+        assert futures[2].result(timeout=5)["length"].tolist() == [7]
+        again = batcher.submit([Sequence([1] * 3)], RequestState())
+        assert again[0].result(timeout=5)["length"].tolist() == [3]
+    finally:
+        batcher.stop()

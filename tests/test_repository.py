@@ -125,3 +125,27 @@ def test_poll_mode_picks_up_new_models(repository, exported):
         assert not client.is_model_ready("emb")
         with pytest.raises(InferenceServerException, match="not allowed in model control mode 'poll'"):
             client.load_model("ner")
+
+
+def test_poll_mode_survives_a_broken_package(repository, exported):
+    """A package that cannot load is shown UNAVAILABLE with its reason; the poller goes on and loads
+    the next model that appears."""
+    flags = ("--model-repository", str(repository), "--model-control-mode", "poll", "--repository-poll-secs", "0.3")
+    with running_server(*flags) as server:
+        client = tc.InferenceServerClient(server.address)
+        broken = repository / "broken" / "1"
+        shutil.copytree(exported("bert", "text-classification"), broken)
+        (broken / "model.onnx").write_bytes(b"not an onnx graph")
+        deadline = time.monotonic() + 30
+        while not _state(client, "broken") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _state(client, "broken")[0] == "UNAVAILABLE"
+        shutil.copytree(exported("bert", "token-classification"), repository / "ner" / "1")
+        while not client.is_model_ready("ner") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert client.is_model_ready("ner") and _infer(client).as_numpy("label").shape == (2,)
+
+
+def _state(client: tc.InferenceServerClient, name: str) -> tuple[str, str] | None:
+    entries = [m for m in client.get_model_repository_index().models if m.name == name]
+    return (entries[0].state, entries[0].reason) if entries and entries[0].state != "LOADING" else None

@@ -257,18 +257,24 @@ class Batcher:
         infer = time.monotonic() - start
         for row, item in enumerate(batch):
             item.request.timings["infer"] = infer
-            _settle(item.future, result=self._split(outputs, row, item.length))
+            try:
+                _settle(item.future, result=self._split(outputs, row, item.length))
+            except Exception as exc:  # one row's outputs that cannot be taken apart fail that row alone
+                log.exception("model %s: a request's outputs could not be split", self.name)
+                _settle(item.future, error=exc)
         longest = max(item.length for item in batch)
-        self._on_batch(
-            BatchRecord(
-                size=len(batch),
-                padded_tokens=longest * len(batch),
-                real_tokens=sum(item.length for item in batch),
-                queue_seconds=[start - item.enqueued for item in batch],
-                infer_seconds=infer,
-                alone=alone,
-            )
+        record = BatchRecord(
+            size=len(batch),
+            padded_tokens=longest * len(batch),
+            real_tokens=sum(item.length for item in batch),
+            queue_seconds=[start - item.enqueued for item in batch],
+            infer_seconds=infer,
+            alone=alone,
         )
+        try:
+            self._on_batch(record)
+        except Exception:  # metrics must never stop a batcher thread
+            log.exception("model %s: recording a batch failed", self.name)
 
 
 def _settle(future: Future, result: Any = None, error: BaseException | None = None) -> None:

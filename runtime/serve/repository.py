@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kiln.runtime.errors import ConfigError, KilnError, ModelNotServed, PackageError
 from kiln.runtime.manifest import MANIFEST_NAME
@@ -150,17 +151,24 @@ class Repository:
                 await asyncio.wait_for(stop.wait(), interval)
             if stop.is_set():
                 return
-            current = scan(self.root) if self.root else {}
-            for name, source in current.items():
-                if source != self.sources.get(name) or source.stamp() != seen.get(name):
-                    self.sources[name] = source
-                    seen[name] = source.stamp()
+            try:
+                await self._rescan(seen)
+            except Exception:  # a broken package or a vanishing directory must not end the polling
+                log.exception("repository poll failed; trying again in %s s", interval)
+
+    async def _rescan(self, seen: dict[str, Any]) -> None:
+        current = scan(self.root) if self.root else {}
+        for name, source in current.items():
+            if source != self.sources.get(name) or source.stamp() != seen.get(name):
+                self.sources[name] = source
+                seen[name] = source.stamp()
+                with contextlib.suppress(KilnError):  # logged and shown in the index as UNAVAILABLE
                     await self._load_source(source)
-            for name in [n for n in self.models if n not in current]:
-                self.sources.pop(name, None)
-                async with self._lock(name):
-                    await self._retire(self.models.pop(name))
-                    self.states.pop(name, None)
+        for name in [n for n in self.models if n not in current]:
+            self.sources.pop(name, None)
+            async with self._lock(name):
+                await self._retire(self.models.pop(name))
+                self.states.pop(name, None)
 
     async def stop(self) -> None:
         for name in list(self.models):
@@ -189,7 +197,10 @@ class Repository:
             started = time.monotonic()
             try:
                 model = await asyncio.to_thread(self._load, source)
-            except KilnError as exc:
+            except Exception as exc:
+                if not isinstance(exc, KilnError):  # onnxruntime's own, for one: the package is broken
+                    log.exception("model %s: loading failed", source.name)
+                    exc = PackageError(f"{source.path}: {type(exc).__name__}: {exc}")
                 reason = str(exc)
                 self.states[source.name] = IndexEntry(source.name, source.version, "UNAVAILABLE", reason)
                 log.error("model load failed", extra={"fields": {"model": source.name, "reason": reason}})
