@@ -297,7 +297,7 @@ class DataPlane:
             )
         params = model.spec.parse_params(request.params)
         async with self._request(model, call, 1) as state:
-            [stream] = model.open(request.prompts, params, asyncio.get_running_loop())
+            [stream] = model.open(request.prompts, params, state)
             tokens = 0
             try:
                 if stream.prefix:

@@ -8,7 +8,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -50,14 +50,11 @@ class Stream:
     truncated: bool
     prefix: str = ""  # text-generation's return_full_text: the prompt, sent before the new text
     request_id: str = ""
+    search: Future[Generated] | None = None  # a beam search's answer, from the beam thread
 
     @property
     def prompt_tokens(self) -> int:
         return len(self.sequence.prompt)
-
-    @property
-    def beams(self) -> int:
-        return self.sequence.settings.num_beams
 
     def cancel(self) -> None:
         self.sequence.cancelled = True
@@ -109,11 +106,14 @@ class GenerativeModel(Counted):
     def raw_outputs(self) -> list[tuple[str, list[int]]]:
         return []
 
-    def open(self, texts: list[str], params: dict[str, Any], loop: asyncio.AbstractEventLoop) -> list[Stream]:
+    def open(self, texts: list[str], params: dict[str, Any], state: RequestState) -> list[Stream]:
         """Tokenize and check every prompt, then admit them all at once: a request is taken whole or
-        refused whole, so nothing of a refused request is left generating or holding the KV cache."""
+        refused whole, so nothing of a refused request is left generating or holding the KV cache.
+        Beam searches are queued on the model's beam thread here too, each holding its share of the
+        budget until it ends (or at once, if it never starts)."""
         settings = self.generator.settings(settings_of(params))
         truncate, full = bool(params.get("truncate")), params.get("return_full_text")
+        loop = asyncio.get_running_loop()
         streams = []
         for text in texts:
             ids, truncated = self.generator.encode(text, truncate)
@@ -122,18 +122,22 @@ class GenerativeModel(Counted):
             sequence.request_id = uuid.uuid4().hex[:12]
             prefix = text if self.generator.decoder_only and (full is None or full) else ""
             streams.append(Stream(sequence, queue, truncated, prefix, sequence.request_id))
-        sequences = [stream.sequence for stream in streams]
-        if settings.num_beams > 1:  # beams run one prompt at a time on the beam thread, inside the budget
-            self.scheduler.reserve(sum(self._beam_cost(s) for s in sequences))
-        else:
-            self.scheduler.submit(sequences)
+        if settings.num_beams == 1:
+            self.scheduler.submit([stream.sequence for stream in streams])
+            return streams
+        self.scheduler.reserve(sum(self._beam_cost(stream.sequence) for stream in streams))
+        for stream in streams:
+            stream.search = self.beam_thread.submit(self._search, stream, state)
+            share = self._beam_cost(stream.sequence)
+            stream.search.add_done_callback(lambda _, share=share: self.scheduler.release(share))
         return streams
 
     async def pieces(self, stream: Stream, state: RequestState) -> AsyncIterator[Piece]:
         """The stream's pieces until the last; cancelling the caller or its deadline frees the row."""
         try:
-            if stream.beams > 1:
-                yield await self._beam(stream, state)
+            if stream.search is not None:
+                answer = await asyncio.wait_for(asyncio.wrap_future(stream.search), _remaining(state))
+                yield Piece(answer.text, answer.tokens, answer.finish_reason)
                 return
             while True:
                 piece = await asyncio.wait_for(stream.queue.get(), _remaining(state))
@@ -154,7 +158,7 @@ class GenerativeModel(Counted):
     async def answer(self, texts: list[str], params: dict[str, Any], state: RequestState) -> list[Generated]:
         """Whole answers for several prompts, generated side by side; whatever the request opened
         is cancelled on every way out (an error in one prompt, the caller leaving, the deadline)."""
-        streams = self.open(texts, params, asyncio.get_running_loop())
+        streams = self.open(texts, params, state)
         tasks = [asyncio.ensure_future(self._collect(stream, state)) for stream in streams]
         try:
             return list(await asyncio.gather(*tasks))
@@ -175,10 +179,9 @@ class GenerativeModel(Counted):
             raise Cancelled("request was cancelled")
         return Generated("".join(parts), stream.prompt_tokens, tokens, reason, stream.truncated)
 
-    async def _beam(self, stream: Stream, state: RequestState) -> Piece:
-        """A beam search on the model's own beam thread (never the pool that tokenizes for other
-        models); it checks the caller and the deadline every step, and gives back its KV cache share
-        when it ends, or at once if it never started."""
+    def _search(self, stream: Stream, state: RequestState) -> Generated:
+        """One prompt's beam search, on the beam thread (never the pool that tokenizes for other
+        models), checking the caller and the deadline before every step."""
         sequence = stream.sequence
 
         def stop_if_unwanted() -> None:
@@ -187,14 +190,7 @@ class GenerativeModel(Counted):
             if state.deadline is not None and time.monotonic() > state.deadline:
                 raise DeadlineExceeded("deadline passed during beam search; the search was stopped")
 
-        def search() -> Generated:
-            return self.pipeline.beam(sequence.prompt, sequence.settings, stream.truncated, stop_if_unwanted)
-
-        future = self.beam_thread.submit(search)
-        share = self._beam_cost(sequence)
-        future.add_done_callback(lambda _: self.scheduler.release(share))
-        answer = await asyncio.wait_for(asyncio.wrap_future(future), _remaining(state))
-        return Piece(answer.text, answer.tokens, answer.finish_reason)
+        return self.pipeline.beam(sequence.prompt, sequence.settings, stream.truncated, stop_if_unwanted)
 
     @staticmethod
     def _beam_cost(sequence: Sequence) -> int:
