@@ -223,3 +223,43 @@ def test_slow_http_clients_are_dropped(server):
     for sock in [*trickling, slow_body]:
         sock.close()
     assert_greedy_is_fast(server)
+
+
+def _cache_empties(server) -> None:
+    deadline = time.monotonic() + 10
+    while metric(server.metrics_url, "kiln_kv_cache_tokens", model="gen") > 0:
+        assert time.monotonic() < deadline, "a stream whose client left still holds the KV cache"
+        time.sleep(0.05)
+
+
+def test_stream_writers_whose_client_leaves_free_the_row(server):
+    """The SSE writer (HTTP generate_stream) and ModelStreamInfer writing to a client that went away."""
+    port = int(server.http.rsplit(":", 1)[1])
+    body = json.dumps({"text_input": "서울", "max_tokens": 120, "parameters": {"min_tokens": 120}}).encode()
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(
+        b"POST /v2/models/gen/generate_stream HTTP/1.1\r\nHost: kiln\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+    sock.close()  # mid-stream
+    _cache_empties(server)
+
+    import tritonclient.grpc as tc
+
+    client = tc.InferenceServerClient(server.address)
+    first: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: first.put((result, error)))
+    text = tc.InferInput("text_input", [1], "BYTES")
+    text.set_data_from_numpy(np.array(["서울".encode()], dtype=object))
+    sampling = tc.InferInput("sampling_parameters", [1], "BYTES")
+    sampling.set_data_from_numpy(np.array([b'{"max_tokens": 120, "min_tokens": 120}'], dtype=object))
+    flag = tc.InferInput("stream", [1], "BOOL")
+    flag.set_data_from_numpy(np.array([True]))
+    client.async_stream_infer("gen", [text, sampling, flag], request_id="leaving")
+    _, error = first.get(timeout=30)
+    assert error is None
+    client.stop_stream(cancel_requests=True)
+    _cache_empties(server)
+    assert_greedy_is_fast(server)
