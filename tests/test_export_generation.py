@@ -46,14 +46,24 @@ def test_int8_reports_how_close_it_stays(generator_package):
 
 
 def untrained_gpt2(directory: Path) -> Path:
-    """A GPT-2 with random weights: its next-token scores are all near-ties."""
+    """A GPT-2 with random weights: its next-token scores are all near-ties. Initialised ten times
+    wider than transformers' default (0.2): with the default, int8 kept every greedy token on a Zen 4
+    with AVX-512 VNNI (logit error 0.012) and the gate passed; at 0.2 it is refused there too (and, with
+    int8 less exact on AVX2, is expected to be there as well)."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     tokenizer = gpt2_tokenizer(directory)
     torch.manual_seed(0)
     config = GPT2Config(
-        vocab_size=len(tokenizer), n_positions=128, n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0
+        vocab_size=len(tokenizer),
+        n_positions=128,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=0,
+        eos_token_id=0,
+        initializer_range=0.2,
     )
     GPT2LMHeadModel(config).save_pretrained(directory)
     return directory

@@ -153,5 +153,8 @@ def test_over_long_prompt_is_refused_or_cut_with_a_flag(generator_package):
 
 def test_an_empty_prompt_is_answered_as_transformers_answers_it(generator_package, hf):
     """transformers gives `generate` no input ids for "", which then starts from the bos token."""
-    for params in ({"max_new_tokens": 8, "do_sample": False}, {"max_new_tokens": 6, "num_beams": 2}):
+    for params in (
+        {"max_new_tokens": 8, "do_sample": False},
+        {"max_new_tokens": 6, "num_beams": 2, "do_sample": False},
+    ):
         assert pipeline(generator_package("gpt2"))("", **params) == hf("gpt2")("", **params)
