@@ -19,6 +19,7 @@ TOKENIZER_FILES = (
     "vocab.json",
     "sentencepiece.bpe.model",
     "spm.model",
+    "chat_template.jinja",  # where transformers >= 4.43 saves a tokenizer's chat template
 )
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 from kiln.runtime.errors import InputTooLong, InvalidInput, PackageError
+from kiln.runtime.generation.chat import ChatTemplate, load_chat_template
 from kiln.runtime.generation.decoding import Piece, Sequence
 from kiln.runtime.generation.detokenize import Detokenizer, StreamDecoder
 from kiln.runtime.generation.sessions import Decoder, DecoderOnly, load_decoder
@@ -33,6 +34,7 @@ class Generator:
     sessions: dict[str, Any] = field(default_factory=dict)  # role -> onnxruntime session
     prefix: str = ""  # put before every prompt, as the transformers pipeline does (t5's "summarize: ")
     bos_id: int | None = None  # where a decoder-only model starts when the prompt has no tokens
+    chat_template: ChatTemplate | None = None  # chat messages to a prompt (OpenAI's chat completions)
 
     @property
     def decoder_only(self) -> bool:
@@ -45,10 +47,11 @@ class Generator:
     def settings(self, params: Mapping[str, Any]) -> Settings:
         return with_request(self.defaults, params, self.max_positions)
 
-    def encode(self, text: str, truncate: bool) -> tuple[list[int], bool]:
+    def encode(self, text: str, truncate: bool, special_tokens: bool = True) -> tuple[list[int], bool]:
         """The prompt's ids, refused or cut (keeping its end for a decoder, its start for an
-        encoder) when over the model's limit; the flag says whether it was cut."""
-        ids = self.tokenizer.encode(self.prefix + text).ids
+        encoder) when over the model's limit; the flag says whether it was cut. A rendered chat
+        template holds its special tokens already (`special_tokens=False`, as apply_chat_template)."""
+        ids = self.tokenizer.encode(self.prefix + text, add_special_tokens=special_tokens).ids
         if not ids:  # transformers' generate starts a prompt-less sequence from the bos token
             if self.decoder_only and self.bos_id is not None:
                 return [self.bos_id], False
@@ -73,8 +76,12 @@ class Generator:
 
 
 def load_generator(
-    directory: str | Path, options: SessionOptions | None = None, verify_hashes: bool = True
+    directory: str | Path,
+    options: SessionOptions | None = None,
+    verify_hashes: bool = True,
+    chat_template: Path | None = None,
 ) -> Generator:
+    """A generation package, ready to decode; `chat_template` replaces the package's own."""
     directory = Path(directory)
     manifest = read_manifest(directory)
     verify_files(directory, manifest, check_hashes=verify_hashes)
@@ -103,6 +110,8 @@ def load_generator(
     prefix = prompt_prefix(config, manifest.task)
     generation_config = directory / "generation_config.json"
     bos = (read_json(generation_config) if generation_config.is_file() else config).get("bos_token_id")
+    template = load_chat_template(directory, chat_template)
     return Generator(
-        directory, manifest, tokenizer, detokenizer, decoder, defaults, positions, source, sessions, prefix, bos
-    )
+        directory, manifest, tokenizer, detokenizer, decoder, defaults, positions, source, sessions, prefix, bos,
+        template,
+    )  # fmt: skip

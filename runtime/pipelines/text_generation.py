@@ -44,8 +44,9 @@ class GenerationPipeline:
     def generate(self, texts: list[str], params: dict[str, Any]) -> list[Generated]:
         params = dict(params)
         truncate = bool(params.pop("truncate", False))
+        special = params.pop("add_special_tokens", True) is not False
         settings = self.generator.settings(params)
-        prompts = [self.generator.encode(text, truncate) for text in texts]
+        prompts = [self.generator.encode(text, truncate, special) for text in texts]
         if settings.num_beams > 1:
             return [self.beam(ids, settings, cut) for ids, cut in prompts]
         sequences = [self.generator.sequence(ids, settings, lambda piece: None) for ids, _ in prompts]
@@ -66,8 +67,9 @@ class GenerationPipeline:
         """The text piece by piece as it is generated (greedy or sampled); the last piece carries
         the finish reason. Pieces add up to what calling the pipeline returns."""
         truncate = bool(params.pop("truncate", False))
+        special = params.pop("add_special_tokens", True) is not False
         settings = self.generator.settings(params)
-        ids, _ = self.generator.encode(text, truncate)
+        ids, _ = self.generator.encode(text, truncate, special)
         pieces: list[Piece] = []
         sequence = self.generator.sequence(ids, settings, pieces.append)
         decoding = Decoding(self.generator.decoder, self.generator.start_id)

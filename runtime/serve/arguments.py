@@ -56,6 +56,11 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
         help="generators: KV cache tokens (prompt + max new tokens) reserved by admitted sequences; "
         "past it RESOURCE_EXHAUSTED",
     )
+    serve.add_argument(
+        "--chat-template",
+        type=Path,
+        help="generators: a Jinja chat template file for OpenAI's chat completions, replacing the packages' own",
+    )
     serve.add_argument("--default-deadline", type=float, default=30.0, help="seconds, for calls without one")
     serve.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: one per core)")
     serve.add_argument("--workers", type=int, default=8, help="tokenization/post-processing threads")
@@ -131,4 +136,5 @@ def serve_options(args: argparse.Namespace) -> Any:
         keepalive_timeout=args.grpc_keepalive_timeout,
         http_header_timeout=args.http_header_timeout,
         http_body_timeout=args.http_body_timeout,
+        chat_template=args.chat_template,
     )

@@ -16,7 +16,9 @@ from typing import Any
 from kiln.runtime.errors import Cancelled, DeadlineExceeded, InternalError
 from kiln.runtime.generation.decoding import FINISH_CANCELLED, FINISH_ERROR, Decoding, Piece, Sequence
 from kiln.runtime.generation.package import load_generator
+from kiln.runtime.generation.settings import Settings
 from kiln.runtime.pipelines.text_generation import Generated, GenerationPipeline
+from kiln.runtime.serve.aio import all_or_none
 from kiln.runtime.serve.batcher import BatchOptions, RequestState
 from kiln.runtime.serve.metrics import Metrics
 from kiln.runtime.serve.models import Counted
@@ -69,11 +71,12 @@ class GenerativeModel(Counted):
         batching: BatchOptions,
         metrics: Metrics,
         version: str = "1",
+        chat_template: Path | None = None,
     ):
         super().__init__()
         started = time.monotonic()
         self.name, self.version, self.path, self.metrics = name, version, path, metrics
-        self.generator = load_generator(path, session)
+        self.generator = load_generator(path, session, chat_template=chat_template)
         self.manifest = self.generator.manifest
         self.spec: TaskSpec = spec_for(self.manifest.task)
         self.pipeline: GenerationPipeline = self.spec.pipeline(self.generator)  # type: ignore[call-arg]
@@ -116,7 +119,7 @@ class GenerativeModel(Counted):
         loop = asyncio.get_running_loop()
         streams = []
         for text in texts:
-            ids, truncated = self.generator.encode(text, truncate)
+            ids, truncated = self.generator.encode(text, truncate, params.get("add_special_tokens") is not False)
             queue: asyncio.Queue = asyncio.Queue()
             sequence = self.generator.sequence(ids, settings, _deliver_to(queue, loop))
             sequence.request_id = uuid.uuid4().hex[:12]
@@ -159,15 +162,11 @@ class GenerativeModel(Counted):
         """Whole answers for several prompts, generated side by side; whatever the request opened
         is cancelled on every way out (an error in one prompt, the caller leaving, the deadline)."""
         streams = self.open(texts, params, state)
-        tasks = [asyncio.ensure_future(self._collect(stream, state)) for stream in streams]
         try:
-            return list(await asyncio.gather(*tasks))
+            return await all_or_none(*(self._collect(stream, state) for stream in streams))
         finally:
             for stream in streams:
                 stream.cancel()
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _collect(self, stream: Stream, state: RequestState) -> Generated:
         parts, tokens, reason = [stream.prefix], 0, FINISH_CANCELLED
@@ -203,6 +202,10 @@ class GenerativeModel(Counted):
         with self.stats.lock:
             self.stats.execution_count += 1
             self.stats.compute_infer.add(record.seconds)
+
+    def settings_for(self, raw_params: dict[str, Any]) -> Settings:
+        """What a request's parameters mean for this model (its defaults filled in), checked."""
+        return self.generator.settings(settings_of(self.spec.parse_params(raw_params)))
 
     @property
     def healthy(self) -> bool:

@@ -1,6 +1,8 @@
 """HTTP on its own port: KServe v2 REST (Triton's HTTP API, binary tensor extension included),
-the model repository API, OpenAI's `POST /v1/embeddings`, and for generators Triton's generate
-extension (`/generate`, `/generate_stream` as server-sent events) — thin adapters over the data plane.
+the model repository API, for generators Triton's generate extension (`/generate`, `/generate_stream`
+as server-sent events), and OpenAI's API under /v1 (`kiln.runtime.serve.openai`) — thin adapters over
+the data plane. Errors are mapped once, here: `{"error": message}` on KServe's routes, OpenAI's error
+object on OpenAI's.
 
 aiohttp, in the server's own event loop beside grpc.aio: measured on this 2-core machine with wrk
 (64 connections, a KServe-shaped JSON POST answered with JSON), aiohttp 3.14 served 9,961-10,142
@@ -10,8 +12,6 @@ HTTP client the bench uses, and needs no second server loop or signal handling o
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import hmac
 import json
 import struct
@@ -19,21 +19,26 @@ from typing import Any
 
 import numpy as np
 from aiohttp import web
-from kiln.runtime.errors import InvalidInput, KilnError, RequestTimeout, Unauthenticated
+from kiln.runtime.errors import InvalidInput, KilnError, Unauthenticated
 from kiln.runtime.inputs import parse_json
+from kiln.runtime.serve import openai_codec
+from kiln.runtime.serve.bodies import BODY_TIMEOUT, json_body, read_body
 from kiln.runtime.serve.dataplane import Call, DataPlane, InferRequest
 from kiln.runtime.serve.generative import Chunk
+from kiln.runtime.serve.openai import OpenAiApi
 from kiln.runtime.serve.status import http_status_of
 from kiln.runtime.serve.tensors import DTYPES, element_count
 from kiln.runtime.tasks.generation import GenerateRequest, read_request
 
 HEADER_LENGTH = "Inference-Header-Content-Length"  # Triton's binary tensor data extension
-BODY_TIMEOUT = web.AppKey("body_timeout", float)  # seconds a request body may take to arrive
 OPEN_PATHS = ("/v2/health/",)  # probes need no token
+OPENAI_PREFIX = "/v1"
 
 
-def json_error(exc: BaseException) -> web.Response:
-    status, message = http_status_of(exc)
+def json_error(request: web.Request, status: int, message: str, exc: BaseException | None) -> web.Response:
+    """An error in the shape of the API the route belongs to."""
+    if request.path.startswith(OPENAI_PREFIX + "/"):
+        return web.json_response(openai_codec.error_body(status, message, exc), status=status)
     return web.json_response({"error": message}, status=status)
 
 
@@ -70,7 +75,7 @@ class HttpApi:
         app.router.add_post("/v2/repository/index", self.repository_index)
         app.router.add_post("/v2/repository/models/{name}/load", self.load)
         app.router.add_post("/v2/repository/models/{name}/unload", self.unload)
-        app.router.add_post("/v1/embeddings", self.embeddings)
+        app.add_subapp(OPENAI_PREFIX, OpenAiApi(self.plane).app())
         return app
 
     @web.middleware
@@ -78,9 +83,9 @@ class HttpApi:
         try:
             return await handler(request)
         except KilnError as exc:
-            return json_error(exc)
+            return json_error(request, *http_status_of(exc), exc)
         except web.HTTPException as exc:  # aiohttp's own: unknown path (404), wrong method (405), too large (413)
-            return web.json_response({"error": exc.reason}, status=exc.status)
+            return json_error(request, exc.status, exc.reason, None)
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -119,7 +124,7 @@ class HttpApi:
     # ---- repository ----------------------------------------------------------------------------
 
     async def repository_index(self, request: web.Request) -> web.Response:
-        body = await _json_body(request) if request.can_read_body else {}
+        body = await json_body(request) if request.can_read_body else {}
         entries = self.plane.repository.index(ready_only=bool(body.get("ready", False)))
         return web.json_response([e.__dict__ for e in entries])
 
@@ -165,7 +170,7 @@ class HttpApi:
     async def generate(self, request: web.Request) -> web.Response:
         """Triton's generate extension: one JSON answer."""
         name, version = _model(request)
-        generate = generate_request(await _json_body(request))
+        generate = generate_request(await json_body(request))
         answered = await self.plane.generate(name, version, generate, Call("generate-http"))
         answer = answered.answers[0] if len(answered.answers) == 1 else None
         body: dict[str, Any] = {"model_name": answered.model.name, "model_version": answered.model.version}
@@ -181,7 +186,7 @@ class HttpApi:
         the last with the finish reason. An error before the first piece is an HTTP error; after it,
         an event `{"error": ...}` ends the stream."""
         name, version = _model(request)
-        generate = generate_request(await _json_body(request))
+        generate = generate_request(await json_body(request))
         chunks = aiter(self.plane.generate_stream(name, version, generate, Call("generate-http")))
         first = await anext(chunks)  # errors here become the HTTP status, as for any request
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
@@ -197,33 +202,6 @@ class HttpApi:
             await chunks.aclose()
         await response.write_eof()
         return response
-
-    async def embeddings(self, request: web.Request) -> web.Response:
-        """OpenAI's embeddings API over a feature-extraction model."""
-        body = await _json_body(request)
-        name, texts = body.get("model"), body.get("input")
-        if not isinstance(name, str) or not name:
-            raise InvalidInput("'model' must name a served feature-extraction model")
-        if isinstance(texts, str):
-            texts = [texts]
-        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-            raise InvalidInput("'input' must be a string or a non-empty list of strings (token arrays are not taken)")
-        encoding = body.get("encoding_format", "float")
-        if encoding not in ("float", "base64"):
-            raise InvalidInput(f"'encoding_format' must be float or base64, got {encoding!r}")
-        model = self.plane.model(name)
-        if model.manifest.task != "feature-extraction":
-            raise InvalidInput(f"model {name!r} is a {model.manifest.task} model; embeddings need feature-extraction")
-        dimensions = body.get("dimensions")
-        if dimensions is not None and dimensions != model.sizes["hidden"]:
-            raise InvalidInput(f"'dimensions' must be this model's width, {model.sizes['hidden']}, or left out")
-        answered = await self.plane.answer(name, "", {"text": texts}, {}, Call("openai"))
-        vectors = answered.answers
-        data = [
-            {"object": "embedding", "index": i, "embedding": _openai_vector(v, encoding)} for i, v in enumerate(vectors)
-        ]
-        usage = {"prompt_tokens": answered.tokens, "total_tokens": answered.tokens}
-        return web.json_response({"object": "list", "data": data, "model": name, "usage": usage})
 
 
 def generate_request(body: dict[str, Any]) -> GenerateRequest:
@@ -267,27 +245,9 @@ def _model(request: web.Request) -> tuple[str, str]:
     return request.match_info.get("name", ""), request.match_info.get("version", "")
 
 
-async def _read(request: web.Request) -> bytes:
-    """The whole body, within the server's body timeout: a client trickling it is cut off (408)."""
-    try:
-        async with asyncio.timeout(request.app[BODY_TIMEOUT]):
-            return await request.read()
-    except TimeoutError as exc:
-        raise RequestTimeout(
-            f"the request body did not arrive within {request.app[BODY_TIMEOUT]:g} s (--http-body-timeout)"
-        ) from exc
-
-
-async def _json_body(request: web.Request) -> dict[str, Any]:
-    body = parse_json(await _read(request), "request body")
-    if not isinstance(body, dict):
-        raise InvalidInput("request body must be a JSON object")
-    return body
-
-
 async def _split_body(request: web.Request) -> tuple[dict[str, Any], bytes]:
     """The JSON header and, with Triton's binary extension, the binary tensor data after it."""
-    raw = await _read(request)
+    raw = await read_body(request)
     length = request.headers.get(HEADER_LENGTH)
     if length is None:
         header_bytes, binary = raw, b""
@@ -428,9 +388,3 @@ def _to_binary(array: np.ndarray) -> bytes:
         items = (v if isinstance(v, bytes) else str(v).encode() for v in array.ravel())
         return b"".join(struct.pack("<I", len(v)) + v for v in items)
     return np.ascontiguousarray(array).tobytes()
-
-
-def _openai_vector(vector: np.ndarray, encoding: str) -> Any:
-    if encoding == "base64":
-        return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
-    return vector.tolist()

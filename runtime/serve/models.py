@@ -74,6 +74,7 @@ class Counted:
 
     def __init__(self) -> None:
         self.stats = Statistics()
+        self.created = int(time.time())  # when this version was loaded (OpenAI's model `created`)
         self.in_flight = 0  # requests holding this model (a swapped-out version stops once none does)
         self.admitted = 0  # items accepted and not yet answered (admission control)
 

@@ -78,6 +78,7 @@ class ServeOptions:
     # last answer (idle keep-alive connections close then too), and each body within http_body_timeout
     http_header_timeout: float = 15.0
     http_body_timeout: float = 30.0
+    chat_template: Path | None = None  # generators: replaces each package's own chat template
 
 
 def model_names(options: ServeOptions) -> list[str]:
@@ -95,8 +96,10 @@ def repository(options: ServeOptions, metrics: Metrics) -> Repository:
     session = _bounded_spin(options.session)
 
     def load(source: Source) -> ServedModel | GenerativeModel:
-        kind = GenerativeModel if spec_for(read_manifest(source.path).task).generative else ServedModel
-        return kind(source.name, source.path, session, options.batching, metrics, source.version)
+        args = (source.name, source.path, session, options.batching, metrics, source.version)
+        if spec_for(read_manifest(source.path).task).generative:
+            return GenerativeModel(*args, chat_template=options.chat_template)
+        return ServedModel(*args)
 
     if options.model_repository is not None:
         if options.packages:

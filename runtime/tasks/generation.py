@@ -38,9 +38,15 @@ PARAMETERS = (
     *(Param(alias, REQUEST_FIELDS[name], help=f"alias of {name}") for alias, name in ALIASES.items()),
     Param("truncate", bool, False, help="cut an over-long prompt (false: refuse it)"),
     Param("return_full_text", bool, None, help="text-generation: the prompt before the new text"),
+    Param(
+        "add_special_tokens",
+        bool,
+        True,
+        help="tokenize the prompt with the tokenizer's special tokens (false: as given)",
+    ),
 )
 # what the pipeline call takes besides the generation settings
-PIPELINE_PARAMETERS = ("truncate", "return_full_text")
+PIPELINE_PARAMETERS = ("truncate", "return_full_text", "add_special_tokens")
 
 
 # Triton's generate convention (its vLLM and TensorRT-LLM backends): besides `text_input`, the
