@@ -64,8 +64,10 @@ def task_packages(exported) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def generator_model(tmp_path_factory):
     """generator_model(kind) -> a tiny trained generator directory: gpt2 (continues news titles),
-    bart (summarises a story as its lead words), t5 (translates English words into Korean)."""
-    builders = {"gpt2": tiny_generators.build_gpt2, "bart": tiny_generators.build_bart, "t5": tiny_generators.build_t5}
+    bart (summarises a story as its lead words), t5 (translates English words into Korean), qwen2
+    (the Llama family's layout, with Qwen2-Instruct's chat template: answers a title's first words
+    with the rest)."""
+    builders = tiny_generators.BUILDERS
     cache: dict[str, Path] = {}
 
     def make(kind: str) -> Path:
@@ -80,7 +82,7 @@ def generator_prompts(kind: str) -> list[str]:
     """Prompts of each tiny generator's own kind of text, for its gate (out-of-domain text gives a
     model this small near-tied choices that any rounding flips)."""
     news = tiny_generators.NEWS
-    if kind == "gpt2":
+    if kind in ("gpt2", "qwen2"):
         return [" ".join(title.split()[:2]) for title in news]
     if kind == "bart":
         return [f"{title} {news[(i + 7) % len(news)]}" for i, title in enumerate(news)]
@@ -95,7 +97,7 @@ def generator_prompts(kind: str) -> list[str]:
 def generator_package(generator_model, tmp_path_factory):
     """generator_package(kind, quantize="none", task=None) -> a generation package that passed the gate
     (the task by default: what each tiny model was trained for)."""
-    trained_for = {"gpt2": "text-generation", "bart": "summarization", "t5": "translation"}
+    trained_for = {"gpt2": "text-generation", "bart": "summarization", "t5": "translation", "qwen2": "text-generation"}
     from kiln.export.build import ExportOptions, export
 
     cache: dict[tuple[str, str, str | None], Path] = {}

@@ -2,7 +2,8 @@
 
 Tiny models trained here (tests/tiny_generators.py), so greedy outputs mean something: GPT-2
 continues news titles, BART summarises a story as its lead words, T5 translates English words into
-Korean. fp32 packages, so greedy and beam answers must be token-identical.
+Korean, and a Qwen2 (the Llama family's layout) answers a chat. fp32 packages, so greedy and beam
+answers must be token-identical.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from tiny_generators import DICTIONARY, NEWS, SUMMARY_WORDS
 # the first words of titles GPT-2 learned to continue, and one it never saw
 PROMPTS = ["Stocks rally as", "서울 지하철 요금이", "Heavy rain floods", "Seoul stocks"]
 STORIES = [f"{NEWS[0]} {NEWS[5]}", f"{NEWS[12]} {NEWS[3]}"]
-HF_TASK = {"gpt2": "text-generation", "bart": "summarization", "t5": "translation"}
+HF_TASK = {"gpt2": "text-generation", "bart": "summarization", "t5": "translation", "qwen2": "text-generation"}
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ def hf(generator_model):
 
 
 def inputs_for(kind: str) -> list[str]:
-    if kind == "gpt2":
+    if kind in ("gpt2", "qwen2"):
         return PROMPTS
     if kind == "t5":
         return ["bank stocks", "the market rose", "Seoul bank"]
@@ -39,7 +40,7 @@ def inputs_for(kind: str) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "bart", "t5"])
+@pytest.mark.parametrize("kind", ["gpt2", "bart", "t5", "qwen2"])
 @pytest.mark.parametrize(
     "params",
     [

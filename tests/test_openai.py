@@ -37,6 +37,7 @@ def packages(generator_package, exported):
     return {
         "gpt": generator_package("gpt2"),
         "sum": generator_package("bart"),
+        "qwen": generator_package("qwen2"),
         "emb": exported("bert", "feature-extraction"),
     }
 
@@ -153,6 +154,26 @@ def test_chat_sync_and_async_streamed_and_not(client, server, packages, template
     assert (role, text) == ("assistant", ours) and reason in ("stop", "length")
 
 
+def test_a_qwen2_chat_is_answered_as_transformers_answers_it(client, generator_model, packages):
+    """The package's own template (Qwen2-Instruct's, not the server's --chat-template): the prompt's
+    tokens are apply_chat_template's, and the answer is the transformers pipeline's, token for token."""
+    from transformers import AutoTokenizer
+    from transformers import pipeline as hf_pipeline
+
+    tokenizer = AutoTokenizer.from_pretrained(generator_model("qwen2"))
+    chat = hf_pipeline("text-generation", model=str(generator_model("qwen2")), device="cpu")
+    generator = pipeline(packages["qwen"]).generator
+    for words in ("Stocks rally", "Oil prices", "서울 지하철"):
+        messages = [{"role": "user", "content": words}]
+        prompt = generator.chat_template.render(messages)
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        assert generator.encode(prompt, False, special_tokens=False)[0] == list(ids)
+        theirs = chat(messages, do_sample=False, max_new_tokens=24)[0]["generated_text"][-1]["content"]
+        ours = client.chat.completions.create(model="qwen", messages=messages, max_tokens=24, temperature=0)
+        assert ours.choices[0].message.content == theirs, words
+    assert theirs and ours.choices[0].finish_reason in ("stop", "length")
+
+
 def test_n_choices_with_a_seed_differ_and_repeat(client):
     ask = {"model": "gpt", "prompt": "Seoul", "max_tokens": 8, "temperature": 1.5, "n": 4, "seed": 7}
     first = client.completions.create(**ask)
@@ -170,7 +191,7 @@ def test_completions_on_a_seq2seq_model_take_the_prompt_as_source(client, packag
 
 def test_models_lists_every_served_model_with_its_task(client):
     models = {m.id: m for m in client.models.list().data}
-    assert set(models) == {"gpt", "sum", "emb"}
+    assert set(models) == {"gpt", "sum", "qwen", "emb"}
     assert models["gpt"].owned_by == "kiln" and models["gpt"].model_extra["task"] == "text-generation"
 
 

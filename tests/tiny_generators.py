@@ -413,11 +413,73 @@ def build_t5(directory: Path, steps: int = 150) -> Path:
     return directory
 
 
-BUILDERS = {"gpt2": build_gpt2, "bart": build_bart, "t5": build_t5}
+# Qwen2-Instruct's chat template, as Qwen/Qwen2-0.5B-Instruct's tokenizer config carries it
+QWEN2_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+QWEN2_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def qwen2_chat(title: str) -> list[dict[str, str]]:
+    """The conversation the tiny Qwen2 learns: the user gives a title's first two words, the
+    assistant the rest of it."""
+    words = title.split()
+    return [{"role": "user", "content": " ".join(words[:2])}, {"role": "assistant", "content": " ".join(words[2:])}]
+
+
+def qwen2_tokenizer(directory: Path, vocab_size: int = 420):
+    """Qwen2's layout: byte-level BPE, <|endoftext|> (pad), <|im_start|> and <|im_end|> (eos), no bos,
+    and Qwen2-Instruct's chat template."""
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=_bytelevel_tokenizer(QWEN2_SPECIALS, [], vocab_size),
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=QWEN2_SPECIALS[1:],
+        model_max_length=128,
+        chat_template=QWEN2_CHAT_TEMPLATE,
+    )
+    fast.save_pretrained(directory)
+    return fast
+
+
+def build_qwen2(directory: Path, steps: int = 150) -> Path:
+    """A Qwen2 (the Llama family's layout: RMSNorm, rotary positions, grouped-query attention) that
+    answers a chat: given a title's first two words, it says the rest and ends its turn."""
+    import transformers
+
+    directory.mkdir(parents=True, exist_ok=True)
+    with _deterministic():
+        tokenizer = qwen2_tokenizer(directory)
+        end, pad = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+        config = transformers.Qwen2Config(
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
+            bos_token_id=None, eos_token_id=end, pad_token_id=pad,
+        )  # fmt: skip
+        model = transformers.Qwen2ForCausalLM(config)
+        chats = [tokenizer.apply_chat_template(qwen2_chat(title), tokenize=False) for title in NEWS]
+        _train(model, lambda step: _buckets(tokenizer, chats), steps, lr=1e-2)
+        model.generation_config = transformers.GenerationConfig(
+            eos_token_id=[end, pad], pad_token_id=pad, do_sample=False, max_length=128
+        )
+        model.save_pretrained(directory)
+    return directory
+
+
+BUILDERS = {"gpt2": build_gpt2, "bart": build_bart, "t5": build_t5, "qwen2": build_qwen2}
 SAMPLES = {
     "gpt2": ("text-generation", ["Scientists discover", "부산에서 국제"]),
     "bart": ("summarization", [f"{NEWS[2]} {NEWS[7]}", f"{NEWS[36]} {NEWS[0]}"]),
     "t5": ("translation_en_to_ko", ["red apple", "happy bird sings"]),
+    "qwen2": (
+        "text-generation",
+        [[{"role": "user", "content": "Seoul stocks"}], [{"role": "user", "content": "부산에서 국제"}]],
+    ),
 }
 
 

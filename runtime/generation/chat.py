@@ -1,7 +1,8 @@
 """Chat messages to a prompt, rendered as `transformers`' `apply_chat_template` renders them.
 
 The template is the model's own (`chat_template.jinja` in the package, else `chat_template` in
-tokenizer_config.json) or one the server is given (`kiln serve --chat-template FILE`). It is
+tokenizer_config.json) or, for a model that carries none, one the server is given (`kiln serve
+--chat-template FILE`). It is
 rendered in Jinja2's immutable sandbox with transformers' environment (trim_blocks, lstrip_blocks,
 loop controls, its `tojson`, `raise_exception`, `strftime_now`) and the tokenizer's special tokens as
 variables, so the text, and its tokens (encoded without adding special tokens, as
@@ -43,22 +44,25 @@ class ChatTemplate:
             raise InvalidInput(f"the chat template ({self.where}) refused the messages: {exc}") from exc
 
 
-def load_chat_template(directory: Path, override: Path | None = None) -> ChatTemplate | None:
-    """The package's chat template, or `override`'s; None when there is neither."""
+def load_chat_template(directory: Path, fallback: Path | None = None) -> ChatTemplate | None:
+    """The package's chat template, else `fallback`'s (`kiln serve --chat-template`, for models that
+    carry none); None when there is neither."""
     config = read_json(directory / "tokenizer_config.json")
     tokens = _special_tokens(read_json(directory / "special_tokens_map.json"), config)
-    if override is not None:
-        try:
-            return ChatTemplate(override.read_text(encoding="utf-8"), str(override), tokens)
-        except OSError as exc:
-            raise PackageError(f"cannot read the chat template {override}: {exc.strerror or exc}") from exc
     file = directory / "chat_template.jinja"
     if file.is_file():
         return ChatTemplate(file.read_text(encoding="utf-8"), file.name, tokens)
     template = config.get("chat_template")
     if isinstance(template, list):  # named templates: the "default" one answers chat
         template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-    return ChatTemplate(template, "tokenizer_config.json", tokens) if isinstance(template, str) else None
+    if isinstance(template, str):
+        return ChatTemplate(template, "tokenizer_config.json", tokens)
+    if fallback is None:
+        return None
+    try:
+        return ChatTemplate(fallback.read_text(encoding="utf-8"), str(fallback), tokens)
+    except OSError as exc:
+        raise PackageError(f"cannot read the chat template {fallback}: {exc.strerror or exc}") from exc
 
 
 def check_messages(messages: Any) -> list[dict[str, Any]]:

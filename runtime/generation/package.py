@@ -81,7 +81,7 @@ def load_generator(
     verify_hashes: bool = True,
     chat_template: Path | None = None,
 ) -> Generator:
-    """A generation package, ready to decode; `chat_template` replaces the package's own."""
+    """A generation package, ready to decode; `chat_template` serves when the package carries none."""
     directory = Path(directory)
     manifest = read_manifest(directory)
     verify_files(directory, manifest, check_hashes=verify_hashes)

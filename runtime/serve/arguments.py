@@ -59,7 +59,7 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument(
         "--chat-template",
         type=Path,
-        help="generators: a Jinja chat template file for OpenAI's chat completions, replacing the packages' own",
+        help="generators: a Jinja chat template file for OpenAI's chat completions, for packages that carry none",
     )
     serve.add_argument("--default-deadline", type=float, default=30.0, help="seconds, for calls without one")
     serve.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: one per core)")

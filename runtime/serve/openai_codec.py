@@ -16,7 +16,7 @@ What a field means, as vLLM and TGI serve it:
   when set. Any other unknown field is refused by name.
 - Completions on a seq2seq package (summarization, translation, text2text): the prompt is the source
   text and the completion its generated target; `echo` is refused there. Chat needs a chat template
-  (the package's, or `kiln serve --chat-template FILE`).
+  (the package's, or for a package without one `kiln serve --chat-template FILE`).
 """
 
 from __future__ import annotations

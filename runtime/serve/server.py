@@ -78,7 +78,7 @@ class ServeOptions:
     # last answer (idle keep-alive connections close then too), and each body within http_body_timeout
     http_header_timeout: float = 15.0
     http_body_timeout: float = 30.0
-    chat_template: Path | None = None  # generators: replaces each package's own chat template
+    chat_template: Path | None = None  # generators: the chat template of packages that carry none
 
 
 def model_names(options: ServeOptions) -> list[str]:
