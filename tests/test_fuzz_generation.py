@@ -1,6 +1,6 @@
 """Fuzzing that stays, for generation: hypothesis over every generation parameter, alone and combined,
 extremes and wrong types included, through the in-process pipeline and through each protocol (Triton's
-generate over HTTP, ModelStreamInfer, kiln.v1). Whatever arrives: an answer or kiln's own refusal
+generate over HTTP, ModelStreamInfer, kiln.v1, OpenAI's completions). Whatever arrives: an answer or kiln's own refusal
 (InvalidInput / HTTP 400 / INVALID_ARGUMENT; RESOURCE_EXHAUSTED for the KV budget), never an internal
 error, and the next request is answered. A fixed budget and seed keep `make test` fast and repeatable."""
 
@@ -170,6 +170,47 @@ def test_kiln_v1_generate(server, prompt, params):
         stub.Generate(request, timeout=30)
     except grpc.RpcError as exc:
         assert exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED), exc.details()
+
+
+OPENAI_FIELDS = {
+    "max_tokens": st.integers(1, 6) | extreme_ints | wrong,
+    "temperature": extreme_floats | wrong,
+    "top_p": extreme_floats | wrong,
+    "n": st.integers(1, 3) | extreme_ints | wrong,
+    "stop": st.lists(st.text(max_size=3), max_size=20) | st.text(max_size=3) | wrong,
+    "seed": extreme_ints | wrong,
+    "echo": st.booleans() | wrong,
+    "stream": st.booleans() | wrong,
+    "stream_options": st.just({"include_usage": True}) | wrong,
+    "presence_penalty": st.sampled_from([0, 0.0, 0.5]) | wrong,
+    "logprobs": st.sampled_from([None, 0, 2]),
+    "top_k": extreme_ints | wrong,
+    "repetition_penalty": extreme_floats | wrong,
+    "min_tokens": st.integers(0, 8) | extreme_ints | wrong,
+    "prompt": prompts | st.lists(prompts, max_size=3) | wrong,
+    "frobnicate": st.integers(),
+}
+
+
+@budget(60)
+@given(body=st.fixed_dictionaries({"model": st.just("gen")}, optional=OPENAI_FIELDS))
+def test_openai_completions(server, body):
+    if isinstance(body.get("max_tokens"), int) and not isinstance(body["max_tokens"], bool):
+        body["max_tokens"] = min(body["max_tokens"], 6)
+    body.setdefault("prompt", "Seoul stocks")
+    request = urllib.request.Request(
+        f"{server.http}/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            raw = response.read()
+            if body.get("stream") is True:
+                assert raw.rstrip().endswith(b"data: [DONE]") and b'"error"' not in raw, raw[-300:]
+            else:
+                assert "choices" in json.loads(raw)
+    except urllib.error.HTTPError as exc:
+        error = json.loads(exc.read())["error"]
+        assert exc.code in (400, 429) and error["message"] and error["type"], error
 
 
 def test_after_the_fuzzing_the_server_answers_and_counted_no_internal_error(server):
