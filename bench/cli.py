@@ -72,6 +72,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", type=int, default=32, help="generate: corpus prompts for one stream")
     parser.add_argument("--streams", default="1,8,32", help="generate: concurrent streams (batched for in-process)")
     parser.add_argument("--served-model", help="generate --url: the model's name on the server (default: --model's)")
+    parser.add_argument(
+        "--openai-url", help="generate: an OpenAI-compatible server's base URL (http://HOST:PORT/v1), by the openai SDK"
+    )
+    parser.add_argument(
+        "--open-loop-rates", default="", help="generate: open-loop requests/s for the servers (e.g. 0.5,1,2)"
+    )
+    parser.add_argument("--open-loop-seconds", type=float, default=20.0, help="generate: seconds of arrivals per rate")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
 
 
@@ -183,7 +190,10 @@ def _run_generate(args: argparse.Namespace) -> int:
         prompts=args.prompts,
         streams=_ints(args.streams),
         url=args.url,
+        openai_url=args.openai_url,
         served_model=args.served_model,
+        rates=[float(rate) for rate in args.open_loop_rates.split(",") if rate],
+        rate_seconds=args.open_loop_seconds,
         cache=args.out / "cache",
     )
     progress = Progress(generate.steps(options))

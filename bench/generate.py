@@ -9,9 +9,18 @@ tokens/s for one stream, aggregate tokens/s for S concurrent streams (one batche
 for the in-process engines), and beside every speed the share of prompts whose greedy token ids are
 identical to transformers' on those same prompts.
 
+Servers are engines too: a kiln server through tritonclient streaming (`--url HOST:PORT`, gRPC) and
+any OpenAI-compatible server (kiln, vLLM, TGI) through the `openai` SDK (`--openai-url
+http://HOST:PORT/v1`), taking turns with the rest; `--open-loop-rates` then sends each server Poisson
+arrivals at those rates (TTFT, ITL and end-to-end latency from each arrival, as vLLM's serving
+benchmark and genai-perf report them).
+
     python -m kiln.bench.generate gpt2 build/gpt2-random --corpus ../shared/data/sentences.txt
     kiln bench generate --model build/gpt2-random --corpus ../shared/data/sentences.txt \
         --prompts 32 --new-tokens 64 --streams 1,8,32 --out bench/results/generate-gpt2
+    kiln bench generate --model build/gpt2-random --package build/gpt2-int8 --engines transformers \
+        --url localhost:8001 --openai-url http://localhost:8000/v1 --served-model gpt2-int8 \
+        --streams 1,8 --open-loop-rates 1,4 --corpus ../shared/data/sentences.txt
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ from kiln.bench.stats import ROUNDS, Timing, read_corpus
 REFERENCE = "transformers"
 DEFAULT_ENGINES = ("transformers", "optimum", "ctranslate2-fp32", "ctranslate2-int8")
 SERVER = "kiln-server"
+OPENAI_SERVER = "openai-server"
 
 
 class Unavailable(Exception):
@@ -79,8 +89,11 @@ class Options:
     new_tokens: int = 64
     prompts: int = 32
     streams: list[int] = field(default_factory=lambda: [1, 8, 32])
-    url: str | None = None
+    url: str | None = None  # a kiln server's gRPC HOST:PORT, driven by tritonclient streaming
+    openai_url: str | None = None  # an OpenAI-compatible server's base URL (http://HOST:PORT/v1)
     served_model: str | None = None
+    rates: list[float] = field(default_factory=list)  # open-loop requests/s for the servers
+    rate_seconds: float = 20.0
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     cache: Path = Path("bench/results/cache")
 
@@ -452,6 +465,81 @@ class KilnServerEngine:
             return list(pool.map(self.stream, prompts))
 
 
+class OpenAIEngine:
+    """Any OpenAI-compatible server (kiln, vLLM, TGI, ...) through the `openai` SDK, as its users reach it:
+    streamed `/v1/completions`, temperature 0, exactly N new tokens (`min_tokens`, vLLM's extension,
+    holds eos off; a server without it may stop early, which the `exactly N` column shows). Each
+    streamed chunk's arrival is a token's (a chunk covering k tokens counts k times, by the usage the
+    last chunk reports). S concurrent streams are S threads, one request each."""
+
+    batched = True
+
+    def __init__(self, base_url: str, model: str, options: Options):
+        try:
+            import openai
+        except ImportError as exc:
+            raise Unavailable("the openai package is not installed") from exc
+        self.name, self.model, self.new_tokens = OPENAI_SERVER, model, options.new_tokens
+        self.client = openai.OpenAI(
+            base_url=base_url, api_key=os.environ.get("OPENAI_API_KEY", "unused"), max_retries=0
+        )
+
+    def stream(self, prompt: str) -> Generation:
+        start = time.perf_counter()
+        chunks = self.client.completions.create(
+            model=self.model, prompt=prompt, max_tokens=self.new_tokens, temperature=0, stream=True,
+            stream_options={"include_usage": True}, extra_body={"min_tokens": self.new_tokens},
+        )  # fmt: skip
+        pieces, arrivals, counted = [], [], None
+        for chunk in chunks:
+            if chunk.usage is not None:
+                counted = chunk.usage.completion_tokens
+            for choice in chunk.choices:
+                if choice.text:
+                    pieces.append(choice.text)
+                    arrivals.append(time.perf_counter() - start)
+        return Generation(None, "".join(pieces), arrivals, tokens=counted)
+
+    def batch(self, prompts: list[str]) -> list[Generation]:
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            return list(pool.map(self.stream, prompts))
+
+
+def open_loop(engine: Engine, prompts: list[str], rate: float, seconds: float, seed: int = 0) -> dict[str, Any]:
+    """Requests arriving at `rate` a second (Poisson, as vLLM's serving benchmark sends them) for
+    `seconds`, whatever the server's pace: TTFT, ITL and end-to-end latency from each request's
+    arrival, output tokens/s and requests/s over the span from the first arrival to the last answer."""
+    import random
+
+    rng = random.Random(seed)
+    arrivals, at = [], 0.0
+    while at < seconds:
+        arrivals.append(at)
+        at += rng.expovariate(rate)
+    start = time.perf_counter()
+
+    def one(index: int) -> tuple[float, Generation]:
+        delay = start + arrivals[index] - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        sent = time.perf_counter()
+        return sent - start, engine.stream(prompts[index % len(prompts)])
+
+    with ThreadPoolExecutor(min(len(arrivals), 256)) as pool:
+        done = list(pool.map(one, range(len(arrivals))))
+    wall = time.perf_counter() - start
+    tokens = sum(g.length() for _, g in done)
+    ttft = [g.arrivals[0] for _, g in done if g.arrivals]
+    itl = [b - a for _, g in done for a, b in itertools.pairwise(g.arrivals)]
+    e2e = [g.arrivals[-1] for _, g in done if g.arrivals]
+    row: dict[str, Any] = {"engine": engine.name, "rate": rate, "requests": len(done), "seconds": wall}
+    row |= {"tokens_per_s": tokens / wall, "requests_per_s": len(done) / wall}
+    for name, values in (("ttft", ttft), ("itl", itl), ("e2e", e2e)):
+        timing = Timing.of(engine.name, name, values or [0.0], wall, 0, 0)
+        row |= {f"{name}_p50_ms": timing.p50_ms, f"{name}_p90_ms": timing.p90_ms, f"{name}_p99_ms": timing.p99_ms}
+    return row
+
+
 def _cache_dir(options: Options) -> Path:
     """Exports and conversions of this model, keyed by its files' sizes and times so a changed model is
     exported again."""
@@ -473,10 +561,13 @@ def build_engines(options: Options) -> tuple[dict[str, Engine], dict[str, str], 
         raise SystemExit(f"unknown engine(s) {', '.join(unknown)}; known: {', '.join(builders)}")
     for package in options.packages:
         builders[f"kiln:{package.name}"] = lambda package=package: KilnEngine(package, options)
+    model = options.served_model or Path(options.model).name
     if options.url:
-        model = options.served_model or Path(options.model).name
         builders[SERVER] = lambda: KilnServerEngine(options.url or "", model, options)
-    wanted = sorted([*options.engines, *(n for n in builders if n.startswith("kiln"))], key=lambda n: n != REFERENCE)
+    if options.openai_url:
+        builders[OPENAI_SERVER] = lambda: OpenAIEngine(options.openai_url or "", model, options)
+    servers = (n for n in builders if n.startswith("kiln") or n == OPENAI_SERVER)
+    wanted = sorted([*options.engines, *servers], key=lambda n: n != REFERENCE)
     engines, skipped, load_s = {}, {}, {}
     if not options.url:
         skipped[SERVER] = "not yet available: pass --url HOST:PORT of a running kiln server (gRPC)"
@@ -553,7 +644,8 @@ def measure(
 
 
 def steps(options: Options) -> int:
-    return 1 + len(options.streams)
+    servers = bool(options.url) + bool(options.openai_url)
+    return 1 + len(options.streams) + servers * len(options.rates)
 
 
 def bench_generate(options: Options, texts: list[str], progress: Callable[[str], None]) -> dict[str, Any]:
@@ -574,7 +666,14 @@ def bench_generate(options: Options, texts: list[str], progress: Callable[[str],
         names = [n for n, e in engines.items() if streams == 1 or e.batched]
         progress(f"generate: {', '.join(names)} at {streams} stream(s), {len(batches)} calls in {ROUNDS} rounds")
         rows += measure(engines, batches, streams, options.new_tokens, decode)
+    servers = {n: e for n, e in engines.items() if n in (SERVER, OPENAI_SERVER)}
+    open_rows = []
+    for rate in options.rates:  # the servers take turns at each rate
+        for name, engine in servers.items():
+            progress(f"generate: {name} open loop at {rate:g} requests/s for {options.rate_seconds:g} s")
+            open_rows.append(open_loop(engine, texts, rate, options.rate_seconds))
     return {
+        "open_loop": open_rows,
         "source": str(options.model),
         "architecture": "encoder-decoder" if _is_seq2seq(options.model) else "decoder-only",
         "new_tokens": options.new_tokens,
@@ -616,9 +715,24 @@ def markdown(data: dict[str, Any]) -> str:
     lines += [
         "",
         "- tokens/s: new tokens over the wall time of the calls (prefill included); at S streams one "
-        "batched call of S prompts (in-process engines) or S concurrent requests (kiln-server).",
+        "batched call of S prompts (in-process engines) or S concurrent requests (kiln-server, openai-server).",
         "- TTFT from the call (tokenization included) to the first new token; ITL between consecutive tokens.",
     ]
+    if data.get("open_loop"):
+        lines += [
+            "",
+            f"Open loop (Poisson arrivals; latency from each request's arrival; {data['new_tokens']} new tokens each):",
+            "",
+            "| engine | requests/s sent | requests | requests/s done | tokens/s | TTFT p50 / p90 / p99 ms "
+            "| ITL p50 / p90 / p99 ms | end-to-end p50 / p90 / p99 ms |",
+            "|---|---:|---:|---:|---:|---|---|---|",
+        ]
+        for r in data["open_loop"]:
+            spans = [" / ".join(_ms(r[f"{k}_{q}_ms"]) for q in ("p50", "p90", "p99")) for k in ("ttft", "itl", "e2e")]
+            lines.append(
+                f"| {r['engine']} | {r['rate']:g} | {r['requests']} | {r['requests_per_s']:.2f} "
+                f"| {r['tokens_per_s']:.1f} | {' | '.join(spans)} |"
+            )
     lines += [f"- {name}: load {seconds:.1f} s" for name, seconds in data["load_s"].items()]
     lines += [f"- {name}: skipped, {reason}" for name, reason in data["skipped"].items()]
     return "\n".join(lines) + "\n"
