@@ -6,9 +6,12 @@
   any rounding and say nothing about quantisation accuracy). A held-out part is written beside it.
 - `roberta-base-ynat`: a classifier the shape of klue/roberta-base (12 layers, 768 wide, 7 labels
   like YNAT) with random weights, for speed only.
+- `tiny-bert`: a 2-layer, 64-wide BERT classifier on a real 30k WordPiece tokenizer, random weights:
+  a model that costs almost nothing, so what a serving bench measures is the server.
 
     python bench/models.py minilm-topics OUT --corpus ../shared/data/sentences.txt
     python bench/models.py roberta-base-ynat OUT
+    python bench/models.py tiny-bert OUT
 """
 
 from __future__ import annotations
@@ -100,9 +103,24 @@ def roberta_base_ynat(out: Path, seed: int = 0) -> None:
     print(f"wrote {out}")
 
 
+def tiny_bert(out: Path, seed: int = 0) -> None:
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(_minilm_dir())  # all-MiniLM-L6-v2's 30,522-token WordPiece
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=128, max_position_embeddings=512, num_labels=4,
+    )  # fmt: skip
+    BertForSequenceClassification(config).eval().save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    print(f"wrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", choices=["minilm-topics", "roberta-base-ynat"])
+    parser.add_argument("model", choices=["minilm-topics", "roberta-base-ynat", "tiny-bert"])
     parser.add_argument("out", type=Path)
     parser.add_argument("--corpus", type=Path, help="text file, one text a line (minilm-topics)")
     args = parser.parse_args()
@@ -110,6 +128,8 @@ def main() -> None:
         if args.corpus is None:
             parser.error("minilm-topics needs --corpus")
         minilm_topics(args.out, args.corpus)
+    elif args.model == "tiny-bert":
+        tiny_bert(args.out)
     else:
         roberta_base_ynat(args.out)
 

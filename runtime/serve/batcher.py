@@ -5,8 +5,10 @@ batching thread waits at most `max_delay` after the oldest pending sequence, the
 around it from the pending sequences of the most similar length, while the padded batch stays
 within `max_tokens` (rows x longest row) and `max_size` rows, so little compute goes to padding.
 A request that finds the model idle (nothing queued, nothing running) and could not gain from
-waiting (it fills a batch by itself, as every request to a one-text-per-call model does, or
-no delay is allowed) runs at once on its caller's thread, skipping two thread hand-offs.
+waiting (it fills a batch by itself, as every request to a one-text-per-call model does, no delay
+is allowed, or no other request is in progress on the model, so no company can come) runs at once
+on its caller's thread, skipping two thread hand-offs and the delay: a lone caller measured 3.4 ms
+a request through tritonclient on a tiny model with the 2 ms delay, 1.1 ms without it.
 Expired and cancelled work is dropped, never run. Sessions run on these threads (onnxruntime
 releases the GIL), never on the event loop.
 
@@ -140,10 +142,13 @@ class Batcher:
             self._cond.notify_all()
         return [item.future for item in items]
 
-    def run_if_idle(self, sequences: list[Any], request: RequestState) -> list[dict[str, np.ndarray]] | None:
+    def run_if_idle(
+        self, sequences: list[Any], request: RequestState, company: bool = True
+    ) -> list[dict[str, np.ndarray]] | None:
         """Per-sequence outputs, in order, run at once on the calling (worker) thread when the model
-        is idle and the request cannot gain from waiting; None when it should be queued instead."""
-        inline = self._claim_idle(sequences, request)
+        is idle and the request cannot gain from waiting (`company`: other requests are in progress,
+        so some may join it); None when it should be queued instead."""
+        inline = self._claim_idle(sequences, request, company)
         if inline is None:
             return None
         try:
@@ -152,11 +157,11 @@ class Batcher:
             self._release()
         return [item.future.result() for item in inline]
 
-    def _claim_idle(self, sequences: list[Any], request: RequestState) -> list[_Item] | None:
+    def _claim_idle(self, sequences: list[Any], request: RequestState, company: bool) -> list[_Item] | None:
         """The request's items, if it may run at once (see the module docstring); else None."""
         longest = max((len(seq.ids) for seq in sequences), default=0)
         fits = 0 < len(sequences) <= self.options.max_size and len(sequences) * longest <= self.options.max_tokens
-        waiting_helps = len(sequences) < self.options.max_size and self.options.max_delay > 0
+        waiting_helps = company and len(sequences) < self.options.max_size and self.options.max_delay > 0
         now = time.monotonic()
         with self._cond:
             if not fits or waiting_helps or self._stopping or self._pending or self._running:

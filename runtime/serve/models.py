@@ -79,6 +79,12 @@ class Counted:
         self.admitted = 0  # items accepted and not yet answered (admission control)
 
     @property
+    def others_in_progress(self) -> bool:
+        """Whether requests besides the caller's hold the model (read on a worker thread; the data
+        plane counts them on the event loop): only then can waiting for company pay."""
+        return self.in_flight > 1
+
+    @property
     def healthy(self) -> bool:
         """Whether the model can serve now (a generator is not while its decoding loop restarts)."""
         return True
@@ -221,7 +227,7 @@ class ServedModel(Counted):
         prepared = prepare()
         request.timings["prepared"] = time.monotonic()
         self._observe("tokenize", request.timings["prepared"] - start, "compute_input")
-        outputs = self.batcher.run_if_idle(prepared.encodings, request)
+        outputs = self.batcher.run_if_idle(prepared.encodings, request, self.others_in_progress)
         if outputs is None:
             return prepared, None, self.batcher.submit(prepared.encodings, request)
         return prepared, self.finish(prepared, outputs), None
@@ -253,7 +259,7 @@ class ServedModel(Counted):
 
     def run_tokens(self, sequences: list[Any], request: RequestState) -> Outputs:
         """Pre-tokenized rows through the batcher, on a worker thread (the token-id path)."""
-        outputs = self.batcher.run_if_idle(sequences, request)
+        outputs = self.batcher.run_if_idle(sequences, request, self.others_in_progress)
         if outputs is not None:
             return outputs
         return [future.result() for future in self.batcher.submit(sequences, request)]
