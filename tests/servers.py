@@ -95,3 +95,34 @@ def metric(url: str, name: str, **labels: str) -> float:
         if line.startswith(name) and all(f'{k}="{v}"' in line for k, v in labels.items()):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+def burst(address: str, method: str, requests: list, timeout: float, cancel_after: float | None = None) -> list[str]:
+    """kiln.v1 calls sent all at once (grpc.aio writes them together, so the server holds them at the
+    same time, as a burst from many clients would arrive); each call's status name, in order. A request
+    alone on an idle model runs at once, so tests of queueing need calls that arrive together."""
+    import asyncio
+
+    import grpc
+    from kiln.proto import kiln_pb2_grpc
+
+    async def send() -> list[str]:
+        async with grpc.aio.insecure_channel(address) as channel:
+            await channel.channel_ready()
+            call = getattr(kiln_pb2_grpc.KilnStub(channel), method)
+            tasks = [asyncio.ensure_future(call(request, timeout=timeout)) for request in requests]
+            if cancel_after is not None:
+                await asyncio.sleep(cancel_after)
+                for task in tasks:
+                    task.cancel()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+        return [
+            "OK"
+            if not isinstance(r, BaseException)
+            else r.code().name
+            if isinstance(r, grpc.aio.AioRpcError)
+            else "CANCELLED"
+            for r in results
+        ]
+
+    return asyncio.run(send())

@@ -9,7 +9,6 @@ speak the protocol as Triton's clients do.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import json
 import os
 import signal
@@ -21,9 +20,10 @@ import time
 import grpc
 import numpy as np
 import pytest
+from kiln.proto import kiln_pb2
 from kiln.runtime import pipeline
 from kiln.runtime.client import KilnClient
-from servers import metric, running_server
+from servers import burst, metric, running_server
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
@@ -306,53 +306,37 @@ def test_full_queue_is_refused_then_recovers(packages, package):
         assert client.classify("cls", TEXTS)  # recovered once the load is gone
 
 
-def _classify_calls(address: str, count: int, timeout: float) -> list:
-    """`count` kiln.v1 Classify calls sent together on one channel. A request alone on an idle model
-    runs at once (nothing could join it); the others, in progress together, wait in the queue for
-    company, which is what these tests need."""
-    from kiln.proto import kiln_pb2, kiln_pb2_grpc
-
-    channel = grpc.insecure_channel(address)
-    grpc.channel_ready_future(channel).result(timeout=10)
-    stub = kiln_pb2_grpc.KilnStub(channel)
-    request = kiln_pb2.ClassifyRequest(model="cls", texts=TEXTS)
-    return [stub.Classify.future(request, timeout=timeout) for _ in range(count)]
-
-
-def _ran_only_what_was_answered(metrics_url: str) -> None:
-    """Every call was answered (OK) or dropped (its deadline passed or its caller left: grpc cancels a
-    handler whose deadline passes), most were dropped, and the batches ran the texts of the answered
-    ones alone: dropped work never ran."""
+def _ran_only_what_was_answered(metrics_url: str, codes: list[str]) -> None:
+    """Some calls were not answered (their deadline passed or their caller left, in the queue or before
+    the server read them), and the batches ran the texts of the calls the server answered (one each)
+    and at most the one batch that was running when the rest were dropped: dropped work never ran."""
+    assert codes.count("OK") < len(codes), codes
     answered = metric(metrics_url, "kiln_requests_total", model="cls", code="OK")
-    dropped = sum(
-        metric(metrics_url, "kiln_requests_total", model="cls", code=code)
-        for code in ("DEADLINE_EXCEEDED", "CANCELLED")
-    )
-    assert answered + dropped == 8 and dropped >= 4, (answered, dropped)
-    assert metric(metrics_url, "kiln_batch_size_sum", model="cls") == answered * len(TEXTS)
+    assert answered <= metric(metrics_url, "kiln_batch_size_sum", model="cls") <= answered + 1
+
+
+# one text a batch, so 64 calls arriving together queue behind each other: the later ones are still
+# waiting when their deadline passes or their caller leaves
+QUEUED = ("--max-batch-size", "1", "--instances", "1", "--max-queue-delay-ms", "300")
 
 
 def test_deadline_exceeded_and_work_not_run(packages):
-    with running_server(
-        "--max-queue-delay-ms", "300", "--max-batch-tokens", "100000", models={"cls": packages["cls"]}
-    ) as (address, metrics_url, _):
-        for call in _classify_calls(address, 8, 0.1):
-            with contextlib.suppress(grpc.RpcError):
-                call.result()
+    with running_server(*QUEUED, models={"cls": packages["cls"]}) as (address, metrics_url, _):
+        request = kiln_pb2.ClassifyRequest(model="cls", texts=TEXTS[:1])
+        codes = burst(address, "Classify", [request] * 64, timeout=0.01)
         time.sleep(0.5)
-        _ran_only_what_was_answered(metrics_url)
+        _ran_only_what_was_answered(metrics_url, codes)
         with KilnClient(address) as client:
             assert client.classify("cls", TEXTS)
 
 
 def test_cancelled_call_is_dropped(packages):
-    with running_server("--max-queue-delay-ms", "300", models={"cls": packages["cls"]}) as (address, metrics_url, _):
-        calls = _classify_calls(address, 8, 10)
-        time.sleep(0.05)
-        for call in calls:
-            call.cancel()
+    with running_server(*QUEUED, models={"cls": packages["cls"]}) as (address, metrics_url, _):
+        request = kiln_pb2.ClassifyRequest(model="cls", texts=TEXTS[:1])
+        codes = burst(address, "Classify", [request] * 64, 10, cancel_after=0.005)
         time.sleep(0.5)
-        _ran_only_what_was_answered(metrics_url)
+        assert "CANCELLED" in codes
+        _ran_only_what_was_answered(metrics_url, codes)
         with KilnClient(address) as client:
             assert client.classify("cls", TEXTS)
 

@@ -77,6 +77,7 @@ class _Item:
     request: RequestState
     future: Future
     enqueued: float
+    waits: bool = True  # may wait up to max_delay for company (False: nothing can join it, run it now)
 
     @property
     def length(self) -> int:
@@ -126,8 +127,9 @@ class Batcher:
     def depth(self) -> int:
         return len(self._pending)
 
-    def submit(self, sequences: list[Any], request: RequestState) -> list[Future]:
-        """Queue a request's sequences; refuse at once when the queue is full."""
+    def submit(self, sequences: list[Any], request: RequestState, company: bool = True) -> list[Future]:
+        """Queue a request's sequences; refuse at once when the queue is full. Without `company`
+        (no other request in progress) they do not wait for more."""
         now = time.monotonic()
         with self._cond:
             if self._stopping:
@@ -137,7 +139,7 @@ class Batcher:
                     f"model {self.name}: queue full ({len(self._pending)} sequences waiting, "
                     f"limit {self.options.max_queue}); retry later"
                 )
-            items = [_Item(seq, request, Future(), now) for seq in sequences]
+            items = [_Item(seq, request, Future(), now, company) for seq in sequences]
             self._pending.extend(items)
             self._cond.notify_all()
         return [item.future for item in items]
@@ -205,6 +207,8 @@ class Batcher:
     def _wait_for_company(self) -> None:
         """Hold the oldest sequence up to max_delay, unless a full batch is already there."""
         oldest = min(item.enqueued for item in self._pending)
+        if not all(item.waits for item in self._pending):
+            return
         while self._pending and not self._stopping:
             remaining = oldest + self.options.max_delay - time.monotonic()
             pending_tokens = sum(item.length for item in self._pending)

@@ -43,6 +43,9 @@ CONFIG_TYPES = {
     "BOOL": "TYPE_BOOL",
 }
 EXTENSIONS = ["model_configuration", "statistics", "model_repository", "binary_tensor_data"]
+# a request whose texts add up to no more characters than this is tokenized on the event loop (tens
+# of microseconds), not handed to a worker thread (see ServedModel.run)
+SHORT_REQUEST_CHARS = 2048
 
 
 @dataclass
@@ -225,7 +228,9 @@ class DataPlane:
             tokens.append(sum(len(e.ids) for e in prepared.encodings))
             return prepared
 
-        answers = await self._timed(model, call, rows, lambda state: model.run(prepare, state, self.executor))
+        short = sum(len(text) for values in texts.values() for text in values) <= SHORT_REQUEST_CHARS
+        work = lambda state: model.run(prepare, state, self.executor, short)  # noqa: E731
+        answers = await self._timed(model, call, rows, work)
         return Answered(model, answers, params, tokens[0] if tokens else 0)
 
     async def _timed(self, model: Served, call: Call, rows: int, work: Any) -> Any:
