@@ -103,7 +103,7 @@ class OpenAiApi:
             for prompt, params in codec.stream_choices(asked)
         ]
         try:
-            firsts = [await anext(stream) for stream in streams]
+            firsts = await all_or_none(*(anext(stream) for stream in streams))  # every choice admitted together
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
             await response.prepare(request)
             writer = codec.StreamWriter(asked, model.name, codec.response_id(asked.chat), int(time.time()))
