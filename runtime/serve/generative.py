@@ -51,8 +51,11 @@ class Stream:
     queue: asyncio.Queue
     truncated: bool
     prefix: str = ""  # text-generation's return_full_text: the prompt, sent before the new text
-    request_id: str = ""
     search: Future[Generated] | None = None  # a beam search's answer, from the beam thread
+
+    @property
+    def request_id(self) -> str:
+        return self.sequence.request_id
 
     @property
     def prompt_tokens(self) -> int:
@@ -124,7 +127,7 @@ class GenerativeModel(Counted):
             sequence = self.generator.sequence(ids, settings, _deliver_to(queue, loop))
             sequence.request_id = uuid.uuid4().hex[:12]
             prefix = text if self.generator.decoder_only and (full is None or full) else ""
-            streams.append(Stream(sequence, queue, truncated, prefix, sequence.request_id))
+            streams.append(Stream(sequence, queue, truncated, prefix))
         if settings.num_beams == 1:
             self.scheduler.submit([stream.sequence for stream in streams])
             return streams

@@ -224,14 +224,19 @@ class ServedModel(Counted):
         """On a worker thread: prepare the request, then run it at once if the model is idle and it
         cannot gain from waiting (answers returned), else queue it (futures returned). A worker never
         waits for a batch."""
-        start = time.monotonic()
-        prepared = prepare()
-        request.timings["prepared"] = time.monotonic()
-        self._observe("tokenize", request.timings["prepared"] - start, "compute_input")
+        prepared = self._prepare(prepare, request)
         outputs = self.batcher.run_if_idle(prepared.encodings, request, self.others_in_progress)
         if outputs is None:
             return prepared, None, self.batcher.submit(prepared.encodings, request)
         return prepared, self.finish(prepared, outputs), None
+
+    def _prepare(self, prepare: Any, request: RequestState) -> Prepared:
+        """Validate and tokenize, timed as Triton's compute_input."""
+        start = time.monotonic()
+        prepared = prepare()
+        request.timings["prepared"] = time.monotonic()
+        self._observe("tokenize", request.timings["prepared"] - start, "compute_input")
+        return prepared
 
     def finish(self, prepared: Prepared, outputs: Outputs) -> Any:
         start = time.monotonic()
@@ -246,10 +251,7 @@ class ServedModel(Counted):
         finished on worker threads; the event loop only awaits."""
         loop = asyncio.get_running_loop()
         if short:
-            started = time.monotonic()
-            prepared = prepare()
-            request.timings["prepared"] = time.monotonic()
-            self._observe("tokenize", request.timings["prepared"] - started, "compute_input")
+            prepared = self._prepare(prepare, request)
             futures = self.batcher.submit(prepared.encodings, request, self.others_in_progress)
             answer = self._finish_when_done(prepared, futures)
             try:
