@@ -264,13 +264,6 @@ class Batcher:
             _settle(batch[0].future, error=exc)
             return
         infer = time.monotonic() - start
-        for row, item in enumerate(batch):
-            item.request.timings["infer"] = infer
-            try:
-                _settle(item.future, result=self._split(outputs, row, item.length))
-            except Exception as exc:  # one row's outputs that cannot be taken apart fail that row alone
-                log.exception("model %s: a request's outputs could not be split", self.name)
-                _settle(item.future, error=exc)
         longest = max(item.length for item in batch)
         record = BatchRecord(
             size=len(batch),
@@ -280,10 +273,17 @@ class Batcher:
             infer_seconds=infer,
             alone=alone,
         )
-        try:
+        try:  # recorded before any answer leaves: a caller that has its answer finds its batch counted
             self._on_batch(record)
         except Exception:  # metrics must never stop a batcher thread
             log.exception("model %s: recording a batch failed", self.name)
+        for row, item in enumerate(batch):
+            item.request.timings["infer"] = infer
+            try:
+                _settle(item.future, result=self._split(outputs, row, item.length))
+            except Exception as exc:  # one row's outputs that cannot be taken apart fail that row alone
+                log.exception("model %s: a request's outputs could not be split", self.name)
+                _settle(item.future, error=exc)
 
 
 def _settle(future: Future, result: Any = None, error: BaseException | None = None) -> None:
