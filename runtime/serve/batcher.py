@@ -57,7 +57,14 @@ class RequestState:
 
     deadline: float | None = None  # time.monotonic() value
     cancelled: bool = False
-    timings: dict[str, float] = field(default_factory=dict)
+    # seconds spent per stage (compute_input, queue, compute_infer, compute_output): Triton's
+    # statistics count each request once per stage, whatever number of batches its rows ran in
+    stages: dict[str, float] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # rows may run on several instances
+
+    def add_stage(self, stage: str, seconds: float) -> None:
+        with self.lock:
+            self.stages[stage] = self.stages.get(stage, 0.0) + seconds
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
@@ -277,8 +284,10 @@ class Batcher:
             self._on_batch(record)
         except Exception:  # metrics must never stop a batcher thread
             log.exception("model %s: recording a batch failed", self.name)
+        for request in {id(item.request): item.request for item in batch}.values():
+            request.add_stage("compute_infer", infer)
         for row, item in enumerate(batch):
-            item.request.timings["infer"] = infer
+            item.request.add_stage("queue", start - item.enqueued)
             try:
                 _settle(item.future, result=self._split(outputs, row, item.length))
             except Exception as exc:  # one row's outputs that cannot be taken apart fail that row alone

@@ -29,6 +29,7 @@ from kiln.runtime.serve.repository import Repository
 from kiln.runtime.serve.tokens import pad_outputs, read_token_rows
 from kiln.runtime.tasks import Texts
 from kiln.runtime.tasks.generation import GenerateRequest, read_request
+from kiln.runtime.tasks.spec import Tensor
 
 Served = ServedModel | GenerativeModel
 
@@ -74,6 +75,9 @@ class Call:
 
     api: str  # kserve | kserve-http | Classify | ... | openai (a metric label)
     timeout: float | None = None  # seconds the caller allows, None: the server's default
+    model: str = ""  # the model asked for, once the protocol has read it (a metric label)
+    recorded: bool = False  # the model's Triton statistics have this request (it was admitted)
+    code: str | None = None  # an error answered inside a response already started (an SSE error event)
 
 
 @dataclass
@@ -116,9 +120,7 @@ class DataPlane:
         """KServe v2 model metadata (its JSON form; the gRPC message has the same fields)."""
         model = self.repository.get(name, version)
         sizes = model.sizes
-        inputs = [_tensor(t.name, t.datatype, t.resolved_shape(sizes)) for t in model.spec.inputs]
-        if not model.spec.generative:  # token ids straight into the graph: encoders only
-            inputs += [_tensor(n, "INT64", [-1, -1]) for n in model.manifest.inputs]
+        inputs = [_tensor(t.name, t.datatype, _wire_shape(t, model)) for t in model.spec.inputs]
         outputs = [_tensor(t.name, t.datatype, t.resolved_shape(sizes)) for t in model.spec.outputs]
         taken = {t["name"] for t in outputs}
         outputs += [_tensor(n, "FP32", shape) for n, shape in model.raw_outputs() if n not in taken]
@@ -135,19 +137,17 @@ class DataPlane:
         model = self.repository.get(name, version)
         sizes, spec, options = model.sizes, model.spec, model.options
         manifest = model.manifest
+        batched = _triton_batched(model)
         inputs = [
             {
                 "name": t.name,
                 "data_type": CONFIG_TYPES[t.datatype],
-                "dims": t.resolved_shape(sizes),
+                # Triton's config leaves the batch dimension out of dims when max_batch_size > 0
+                "dims": _wire_shape(t, model)[1:] if batched else t.resolved_shape(sizes),
                 "optional": t.optional,
             }
             for t in spec.inputs
         ]
-        if not spec.generative:
-            inputs += [
-                {"name": n, "data_type": "TYPE_INT64", "dims": [-1, -1], "optional": True} for n in manifest.inputs
-            ]
         strings = {
             "task": manifest.task,
             "precision": manifest.precision,
@@ -156,11 +156,13 @@ class DataPlane:
             "max_sequence_length": str(manifest.max_sequence_length),
             "request_parameters": ",".join(p.name for p in spec.parameters),
         }
+        if not spec.generative:  # accepted, not listed as inputs: see _triton_batched
+            strings["token_inputs"] = ",".join(manifest.inputs)
         return {
             "name": model.name,
             "platform": "onnxruntime_onnx",
             "backend": "kiln",
-            "max_batch_size": 0,
+            "max_batch_size": options.max_size if batched else 0,
             "input": inputs,
             "output": [
                 {"name": t.name, "data_type": CONFIG_TYPES[t.datatype], "dims": t.resolved_shape(sizes)}
@@ -209,15 +211,33 @@ class DataPlane:
         return await self._answer(model, texts, model.spec.parse_params(raw_params), call)
 
     def admit(self, name: str, version: str, call: Call) -> Served:
-        """The model a request is for, unless the server is draining or serves no such model (both counted)."""
+        """The model a request is for, unless the server is draining or serves no such model."""
         if self.draining:
-            self._count(name, call, "UNAVAILABLE")
             raise Draining("server is shutting down; retry on another replica")
+        return self.repository.get(name, version)
+
+    @contextlib.asynccontextmanager
+    async def counted(self, call: Call) -> AsyncIterator[Call]:
+        """One request, counted once with its outcome whatever ends it: refused while its protocol
+        decoded it, while its task read it or at admission, failed, cancelled, or answered. Every
+        protocol wraps each request in this, so an error-rate alert sees refusals; a refused request
+        the model never admitted still counts as a failure in its Triton statistics."""
+        started = time.monotonic()
+        code = "INTERNAL"
         try:
-            return self.repository.get(name, version)
-        except KilnError as exc:
-            self._count(name, call, exc.grpc_status)
+            yield call
+            code = call.code or "OK"
+        except (asyncio.CancelledError, GeneratorExit):
+            code = "CANCELLED"
             raise
+        except KilnError as exc:
+            code = exc.grpc_status
+            raise
+        finally:
+            self.count(call, code)
+            if code != "OK" and not call.recorded and self.repository.knows(call.model):
+                with contextlib.suppress(KilnError):
+                    self.repository.get(call.model).record_result(False, time.monotonic() - started, 0, {})
 
     async def _answer(self, model: ServedModel, texts: Texts, params: dict[str, Any], call: Call) -> Answered:
         rows = len(texts.get(model.spec.rows_input, ()))
@@ -246,36 +266,29 @@ class DataPlane:
         started = time.monotonic()
         timeout = call.timeout if call.timeout is not None else self.default_deadline
         state = RequestState(deadline=started + timeout if timeout else None)
-        try:
-            model.admit(rows)
-        except KilnError as exc:
-            self._count(model.name, call, exc.grpc_status)
-            raise
+        model.admit(rows)
+        call.recorded = True
         model.in_flight += 1
         try:
             yield state
         except (asyncio.CancelledError, GeneratorExit):  # the caller went away: what is still queued is dropped
             state.cancelled = True
-            model.record_result(False, time.monotonic() - started, rows)
-            self._count(model.name, call, "CANCELLED")
+            model.record_result(False, time.monotonic() - started, rows, state.stages)
             raise
-        except KilnError as exc:
-            model.record_result(False, time.monotonic() - started, rows)
-            self._count(model.name, call, exc.grpc_status)
+        except KilnError:
+            model.record_result(False, time.monotonic() - started, rows, state.stages)
             raise
         except Exception as exc:
             request_id = uuid.uuid4().hex[:12]
             log.exception("model %s: %s request %s failed", model.name, call.api, request_id)
-            model.record_result(False, time.monotonic() - started, rows)
-            self._count(model.name, call, "INTERNAL")
+            model.record_result(False, time.monotonic() - started, rows, state.stages)
             raise InternalError(f"internal error (request {request_id}): {type(exc).__name__}: {exc}") from exc
         finally:
             model.in_flight -= 1
             model.release(rows)
         elapsed = time.monotonic() - started
         self.answered += 1
-        model.record_result(True, elapsed, rows)
-        self._count(model.name, call, "OK")
+        model.record_result(True, elapsed, rows, state.stages)
         self.metrics.request_seconds.labels(model=model.name).observe(elapsed)
 
     # ---- generation -----------------------------------------------------------------------------
@@ -322,7 +335,6 @@ class DataPlane:
     def _generator(self, name: str, version: str, call: Call) -> GenerativeModel:
         model = self.admit(name, version, call)
         if not isinstance(model, GenerativeModel):
-            self._count(name, call, "INVALID_ARGUMENT")
             raise InvalidInput(f"model {model.name!r} is a {model.manifest.task} model, not a generator")
         return model
 
@@ -332,11 +344,29 @@ class DataPlane:
         items = await loop.run_in_executor(self.executor, model.run_tokens, sequences, state)
         return pad_outputs(model, items, rows, width)
 
-    def _count(self, name: str, call: Call, code: str) -> None:
+    def count(self, call: Call, code: str) -> None:
         """Requests by model, API and status; a name that is not served counts as one label, so a
         client cannot grow the metrics without bound."""
-        label = name if self.repository.knows(name) else "(unknown)"
+        label = call.model if self.repository.knows(call.model) else "(unknown)"
         self.metrics.requests.labels(model=label, api=call.api, code=code).inc()
+
+
+def _triton_batched(model: Served) -> bool:
+    """Whether the model is described with Triton's batch convention (max_batch_size > 0, every input
+    [batch, 1]), which is what lets perf_analyzer drive it with no flags: it strips the batch
+    dimension and needs what is left to be fixed. Holds for encoders whose inputs are all one value
+    per row; zero-shot's label list and generators' control inputs are not, so those models keep
+    max_batch_size 0 and [-1] shapes. The pre-tokenized inputs are accepted but not listed (config
+    parameter `token_inputs` names them): listed, perf_analyzer would fill them with random ids."""
+    return not model.spec.generative and all(t.per_row for t in model.spec.inputs)
+
+
+def _wire_shape(tensor: Tensor, model: Served) -> list[int]:
+    """An input's shape in metadata: [-1, 1] for one text per row under Triton's batch convention
+    (requests may still send [N]), else the task's own shape."""
+    if _triton_batched(model):
+        return [-1, 1]
+    return tensor.resolved_shape(model.sizes)
 
 
 def _tensor(name: str, datatype: str, shape: list[int]) -> dict[str, Any]:

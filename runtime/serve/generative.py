@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ class Stream:
     truncated: bool
     prefix: str = ""  # text-generation's return_full_text: the prompt, sent before the new text
     search: Future[Generated] | None = None  # a beam search's answer, from the beam thread
+    opened: float = field(default_factory=time.monotonic)  # when it was admitted (Triton's compute_infer)
 
     @property
     def request_id(self) -> str:
@@ -121,6 +122,7 @@ class GenerativeModel(Counted):
         truncate, full = bool(params.get("truncate")), params.get("return_full_text")
         loop = asyncio.get_running_loop()
         streams = []
+        started = time.monotonic()
         for text in texts:
             ids, truncated = self.generator.encode(text, truncate, params.get("add_special_tokens") is not False)
             queue: asyncio.Queue = asyncio.Queue()
@@ -128,6 +130,7 @@ class GenerativeModel(Counted):
             sequence.request_id = uuid.uuid4().hex[:12]
             prefix = text if self.generator.decoder_only and (full is None or full) else ""
             streams.append(Stream(sequence, queue, truncated, prefix))
+        state.add_stage("compute_input", time.monotonic() - started)
         if settings.num_beams == 1:
             self.scheduler.submit([stream.sequence for stream in streams])
             return streams
@@ -160,6 +163,7 @@ class GenerativeModel(Counted):
             raise DeadlineExceeded("deadline passed while generating; the sequence was stopped") from exc
         finally:
             stream.cancel()  # a caller that went away frees its row (or stops its beam search) at the next step
+            state.add_stage("compute_infer", time.monotonic() - stream.opened)
 
     async def answer(self, texts: list[str], params: dict[str, Any], state: RequestState) -> list[Generated]:
         """Whole answers for several prompts, generated side by side; whatever the request opened
@@ -204,7 +208,6 @@ class GenerativeModel(Counted):
         self.metrics.stage_seconds.labels(model=self.name, stage="decode_step").observe(record.seconds)
         with self.stats.lock:
             self.stats.execution_count += 1
-            self.stats.compute_infer.add(record.seconds)
 
     def settings_for(self, raw_params: dict[str, Any]) -> Settings:
         """What a request's parameters mean for this model (its defaults filled in), checked."""

@@ -22,7 +22,7 @@ from aiohttp import web
 from kiln.runtime.errors import InvalidInput, KilnError, Unauthenticated
 from kiln.runtime.inputs import parse_json
 from kiln.runtime.serve import openai_codec
-from kiln.runtime.serve.bodies import BODY_TIMEOUT, json_body, read_body
+from kiln.runtime.serve.bodies import BODY_TIMEOUT, counted_route, json_body, read_body
 from kiln.runtime.serve.dataplane import Call, DataPlane, InferRequest
 from kiln.runtime.serve.generative import Chunk
 from kiln.runtime.serve.openai import OpenAiApi
@@ -69,9 +69,11 @@ class HttpApi:
             app.router.add_get(base + "/ready", self.model_ready)
             app.router.add_get(base + "/config", self.config)
             app.router.add_get(base + "/stats", self.statistics)
-            app.router.add_post(base + "/infer", self.infer)
-            app.router.add_post(base + "/generate", self.generate)
-            app.router.add_post(base + "/generate_stream", self.generate_stream)
+            app.router.add_post(base + "/infer", counted_route(self.plane, "kserve-http", self.infer))
+            app.router.add_post(base + "/generate", counted_route(self.plane, "generate-http", self.generate))
+            app.router.add_post(
+                base + "/generate_stream", counted_route(self.plane, "generate-http", self.generate_stream)
+            )
         app.router.add_post("/v2/repository/index", self.repository_index)
         app.router.add_post("/v2/repository/models/{name}/load", self.load)
         app.router.add_post("/v2/repository/models/{name}/unload", self.unload)
@@ -138,12 +140,12 @@ class HttpApi:
 
     # ---- inference -----------------------------------------------------------------------------
 
-    async def infer(self, request: web.Request) -> web.Response:
+    async def infer(self, request: web.Request, call: Call) -> web.Response:
         name, version = _model(request)
         header, binary = await _split_body(request)
         infer, binary_outputs = read_infer_request(name, version, header, binary)
         timeout = infer.parameters.get("timeout")  # Triton: microseconds
-        call = Call("kserve-http", timeout / 1e6 if isinstance(timeout, int) and timeout > 0 else None)
+        call.timeout = timeout / 1e6 if isinstance(timeout, int) and timeout > 0 else None
         result = await self.plane.infer(infer, call)
         body = {"model_name": result.model, "model_version": result.version, "outputs": []}
         if result.id:
@@ -167,11 +169,11 @@ class HttpApi:
             headers={HEADER_LENGTH: str(len(head))},
         )
 
-    async def generate(self, request: web.Request) -> web.Response:
+    async def generate(self, request: web.Request, call: Call) -> web.Response:
         """Triton's generate extension: one JSON answer."""
         name, version = _model(request)
         generate = generate_request(await json_body(request))
-        answered = await self.plane.generate(name, version, generate, Call("generate-http"))
+        answered = await self.plane.generate(name, version, generate, call)
         answer = answered.answers[0] if len(answered.answers) == 1 else None
         body: dict[str, Any] = {"model_name": answered.model.name, "model_version": answered.model.version}
         if answer is None:
@@ -181,13 +183,13 @@ class HttpApi:
         body["usage"] = {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.tokens}
         return web.json_response(body)
 
-    async def generate_stream(self, request: web.Request) -> web.StreamResponse:
+    async def generate_stream(self, request: web.Request, call: Call) -> web.StreamResponse:
         """Triton's generate extension, streamed as server-sent events: one event per piece of text,
         the last with the finish reason. An error before the first piece is an HTTP error; after it,
         an event `{"error": ...}` ends the stream."""
         name, version = _model(request)
         generate = generate_request(await json_body(request))
-        chunks = aiter(self.plane.generate_stream(name, version, generate, Call("generate-http")))
+        chunks = aiter(self.plane.generate_stream(name, version, generate, call))
         first = await anext(chunks)  # errors here become the HTTP status, as for any request
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
@@ -197,6 +199,7 @@ class HttpApi:
             async for chunk in chunks:
                 await response.write(_event({**model, **_chunk_json(chunk)}))
         except KilnError as exc:
+            call.code = exc.grpc_status  # answered inside a started response; still counted as what it was
             await response.write(_event({"error": str(exc)}))
         finally:
             await chunks.aclose()

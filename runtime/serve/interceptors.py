@@ -40,40 +40,57 @@ def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], A
 
 
 class LenientDecoding(grpc.aio.ServerInterceptor):
+    """`refused(method)` hears of each unary call refused as undecodable, so it can be counted."""
+
+    def __init__(self, refused: Callable[[str], None] = lambda method: None):
+        self.refused = refused
+
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         if handler is None or not hasattr(handler, "_replace"):
             return handler
+        refuse = _refusal(details.method, self.refused)
         replaced: dict[str, Any] = {"request_deserializer": _lenient(handler.request_deserializer)}
         if handler.unary_unary is not None:
-            replaced["unary_unary"] = _refuse_undecodable(handler.unary_unary)
+            replaced["unary_unary"] = _refuse_undecodable(handler.unary_unary, refuse)
         if handler.unary_stream is not None:
-            replaced["unary_stream"] = _refuse_undecodable_stream(handler.unary_stream)
+            replaced["unary_stream"] = _refuse_undecodable_stream(handler.unary_stream, refuse)
         return handler._replace(**replaced)
 
 
-def _refuse_undecodable(behaviour: Callable) -> Callable:
+Refuse = Callable[[Any, Undecodable], Any]
+
+
+def _refusal(method: str, refused: Callable[[str], None]) -> Refuse:
+    async def refuse(context: Any, request: Undecodable) -> None:
+        refused(method)
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+
+    return refuse
+
+
+def _refuse_undecodable(behaviour: Callable, refuse: Refuse) -> Callable:
     async def call(request: Any, context: Any) -> Any:
         if isinstance(request, Undecodable):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+            await refuse(context, request)
         return await behaviour(request, context)
 
     return call
 
 
-def _refuse_undecodable_stream(behaviour: Callable) -> Callable:
+def _refuse_undecodable_stream(behaviour: Callable, refuse: Refuse) -> Callable:
     """The same for a unary-stream method, written either as an async generator or as a coroutine
     that writes to its context (grpc's own health Watch is the latter)."""
     if inspect.isasyncgenfunction(behaviour):
 
         async def stream(request: Any, context: Any) -> Any:
             if isinstance(request, Undecodable):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+                await refuse(context, request)
             async for response in behaviour(request, context):
                 yield response
 
         return stream
-    return _refuse_undecodable(behaviour)
+    return _refuse_undecodable(behaviour, refuse)
 
 
 class BearerAuth(grpc.aio.ServerInterceptor):

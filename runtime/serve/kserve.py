@@ -52,16 +52,16 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return ParseDict(stats, pb.ModelStatisticsResponse())
 
     async def ModelInfer(self, request, context):
+        call = Call("kserve", context.time_remaining(), request.model_name)
         try:
-            return await self._infer(request, context)
+            async with self.plane.counted(call):
+                return await self._infer(request, call)
         except KilnError as exc:
             await context.abort(*status_of(exc))
 
-    async def _infer(
-        self, request: pb.ModelInferRequest, context: Any, infer: InferRequest | None = None
-    ) -> pb.ModelInferResponse:
+    async def _infer(self, request: pb.ModelInferRequest, call: Call, infer: InferRequest | None = None) -> Any:
         infer = infer or _infer_request(request)
-        result = await self.plane.infer(infer, Call("kserve", context.time_remaining()))
+        result = await self.plane.infer(infer, call)
         response = pb.ModelInferResponse(model_name=result.model, model_version=result.version, id=result.id)
         encode_outputs(response, result.outputs)
         return response
@@ -126,11 +126,14 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         send = ready.append if turn is not None else responses.put_nowait
         try:
             if isinstance(request, Undecodable):
+                self.plane.count(Call("kserve-stream"), "INVALID_ARGUMENT")
                 send(pb.ModelStreamInferResponse(error_message=request.reason))
                 return
+            call = Call("kserve-stream", context.time_remaining(), request.model_name)
             try:
-                async for response in self._stream_responses(request, context):
-                    send(pb.ModelStreamInferResponse(infer_response=response))
+                async with self.plane.counted(call):
+                    async for response in self._stream_responses(request, call):
+                        send(pb.ModelStreamInferResponse(infer_response=response))
             except KilnError as exc:
                 _, message = status_of(exc)
                 failed = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
@@ -145,16 +148,15 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 turn.set_result(None)
             responses.put_nowait(_END)
 
-    async def _stream_responses(self, request: pb.ModelInferRequest, context: Any) -> AsyncIterator[Any]:
+    async def _stream_responses(self, request: pb.ModelInferRequest, call: Call) -> AsyncIterator[Any]:
         model = self.plane.model(request.model_name, request.model_version)
         infer = _infer_request(request)  # decoded once, whichever way it is answered
         generate = read_request(infer.inputs, infer.parameters) if model.spec.generative else None
         if generate is None or not generate.stream:
-            response = await self._infer(request, context, infer)
+            response = await self._infer(request, call, infer)
             _final(response)
             yield response
             return
-        call = Call("kserve-stream", context.time_remaining())
         async for chunk in self.plane.generate_stream(request.model_name, request.model_version, generate, call):
             response = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
             encode_outputs(response, {"text_output": bytes_tensor([chunk.text])})

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -110,12 +110,17 @@ class Counted:
         self.admitted -= items
         self.metrics.queue_depth.labels(model=self.name).set(self.admitted)
 
-    def record_result(self, ok: bool, seconds: float, count: int) -> None:
+    def record_result(self, ok: bool, seconds: float, count: int, stages: Mapping[str, float]) -> None:
+        """One request's outcome in Triton's statistics. As Triton counts them, every stage counts a
+        successful request once (perf_analyzer checks that the compute counts agree); a request's
+        rows that ran in several batches add their batches' times."""
         with self.stats.lock:
             (self.stats.success if ok else self.stats.fail).add(seconds)
             if ok:
                 self.stats.inference_count += count
                 self.stats.last_inference_ms = int(time.time() * 1000)
+                for stage in ("queue", "compute_input", "compute_infer", "compute_output"):
+                    getattr(self.stats, stage).add(stages.get(stage, 0.0))
 
     def statistics(self) -> dict[str, Any]:
         """Triton's per-model statistics, in their JSON form."""
@@ -228,20 +233,19 @@ class ServedModel(Counted):
         outputs = self.batcher.run_if_idle(prepared.encodings, request, self.others_in_progress)
         if outputs is None:
             return prepared, None, self.batcher.submit(prepared.encodings, request)
-        return prepared, self.finish(prepared, outputs), None
+        return prepared, self.finish(prepared, outputs, request), None
 
     def _prepare(self, prepare: Any, request: RequestState) -> Prepared:
         """Validate and tokenize, timed as Triton's compute_input."""
         start = time.monotonic()
         prepared = prepare()
-        request.timings["prepared"] = time.monotonic()
-        self._observe("tokenize", request.timings["prepared"] - start, "compute_input")
+        self._observe("tokenize", time.monotonic() - start, request, "compute_input")
         return prepared
 
-    def finish(self, prepared: Prepared, outputs: Outputs) -> Any:
+    def finish(self, prepared: Prepared, outputs: Outputs, request: RequestState) -> Any:
         start = time.monotonic()
         answers = prepared.finish(outputs)
-        self._observe("postprocess", time.monotonic() - start, "compute_output")
+        self._observe("postprocess", time.monotonic() - start, request, "compute_output")
         return answers
 
     async def run(self, prepare: Any, request: RequestState, executor: Any, short: bool = False) -> Any:
@@ -253,7 +257,7 @@ class ServedModel(Counted):
         if short:
             prepared = self._prepare(prepare, request)
             futures = self.batcher.submit(prepared.encodings, request, self.others_in_progress)
-            answer = self._finish_when_done(prepared, futures)
+            answer = self._finish_when_done(prepared, futures, request)
             try:
                 return await asyncio.wrap_future(answer)
             except asyncio.CancelledError:
@@ -264,9 +268,9 @@ class ServedModel(Counted):
         if futures is None:
             return answers
         outputs = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
-        return await loop.run_in_executor(executor, self.finish, prepared, list(outputs))
+        return await loop.run_in_executor(executor, self.finish, prepared, list(outputs), request)
 
-    def _finish_when_done(self, prepared: Prepared, futures: list[Future]) -> Future:
+    def _finish_when_done(self, prepared: Prepared, futures: list[Future], request: RequestState) -> Future:
         """The request's answers, finished by whichever thread settles its last sequence."""
         answer: Future = Future()
         remaining = [len(futures)]
@@ -286,7 +290,7 @@ class ServedModel(Counted):
                 elif any(f.cancelled() for f in futures):
                     answer.cancel()
                 else:
-                    answer.set_result(self.finish(prepared, [f.result() for f in futures]))
+                    answer.set_result(self.finish(prepared, [f.result() for f in futures], request))
             except Exception as exc:  # post-processing failed: the caller gets it, the thread goes on
                 with contextlib.suppress(InvalidStateError):
                     answer.set_exception(exc)
@@ -319,10 +323,9 @@ class ServedModel(Counted):
         if self.narrow is not None:
             self._run_batch([sequence], alone=False)
 
-    def _observe(self, stage: str, seconds: float, statistic: str) -> None:
+    def _observe(self, stage: str, seconds: float, request: RequestState, statistic: str) -> None:
         self.metrics.stage_seconds.labels(model=self.name, stage=stage).observe(seconds)
-        with self.stats.lock:
-            getattr(self.stats, statistic).add(seconds)
+        request.add_stage(statistic, seconds)
 
     def _record_batch(self, record: BatchRecord) -> None:
         labels = {"model": self.name}
@@ -337,8 +340,6 @@ class ServedModel(Counted):
             self.metrics.stage_seconds.labels(model=self.name, stage="queue").observe(waited)
         with self.stats.lock:
             self.stats.execution_count += 1
-            self.stats.compute_infer.add(record.infer_seconds)
-            self.stats.queue.add(sum(record.queue_seconds), len(record.queue_seconds))
             self.stats.batches.setdefault(record.size, Duration()).add(record.infer_seconds)
 
     def stop(self) -> None:

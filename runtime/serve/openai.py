@@ -20,7 +20,7 @@ from aiohttp import web
 from kiln.runtime.errors import KilnError
 from kiln.runtime.serve import openai_codec as codec
 from kiln.runtime.serve.aio import all_or_none
-from kiln.runtime.serve.bodies import json_body
+from kiln.runtime.serve.bodies import counted_route, json_body
 from kiln.runtime.serve.dataplane import Answered, Call, DataPlane
 from kiln.runtime.serve.generative import Chunk, GenerativeModel
 from kiln.runtime.serve.status import http_status_of
@@ -35,30 +35,31 @@ class OpenAiApi:
         """The sub-application the HTTP port mounts at /v1 (its auth, body timeout and error mapping apply)."""
         app = web.Application()
         app.router.add_get("/models", self.models)
-        app.router.add_post("/completions", self.completions)
-        app.router.add_post("/chat/completions", self.chat_completions)
-        app.router.add_post("/embeddings", self.embeddings)
+        app.router.add_post("/completions", counted_route(self.plane, "openai-completions", self.completions))
+        app.router.add_post("/chat/completions", counted_route(self.plane, "openai-chat", self.chat_completions))
+        app.router.add_post("/embeddings", counted_route(self.plane, "openai", self.embeddings))
         return app
 
     async def models(self, request: web.Request) -> web.Response:
         models = self.plane.repository.models.values()
         return web.json_response({"object": "list", "data": [codec.model_card(m) for m in models]})
 
-    async def completions(self, request: web.Request) -> web.StreamResponse:
+    async def completions(self, request: web.Request, call: Call) -> web.StreamResponse:
         body = await json_body(request)
-        model = self._generator(body)
+        model = self._generator(body, call)
         asked = codec.read_completion(body, model)
-        return await self._generate(request, model, asked)
+        return await self._generate(request, model, asked, call)
 
-    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+    async def chat_completions(self, request: web.Request, call: Call) -> web.StreamResponse:
         body = await json_body(request)
-        model = self._generator(body)
+        model = self._generator(body, call)
         asked = codec.read_chat(body, model)
-        return await self._generate(request, model, asked)
+        return await self._generate(request, model, asked, call)
 
-    async def embeddings(self, request: web.Request) -> web.Response:
+    async def embeddings(self, request: web.Request, call: Call) -> web.Response:
         body = await json_body(request)
         name, texts, encoding, dimensions = codec.read_embeddings(body)
+        call.model = name
         model = self.plane.model(name)
         if model.manifest.task != "feature-extraction":
             raise codec.OpenAiInvalid(
@@ -68,15 +69,16 @@ class OpenAiApi:
             raise codec.OpenAiInvalid(
                 f"'dimensions' must be this model's width, {model.sizes['hidden']}, or left out", "dimensions"
             )
-        answered = await self.plane.answer(name, "", {"text": texts}, {}, Call("openai"))
+        answered = await self.plane.answer(name, "", {"text": texts}, {}, call)
         return web.json_response(codec.embeddings_body(name, answered.answers, answered.tokens, encoding))
 
     # ---- generation ----------------------------------------------------------------------------
 
-    def _generator(self, body: dict[str, Any]) -> GenerativeModel:
+    def _generator(self, body: dict[str, Any], call: Call) -> GenerativeModel:
         name = body.get("model")
         if not isinstance(name, str) or not name:
             raise codec.OpenAiInvalid("'model' must name a served model", "model")
+        call.model = name
         model = self.plane.model(name)
         if not isinstance(model, GenerativeModel):
             raise codec.OpenAiInvalid(
@@ -84,22 +86,26 @@ class OpenAiApi:
             )
         return model
 
-    async def _generate(self, request: web.Request, model: GenerativeModel, asked: codec.Asked) -> web.StreamResponse:
+    async def _generate(
+        self, request: web.Request, model: GenerativeModel, asked: codec.Asked, call: Call
+    ) -> web.StreamResponse:
         if asked.stream:
-            return await self._stream(request, model, asked)
+            return await self._stream(request, model, asked, call)
         copies = codec.copies(asked)
-        answered = await all_or_none(*(self._run(model, asked, copy) for copy in copies))
+        answered = await all_or_none(*(self._run(model, copy, call) for copy in copies))
         return web.json_response(codec.response_body(asked, model.name, copies, answered))
 
-    async def _run(self, model: GenerativeModel, asked: codec.Asked, copy: codec.Copy) -> Answered:
-        return await self.plane.generate(model.name, "", GenerateRequest(copy.prompts, copy.params), Call(asked.api))
+    async def _run(self, model: GenerativeModel, copy: codec.Copy, call: Call) -> Answered:
+        return await self.plane.generate(model.name, "", GenerateRequest(copy.prompts, copy.params), call)
 
-    async def _stream(self, request: web.Request, model: GenerativeModel, asked: codec.Asked) -> web.StreamResponse:
+    async def _stream(
+        self, request: web.Request, model: GenerativeModel, asked: codec.Asked, call: Call
+    ) -> web.StreamResponse:
         """Every choice's pieces as OpenAI chunks in one SSE response. Each choice is its own stream;
         the first piece of each is awaited before the response starts, so a bad request is an HTTP
         error, not an error event."""
         streams = [
-            aiter(self.plane.generate_stream(model.name, "", GenerateRequest([prompt], params), Call(asked.api)))
+            aiter(self.plane.generate_stream(model.name, "", GenerateRequest([prompt], params), call))
             for prompt, params in codec.stream_choices(asked)
         ]
         try:
@@ -114,6 +120,7 @@ class OpenAiApi:
                     for event in writer.chunk(index, chunk):
                         await response.write(event)
             except KilnError as exc:  # after the first piece: an error event ends the stream
+                call.code = exc.grpc_status
                 status, message = http_status_of(exc)
                 await response.write(codec.event(codec.error_body(status, message, exc)))
             for event in writer.closing():

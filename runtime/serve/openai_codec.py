@@ -62,7 +62,6 @@ class OpenAiInvalid(InvalidInput):
 class Asked:
     """A completion or chat request read off its body: prompts as text, kiln's parameters."""
 
-    api: str  # the metric label: openai-completions | openai-chat
     chat: bool
     prompts: list[str]
     params: dict[str, Any]
@@ -101,9 +100,7 @@ def read_completion(body: dict[str, Any], model: Any) -> Asked:
     if body.get("logprobs") not in (None, 0):
         raise OpenAiInvalid("'logprobs' is not supported", "logprobs")
     max_tokens = _typed(body, "max_tokens", int)
-    asked = _common(
-        body, "openai-completions", False, prompts, COMPLETIONS_MAX_TOKENS if max_tokens is None else max_tokens
-    )
+    asked = _common(body, False, prompts, COMPLETIONS_MAX_TOKENS if max_tokens is None else max_tokens)
     return _checked(replace(asked, echo=echo), model)
 
 
@@ -135,7 +132,7 @@ def read_chat(body: dict[str, Any], model: Any) -> Asked:
         prompt = template.render(messages)
     except InvalidInput as exc:
         raise OpenAiInvalid(str(exc), "messages") from exc
-    asked = _common(body, "openai-chat", True, [prompt], max_completion or max_tokens)
+    asked = _common(body, True, [prompt], max_completion or max_tokens)
     asked.params["add_special_tokens"] = False  # the template wrote them, as apply_chat_template(tokenize=True)
     return _checked(asked, model)
 
@@ -155,7 +152,7 @@ def read_embeddings(body: dict[str, Any]) -> tuple[str, list[str], str, int | No
     return name, texts, encoding, body.get("dimensions")
 
 
-def _common(body: dict[str, Any], api: str, chat: bool, prompts: list[str], max_tokens: int | None) -> Asked:
+def _common(body: dict[str, Any], chat: bool, prompts: list[str], max_tokens: int | None) -> Asked:
     params: dict[str, Any] = {"return_full_text": False}  # the echo is the adapter's, not the pipeline's
     if max_tokens is not None:
         params["max_new_tokens"] = max_tokens
@@ -189,7 +186,7 @@ def _common(body: dict[str, Any], api: str, chat: bool, prompts: list[str], max_
     if options is not None and (not stream or not isinstance(options, dict) or set(options) - {"include_usage"}):
         raise OpenAiInvalid("'stream_options' takes {'include_usage': bool}, and only with stream", "stream_options")
     include_usage = bool((options or {}).get("include_usage", False))
-    return Asked(api, chat, prompts, params, n or 1, stream, include_usage)
+    return Asked(chat, prompts, params, n or 1, stream, include_usage)
 
 
 def _checked(asked: Asked, model: Any) -> Asked:

@@ -24,7 +24,7 @@ from kiln.proto import grpc_service_pb2, grpc_service_pb2_grpc, kiln_pb2, kiln_p
 from kiln.runtime.errors import ConfigError
 from kiln.runtime.manifest import read_manifest
 from kiln.runtime.serve.batcher import BatchOptions
-from kiln.runtime.serve.dataplane import DataPlane
+from kiln.runtime.serve.dataplane import Call, DataPlane
 from kiln.runtime.serve.generative import GenerativeModel
 from kiln.runtime.serve.http import HttpApi
 from kiln.runtime.serve.interceptors import BearerAuth, LenientDecoding
@@ -202,11 +202,17 @@ async def _sync_health(plane: DataPlane, servicer: health.aio.HealthServicer, st
             await asyncio.wait_for(stop.wait(), HEALTH_SYNC_SECONDS)
 
 
+def _api_of(method: str) -> str:
+    """The metric label of a gRPC method, as its servicer names its calls (ModelInfer: kserve)."""
+    rpc = method.rsplit("/", 1)[-1]
+    return "kserve" if rpc == "ModelInfer" else rpc
+
+
 async def _grpc_server(
     options: ServeOptions, plane: DataPlane
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
     interceptors = [BearerAuth(options.auth_token)] if options.auth_token else []
-    interceptors.append(LenientDecoding())
+    interceptors.append(LenientDecoding(lambda method: plane.count(Call(_api_of(method)), "INVALID_ARGUMENT")))
     server = grpc.aio.server(
         interceptors=interceptors,
         options=_channel_options(options),

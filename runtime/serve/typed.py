@@ -43,36 +43,36 @@ class KilnService(pb_grpc.KilnServicer):
             await context.abort(*status_of(exc))
 
     async def _task(self, spec: TaskSpec, request: Any, context: Any) -> Any:
+        call = Call(spec.rpc, context.time_remaining(), request.model)
         try:
-            call = Call(spec.rpc, context.time_remaining())
-            model = self.plane.admit(request.model, "", call)
-            if model.spec.rpc != spec.rpc:
-                raise InvalidInput(
-                    f"model {model.name!r} is a {model.manifest.task} model; {spec.rpc} needs a {spec.task} model"
-                )
-            texts, params = spec.from_typed(request)
-            answered = await self.plane.answer(
-                request.model, "", texts, params, Call(spec.rpc, context.time_remaining())
-            )
-            return spec.to_typed(answered.answers, answered.params)
+            async with self.plane.counted(call):
+                model = self.plane.admit(request.model, "", call)
+                if model.spec.rpc != spec.rpc:
+                    raise InvalidInput(
+                        f"model {model.name!r} is a {model.manifest.task} model; {spec.rpc} needs a {spec.task} model"
+                    )
+                texts, params = spec.from_typed(request)
+                answered = await self.plane.answer(request.model, "", texts, params, call)
+                return spec.to_typed(answered.answers, answered.params)
         except KilnError as exc:
             await context.abort(*status_of(exc))
 
     async def GenerateStream(self, request: pb.GenerateRequest, context: Any) -> AsyncIterator[pb.GenerateChunk]:
         """A message per piece of text; the last carries finish_reason and the token counts."""
+        call = Call("GenerateStream", context.time_remaining(), request.model)
         try:
-            texts, params = generation.from_typed(request)
-            generate = GenerateRequest(texts["text_input"], params)
-            call = Call("GenerateStream", context.time_remaining())
-            async for chunk in self.plane.generate_stream(request.model, "", generate, call):
-                yield pb.GenerateChunk(
-                    text=chunk.text,
-                    tokens=chunk.tokens,
-                    finish_reason=chunk.finish_reason or "",
-                    prompt_tokens=chunk.prompt_tokens,
-                    generated_tokens=chunk.generated_tokens,
-                    truncated=chunk.truncated,
-                )
+            async with self.plane.counted(call):
+                texts, params = generation.from_typed(request)
+                generate = GenerateRequest(texts["text_input"], params)
+                async for chunk in self.plane.generate_stream(request.model, "", generate, call):
+                    yield pb.GenerateChunk(
+                        text=chunk.text,
+                        tokens=chunk.tokens,
+                        finish_reason=chunk.finish_reason or "",
+                        prompt_tokens=chunk.prompt_tokens,
+                        generated_tokens=chunk.generated_tokens,
+                        truncated=chunk.truncated,
+                    )
         except KilnError as exc:
             await context.abort(*status_of(exc))
 
