@@ -34,6 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--url", help="serve: measure a running server at this gRPC HOST:PORT instead; generate: a kiln server too"
     )
     parser.add_argument("--http-url", help="serve --url: its HTTP base URL too (http://HOST:PORT), for KServe REST")
+    parser.add_argument(
+        "--perf-analyzer",
+        action="store_true",
+        help="serve --url: drive the server with Triton's perf_analyzer instead of kiln's Python clients",
+    )
     parser.add_argument("--model", help="serve --url: the model to measure; generate: a local Hugging Face model DIR")
     parser.add_argument("--rates", default="", help="serve --url: open-loop requests/s (default: 1/2 and 4/5 of peak)")
     parser.add_argument("--seconds", type=float, default=20.0, help="serve --url: seconds per open-loop rate")
@@ -165,9 +170,14 @@ def _run_remote(args: argparse.Namespace, texts: list[str]) -> int:
     levels, rates = _ints(args.concurrency), [float(r) for r in args.rates.split(",") if r]
     progress = Progress(remote_steps(levels, rates, bool(args.http_url)))
     results: dict[str, Any] = {"machine": report.machine(), "url": args.url, "corpus": str(args.corpus)}
-    results["serve"] = bench_remote(
-        args.url, args.http_url, args.model, texts, levels, args.requests, rates, args.seconds, progress
-    )
+    if args.perf_analyzer:
+        from kiln.bench.perf_analyzer import bench_with_perf_analyzer
+
+        results["serve"] = bench_with_perf_analyzer(args.url, args.http_url, args.model, texts, levels, progress)
+    else:
+        results["serve"] = bench_remote(
+            args.url, args.http_url, args.model, texts, levels, args.requests, rates, args.seconds, progress
+        )
     for path in report.write(results, args.out):
         print(f"wrote {path}", file=sys.stderr)
     print(report.markdown(results))

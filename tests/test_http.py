@@ -46,7 +46,13 @@ def test_health_metadata_and_config(server):
     status, model = http("GET", f"{server.http}/v2/models/cls/versions/1")
     assert status == 200 and model["outputs"][2] == {"name": "logits", "datatype": "FP32", "shape": [-1, 4]}
     status, model = http("GET", f"{server.http}/v2/models/emb")
-    assert [o["shape"] for o in model["outputs"]] == [[-1, 64], [-1, -1, 64]]  # embedding, last_hidden_state
+    assert [(o["name"], o["shape"]) for o in model["outputs"]] == [("embedding", [-1, 64])]
+    assert [(i["name"], i["shape"]) for i in model["inputs"]] == [("text", [-1, 1])]  # Triton's batch convention
+    # the token-id path's graph tensors are named in the config, not listed (perf_analyzer would ask for them)
+    status, config = http("GET", f"{server.http}/v2/models/emb/config")
+    assert config["max_batch_size"] > 0 and config["input"][0]["dims"] == [1]
+    assert config["parameters"]["token_outputs"]["string_value"] == "last_hidden_state"
+    assert "input_ids" in config["parameters"]["token_inputs"]["string_value"].split(",")
     assert http("GET", f"{server.http}/v2/models/cls/ready")[0] == 200
     status, config = http("GET", f"{server.http}/v2/models/cls/config")
     assert status == 200 and config["parameters"]["task"]["string_value"] == "text-classification"

@@ -198,3 +198,46 @@ def test_tritonclient_and_kiln_client_in_one_process(server):
     theirs = _kserve_grpc(server, "cls", {"text": TEXTS})
     assert ours["label"] == [x.decode() for x in theirs["label"]]
     assert tc.InferenceServerClient(server.address).is_model_ready("cls")
+
+
+def _typed(server, model: str, inputs: dict[str, list[str]], params: dict | None = None) -> dict:
+    with KilnClient(server.address) as client:
+        return {"answers": client.classify(model, inputs["text"], function_to_apply=(params or {}).get("fn", ""))}
+
+
+@pytest.mark.parametrize(
+    "protocol, refusal",
+    [
+        (_kserve_grpc, lambda send: send({"txt": TEXTS})),  # an input the task does not take
+        (_kserve_http, lambda send: send({"text": TEXTS}, {"function_to_apply": "cube"})),  # a bad parameter
+        (_kserve_json, lambda send: send({"text": []})),  # nothing to classify
+        (_typed, lambda send: send({"text": TEXTS}, {"fn": "cube"})),
+    ],
+)
+def test_a_refused_request_is_counted_once_in_metrics_and_triton_statistics(server, protocol, refusal):
+    """An error-rate alert sees refusals: one refused request is one INVALID_ARGUMENT in the metrics
+    and one failure in Triton's statistics, on every protocol."""
+    import tritonclient.grpc as tc
+
+    refused = lambda: metric(server.metrics_url, "kiln_requests_total", model="cls", code="INVALID_ARGUMENT")  # noqa: E731
+    stats = lambda: tc.InferenceServerClient(server.address).get_inference_statistics("cls").model_stats[0]  # noqa: E731
+    before, failed_before = refused(), stats().inference_stats.fail.count
+    with pytest.raises(Exception, match=r"(?i)input|parameter|function_to_apply|text|400"):
+        refusal(lambda inputs, params=None: protocol(server, "cls", inputs, params))
+    assert refused() - before == 1
+    assert stats().inference_stats.fail.count - failed_before == 1
+
+
+def test_triton_statistics_count_every_request_once_per_stage(server):
+    """As Triton counts them (perf_analyzer refuses statistics whose compute counts differ): a
+    request of several texts, batched with others or not, is one count in each stage."""
+    import tritonclient.grpc as tc
+
+    client = tc.InferenceServerClient(server.address)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda _: _kserve_grpc(server, "cls", {"text": TEXTS}), range(24)))
+    stats = client.get_inference_statistics("cls").model_stats[0].inference_stats
+    counts = {
+        stage: getattr(stats, stage).count for stage in ("queue", "compute_input", "compute_infer", "compute_output")
+    }
+    assert set(counts.values()) == {stats.success.count}, counts

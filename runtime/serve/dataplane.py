@@ -122,8 +122,6 @@ class DataPlane:
         sizes = model.sizes
         inputs = [_tensor(t.name, t.datatype, _wire_shape(t, model)) for t in model.spec.inputs]
         outputs = [_tensor(t.name, t.datatype, t.resolved_shape(sizes)) for t in model.spec.outputs]
-        taken = {t["name"] for t in outputs}
-        outputs += [_tensor(n, "FP32", shape) for n, shape in model.raw_outputs() if n not in taken]
         return {
             "name": model.name,
             "versions": [model.version],
@@ -156,8 +154,11 @@ class DataPlane:
             "max_sequence_length": str(manifest.max_sequence_length),
             "request_parameters": ",".join(p.name for p in spec.parameters),
         }
-        if not spec.generative:  # accepted, not listed as inputs: see _triton_batched
+        if not spec.generative:  # the token-id path's tensors, not listed as inputs and outputs: see _triton_batched
             strings["token_inputs"] = ",".join(manifest.inputs)
+            strings["token_outputs"] = ",".join(manifest.outputs)
+        if manifest.mask_token:  # fill-mask: what a text must hold
+            strings["mask_token"] = manifest.mask_token
         return {
             "name": model.name,
             "platform": "onnxruntime_onnx",
@@ -356,8 +357,9 @@ def _triton_batched(model: Served) -> bool:
     [batch, 1]), which is what lets perf_analyzer drive it with no flags: it strips the batch
     dimension and needs what is left to be fixed. Holds for encoders whose inputs are all one value
     per row; zero-shot's label list and generators' control inputs are not, so those models keep
-    max_batch_size 0 and [-1] shapes. The pre-tokenized inputs are accepted but not listed (config
-    parameter `token_inputs` names them): listed, perf_analyzer would fill them with random ids."""
+    max_batch_size 0 and [-1] shapes. The token-id path's inputs and the graph outputs it answers
+    with are not listed (config parameters `token_inputs`, `token_outputs` name them): listed,
+    perf_analyzer would fill the inputs with random ids and ask text requests for the outputs."""
     return not model.spec.generative and all(t.per_row for t in model.spec.inputs)
 
 

@@ -110,9 +110,6 @@ class GenerativeModel(Counted):
     def sizes(self) -> dict[str, int]:
         return {}
 
-    def raw_outputs(self) -> list[tuple[str, list[int]]]:
-        return []
-
     def open(self, texts: list[str], params: dict[str, Any], state: RequestState) -> list[Stream]:
         """Tokenize and check every prompt, then admit them all at once: a request is taken whole or
         refused whole, so nothing of a refused request is left generating or holding the KV cache.

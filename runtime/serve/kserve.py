@@ -160,7 +160,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         async for chunk in self.plane.generate_stream(request.model_name, request.model_version, generate, call):
             response = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
             encode_outputs(response, {"text_output": bytes_tensor([chunk.text])})
-            if chunk.finish_reason is not None:
+            if chunk.finish_reason is None:  # said outright: Triton's clients take a response without it as final
+                response.parameters["triton_final_response"].bool_param = False
+            else:
                 _final(response, chunk.finish_reason)
                 response.parameters["prompt_tokens"].int64_param = chunk.prompt_tokens
                 response.parameters["generated_tokens"].int64_param = chunk.generated_tokens

@@ -216,15 +216,6 @@ class ServedModel(Counted):
         last = self.package.session.get_outputs()[0].shape[-1]
         return {"labels": len(self.manifest.labels), "hidden": last if isinstance(last, int) else -1}
 
-    def raw_outputs(self) -> list[tuple[str, list[int]]]:
-        """The graph's own outputs and their shapes (-1 where a dimension varies), for clients that
-        send token ids."""
-        return [
-            (o.name, [d if isinstance(d, int) else -1 for d in o.shape])
-            for o in self.package.session.get_outputs()
-            if o.name in self.manifest.outputs
-        ]
-
     def prepare_or_run(self, prepare: Any, request: RequestState) -> tuple[Prepared, Any, list[Future] | None]:
         """On a worker thread: prepare the request, then run it at once if the model is idle and it
         cannot gain from waiting (answers returned), else queue it (futures returned). A worker never
