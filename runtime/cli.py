@@ -45,9 +45,10 @@ def _serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from kiln.runtime.serve.arguments import serve_options
-    from kiln.runtime.serve.server import configure_logging, serve
+    from kiln.runtime.serve.logs import configure_logging
+    from kiln.runtime.serve.server import serve
 
-    configure_logging(args.log_format == "json")
+    configure_logging(args.log_format == "json", args.log_verbose)
     return asyncio.run(serve(serve_options(args)))
 
 

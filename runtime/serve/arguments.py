@@ -85,6 +85,17 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
         help="after SIGTERM: seconds the server keeps serving while reporting NOT_SERVING, before refusing calls",
     )
     serve.add_argument("--log-format", choices=["text", "json"], default="text")
+    serve.add_argument("--log-verbose", type=int, default=0, help="as Triton's: 0 INFO, 1 or more DEBUG")
+    serve.add_argument(
+        "--access-log",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="a log line per inference request: model, api, code, ms, request id",
+    )
+    serve.add_argument(
+        "--trace-endpoint",
+        help="OpenTelemetry: send spans to this OTLP/HTTP collector (http://HOST:4318); needs kiln-serve[tracing]",
+    )
     serve.add_argument(
         "--grpc-max-connection-age",
         type=float,
@@ -137,4 +148,6 @@ def serve_options(args: argparse.Namespace) -> Any:
         http_header_timeout=args.http_header_timeout,
         http_body_timeout=args.http_body_timeout,
         chat_template=args.chat_template,
+        access_log=args.access_log,
+        trace_endpoint=args.trace_endpoint,
     )

@@ -60,11 +60,15 @@ class RequestState:
     # seconds spent per stage (compute_input, queue, compute_infer, compute_output): Triton's
     # statistics count each request once per stage, whatever number of batches its rows ran in
     stages: dict[str, float] = field(default_factory=dict)
+    spans: list[tuple[str, float, float]] | None = None  # (stage, start, end), kept only when traced
     lock: threading.Lock = field(default_factory=threading.Lock)  # rows may run on several instances
 
-    def add_stage(self, stage: str, seconds: float) -> None:
+    def add_stage(self, stage: str, start: float, end: float) -> None:
+        """A stage this request went through, from start to end (time.monotonic() seconds)."""
         with self.lock:
-            self.stages[stage] = self.stages.get(stage, 0.0) + seconds
+            self.stages[stage] = self.stages.get(stage, 0.0) + end - start
+            if self.spans is not None:
+                self.spans.append((stage, start, end))
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
@@ -284,15 +288,25 @@ class Batcher:
             self._on_batch(record)
         except Exception:  # metrics must never stop a batcher thread
             log.exception("model %s: recording a batch failed", self.name)
-        for request in {id(item.request): item.request for item in batch}.values():
-            request.add_stage("compute_infer", infer)
+        for request, enqueued in _first_enqueued(batch).values():  # a request's rows in one batch: once
+            request.add_stage("queue", enqueued, start)
+            request.add_stage("compute_infer", start, start + infer)
         for row, item in enumerate(batch):
-            item.request.add_stage("queue", start - item.enqueued)
             try:
                 _settle(item.future, result=self._split(outputs, row, item.length))
             except Exception as exc:  # one row's outputs that cannot be taken apart fail that row alone
                 log.exception("model %s: a request's outputs could not be split", self.name)
                 _settle(item.future, error=exc)
+
+
+def _first_enqueued(batch: list[_Item]) -> dict[int, tuple[RequestState, float]]:
+    """Each request with rows in the batch, and when its first of them was queued."""
+    first: dict[int, tuple[RequestState, float]] = {}
+    for item in batch:
+        known = first.get(id(item.request))
+        if known is None or item.enqueued < known[1]:
+            first[id(item.request)] = (item.request, item.enqueued)
+    return first
 
 
 def _settle(future: Future, result: Any = None, error: BaseException | None = None) -> None:

@@ -1,17 +1,14 @@
-"""What the KServe v2 and OpenAI HTTP routes share: bodies read within the server's body timeout
-(a client trickling its body gets 408) and parsed with kiln's JSON limits, and every inference
-request counted once with its outcome (`counted_route`)."""
+"""HTTP request bodies, shared by the KServe v2 and OpenAI routes: read within the server's body
+timeout (a client trickling its body gets 408) and parsed with kiln's JSON limits."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 from kiln.runtime.errors import InvalidInput, RequestTimeout
 from kiln.runtime.inputs import parse_json
-from kiln.runtime.serve.dataplane import Call, DataPlane
 
 BODY_TIMEOUT = web.AppKey("body_timeout", float)  # seconds a request body may take to arrive
 
@@ -37,19 +34,3 @@ async def json_body(request: web.Request) -> dict[str, Any]:
 def _timeout(request: web.Request) -> float:
     """The root application's setting (a sub-application, such as the OpenAI routes', has none)."""
     return request.config_dict[BODY_TIMEOUT]
-
-
-Handler = Callable[[web.Request, Call], Awaitable[web.StreamResponse]]
-
-
-def counted_route(plane: DataPlane, api: str, handler: Handler) -> Callable[[web.Request], Awaitable[Any]]:
-    """An inference route whose every request is counted once, refused ones included (a bad body,
-    an unknown model): the handler gets the request's Call and names the model in it as soon as
-    it knows it (the path, or an OpenAI body's `model`)."""
-
-    async def route(request: web.Request) -> web.StreamResponse:
-        call = Call(api, model=request.match_info.get("name", ""))
-        async with plane.counted(call):
-            return await handler(request, call)
-
-    return route

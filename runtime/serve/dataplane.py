@@ -27,6 +27,7 @@ from kiln.runtime.serve.metrics import Metrics
 from kiln.runtime.serve.models import ServedModel
 from kiln.runtime.serve.repository import Repository
 from kiln.runtime.serve.tokens import pad_outputs, read_token_rows
+from kiln.runtime.serve.tracing import Tracing
 from kiln.runtime.tasks import Texts
 from kiln.runtime.tasks.generation import GenerateRequest, read_request
 from kiln.runtime.tasks.spec import Tensor
@@ -76,6 +77,7 @@ class Call:
     api: str  # kserve | kserve-http | Classify | ... | openai (a metric label)
     timeout: float | None = None  # seconds the caller allows, None: the server's default
     model: str = ""  # the model asked for, once the protocol has read it (a metric label)
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # the caller's X-Request-ID, else ours
     recorded: bool = False  # the model's Triton statistics have this request (it was admitted)
     code: str | None = None  # an error answered inside a response already started (an SSE error event)
 
@@ -91,11 +93,21 @@ class Answered:
 
 
 class DataPlane:
-    def __init__(self, repository: Repository, executor: Executor, metrics: Metrics, default_deadline: float | None):
+    def __init__(
+        self,
+        repository: Repository,
+        executor: Executor,
+        metrics: Metrics,
+        default_deadline: float | None,
+        access_log: bool = False,
+        tracing: Tracing | None = None,
+    ):
         self.repository = repository
         self.executor = executor
         self.metrics = metrics
         self.default_deadline = default_deadline
+        self.access_log = access_log  # a log line per request (`kiln serve --access-log`)
+        self.tracing = tracing  # None unless `--trace-endpoint`
         self.draining = False
         self.answered = 0  # requests answered successfully, over the server's life (logged at stop)
 
@@ -239,6 +251,10 @@ class DataPlane:
             if code != "OK" and not call.recorded and self.repository.knows(call.model):
                 with contextlib.suppress(KilnError):
                     self.repository.get(call.model).record_result(False, time.monotonic() - started, 0, {})
+            if self.access_log:
+                fields = {"model": call.model, "api": call.api, "code": code, "request_id": call.request_id}
+                fields["ms"] = round((time.monotonic() - started) * 1000, 2)
+                log.info("request", extra={"fields": fields})
 
     async def _answer(self, model: ServedModel, texts: Texts, params: dict[str, Any], call: Call) -> Answered:
         rows = len(texts.get(model.spec.rows_input, ()))
@@ -266,7 +282,7 @@ class DataPlane:
         caller also gets."""
         started = time.monotonic()
         timeout = call.timeout if call.timeout is not None else self.default_deadline
-        state = RequestState(deadline=started + timeout if timeout else None)
+        state = RequestState(deadline=started + timeout if timeout else None, spans=[] if self.tracing else None)
         model.admit(rows)
         call.recorded = True
         model.in_flight += 1
@@ -280,13 +296,15 @@ class DataPlane:
             model.record_result(False, time.monotonic() - started, rows, state.stages)
             raise
         except Exception as exc:
-            request_id = uuid.uuid4().hex[:12]
-            log.exception("model %s: %s request %s failed", model.name, call.api, request_id)
+            log.exception("model %s: %s request %s failed", model.name, call.api, call.request_id)
             model.record_result(False, time.monotonic() - started, rows, state.stages)
-            raise InternalError(f"internal error (request {request_id}): {type(exc).__name__}: {exc}") from exc
+            raise InternalError(f"internal error (request {call.request_id}): {type(exc).__name__}: {exc}") from exc
         finally:
             model.in_flight -= 1
             model.release(rows)
+            if self.tracing is not None and state.spans:
+                attributes = {"kiln.model": model.name, "kiln.rows": rows, "kiln.request_id": call.request_id}
+                self.tracing.record(state.spans, attributes)
         elapsed = time.monotonic() - started
         self.answered += 1
         model.record_result(True, elapsed, rows, state.stages)

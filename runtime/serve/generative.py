@@ -127,7 +127,7 @@ class GenerativeModel(Counted):
             sequence.request_id = uuid.uuid4().hex[:12]
             prefix = text if self.generator.decoder_only and (full is None or full) else ""
             streams.append(Stream(sequence, queue, truncated, prefix))
-        state.add_stage("compute_input", time.monotonic() - started)
+        state.add_stage("compute_input", started, time.monotonic())
         if settings.num_beams == 1:
             self.scheduler.submit([stream.sequence for stream in streams])
             return streams
@@ -160,7 +160,7 @@ class GenerativeModel(Counted):
             raise DeadlineExceeded("deadline passed while generating; the sequence was stopped") from exc
         finally:
             stream.cancel()  # a caller that went away frees its row (or stops its beam search) at the next step
-            state.add_stage("compute_infer", time.monotonic() - stream.opened)
+            state.add_stage("compute_infer", stream.opened, time.monotonic())
 
     async def answer(self, texts: list[str], params: dict[str, Any], state: RequestState) -> list[Generated]:
         """Whole answers for several prompts, generated side by side; whatever the request opened

@@ -22,7 +22,8 @@ from aiohttp import web
 from kiln.runtime.errors import InvalidInput, KilnError, Unauthenticated
 from kiln.runtime.inputs import parse_json
 from kiln.runtime.serve import openai_codec
-from kiln.runtime.serve.bodies import BODY_TIMEOUT, counted_route, json_body, read_body
+from kiln.runtime.serve.bodies import BODY_TIMEOUT, json_body, read_body
+from kiln.runtime.serve.calls import CALL, REQUEST_ID, counted_route
 from kiln.runtime.serve.dataplane import Call, DataPlane, InferRequest
 from kiln.runtime.serve.generative import Chunk
 from kiln.runtime.serve.openai import OpenAiApi
@@ -77,17 +78,22 @@ class HttpApi:
         app.router.add_post("/v2/repository/index", self.repository_index)
         app.router.add_post("/v2/repository/models/{name}/load", self.load)
         app.router.add_post("/v2/repository/models/{name}/unload", self.unload)
-        app.add_subapp(OPENAI_PREFIX, OpenAiApi(self.plane).app())
+        OpenAiApi(self.plane).add_routes(app.router, OPENAI_PREFIX)
         return app
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Errors in the shape of the route's API; an inference request's id echoed (X-Request-ID)."""
         try:
-            return await handler(request)
+            response = await handler(request)
         except KilnError as exc:
-            return json_error(request, *http_status_of(exc), exc)
+            response = json_error(request, *http_status_of(exc), exc)
         except web.HTTPException as exc:  # aiohttp's own: unknown path (404), wrong method (405), too large (413)
-            return json_error(request, exc.status, exc.reason, None)
+            response = json_error(request, exc.status, exc.reason, None)
+        call = request.get(CALL)
+        if call is not None and not response.prepared:  # a stream has sent its head already
+            response.headers[REQUEST_ID] = call.request_id
+        return response
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -191,7 +197,8 @@ class HttpApi:
         generate = generate_request(await json_body(request))
         chunks = aiter(self.plane.generate_stream(name, version, generate, call))
         first = await anext(chunks)  # errors here become the HTTP status, as for any request
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", REQUEST_ID: call.request_id}
+        response = web.StreamResponse(headers=headers)
         await response.prepare(request)
         model = {"model_name": name, "model_version": version or "1"}
         try:

@@ -15,6 +15,7 @@ from google.protobuf.json_format import ParseDict
 from kiln.proto import grpc_service_pb2 as pb
 from kiln.proto import grpc_service_pb2_grpc as pb_grpc
 from kiln.runtime.errors import KilnError
+from kiln.runtime.serve.calls import grpc_call
 from kiln.runtime.serve.dataplane import Call, DataPlane, InferRequest
 from kiln.runtime.serve.interceptors import Undecodable
 from kiln.runtime.serve.status import status_of
@@ -52,7 +53,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return ParseDict(stats, pb.ModelStatisticsResponse())
 
     async def ModelInfer(self, request, context):
-        call = Call("kserve", context.time_remaining(), request.model_name)
+        call = grpc_call(context, "kserve", request.model_name)
         try:
             async with self.plane.counted(call):
                 return await self._infer(request, call)
@@ -130,6 +131,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 send(pb.ModelStreamInferResponse(error_message=request.reason))
                 return
             call = Call("kserve-stream", context.time_remaining(), request.model_name)
+            call.request_id = request.id or call.request_id  # a stream's requests: told apart by KServe's id
             try:
                 async with self.plane.counted(call):
                     async for response in self._stream_responses(request, call):

@@ -230,13 +230,13 @@ class ServedModel(Counted):
         """Validate and tokenize, timed as Triton's compute_input."""
         start = time.monotonic()
         prepared = prepare()
-        self._observe("tokenize", time.monotonic() - start, request, "compute_input")
+        self._observe("tokenize", start, request, "compute_input")
         return prepared
 
     def finish(self, prepared: Prepared, outputs: Outputs, request: RequestState) -> Any:
         start = time.monotonic()
         answers = prepared.finish(outputs)
-        self._observe("postprocess", time.monotonic() - start, request, "compute_output")
+        self._observe("postprocess", start, request, "compute_output")
         return answers
 
     async def run(self, prepare: Any, request: RequestState, executor: Any, short: bool = False) -> Any:
@@ -314,9 +314,11 @@ class ServedModel(Counted):
         if self.narrow is not None:
             self._run_batch([sequence], alone=False)
 
-    def _observe(self, stage: str, seconds: float, request: RequestState, statistic: str) -> None:
-        self.metrics.stage_seconds.labels(model=self.name, stage=stage).observe(seconds)
-        request.add_stage(statistic, seconds)
+    def _observe(self, stage: str, start: float, request: RequestState, statistic: str) -> None:
+        """A stage that began at `start` and ends now: in the metrics and in the request's stages."""
+        end = time.monotonic()
+        self.metrics.stage_seconds.labels(model=self.name, stage=stage).observe(end - start)
+        request.add_stage(statistic, start, end)
 
     def _record_batch(self, record: BatchRecord) -> None:
         labels = {"model": self.name}

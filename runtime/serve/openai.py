@@ -20,7 +20,8 @@ from aiohttp import web
 from kiln.runtime.errors import KilnError
 from kiln.runtime.serve import openai_codec as codec
 from kiln.runtime.serve.aio import all_or_none
-from kiln.runtime.serve.bodies import counted_route, json_body
+from kiln.runtime.serve.bodies import json_body
+from kiln.runtime.serve.calls import REQUEST_ID, counted_route
 from kiln.runtime.serve.dataplane import Answered, Call, DataPlane
 from kiln.runtime.serve.generative import Chunk, GenerativeModel
 from kiln.runtime.serve.status import http_status_of
@@ -31,14 +32,13 @@ class OpenAiApi:
     def __init__(self, plane: DataPlane):
         self.plane = plane
 
-    def app(self) -> web.Application:
-        """The sub-application the HTTP port mounts at /v1 (its auth, body timeout and error mapping apply)."""
-        app = web.Application()
-        app.router.add_get("/models", self.models)
-        app.router.add_post("/completions", counted_route(self.plane, "openai-completions", self.completions))
-        app.router.add_post("/chat/completions", counted_route(self.plane, "openai-chat", self.chat_completions))
-        app.router.add_post("/embeddings", counted_route(self.plane, "openai", self.embeddings))
-        return app
+    def add_routes(self, router: web.UrlDispatcher, prefix: str) -> None:
+        """OpenAI's routes under `prefix` on the HTTP port's own application (its auth, body timeout,
+        error mapping and tracing apply)."""
+        router.add_get(prefix + "/models", self.models)
+        router.add_post(prefix + "/completions", counted_route(self.plane, "openai-completions", self.completions))
+        router.add_post(prefix + "/chat/completions", counted_route(self.plane, "openai-chat", self.chat_completions))
+        router.add_post(prefix + "/embeddings", counted_route(self.plane, "openai", self.embeddings))
 
     async def models(self, request: web.Request) -> web.Response:
         models = self.plane.repository.models.values()
@@ -110,7 +110,8 @@ class OpenAiApi:
         ]
         try:
             firsts = await all_or_none(*(anext(stream) for stream in streams))  # every choice admitted together
-            response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", REQUEST_ID: call.request_id}
+            response = web.StreamResponse(headers=headers)
             await response.prepare(request)
             writer = codec.StreamWriter(asked, model.name, codec.response_id(asked.chat), int(time.time()))
             for event in writer.opening():

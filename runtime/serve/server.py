@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import signal
 import ssl
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -32,6 +30,7 @@ from kiln.runtime.serve.kserve import InferenceService
 from kiln.runtime.serve.metrics import Metrics
 from kiln.runtime.serve.models import ServedModel
 from kiln.runtime.serve.repository import Repository, Source, scan
+from kiln.runtime.serve.tracing import start_tracing
 from kiln.runtime.serve.typed import KilnService
 from kiln.runtime.session import SessionOptions
 from kiln.runtime.tasks import spec_for
@@ -78,6 +77,8 @@ class ServeOptions:
     # last answer (idle keep-alive connections close then too), and each body within http_body_timeout
     http_header_timeout: float = 15.0
     http_body_timeout: float = 30.0
+    access_log: bool = False  # a log line per inference request
+    trace_endpoint: str | None = None  # OTLP/HTTP collector for OpenTelemetry spans (None: tracing off)
     chat_template: Path | None = None  # generators: the chat template of packages that carry none
 
 
@@ -121,14 +122,13 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> in
         await models.load_all(None if "*" in options.load_models else options.load_models)
     else:
         await models.load_all()
-    plane = DataPlane(models, ThreadPoolExecutor(options.workers, "kiln-worker"), metrics, options.default_deadline)
+    tracing = start_tracing(options.trace_endpoint) if options.trace_endpoint else None
+    executor = ThreadPoolExecutor(options.workers, "kiln-worker")
+    plane = DataPlane(models, executor, metrics, options.default_deadline, options.access_log, tracing)
     server, health_servicer, grpc_port = await _grpc_server(options, plane)
+    http = HttpApi(plane, options.auth_token, options.max_message_bytes, options.http_body_timeout)
     runners = [
-        await _http_site(
-            HttpApi(plane, options.auth_token, options.max_message_bytes, options.http_body_timeout).app(),
-            options,
-            options.http_port,
-        ),
+        await _http_site(http.app(), options, options.http_port),
         await _http_site(metrics.app(), options, options.metrics_port),
     ]
     await server.start()
@@ -179,6 +179,8 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> in
             await runner.cleanup()
     await models.stop()
     plane.executor.shutdown(wait=True)
+    if tracing is not None:
+        await asyncio.to_thread(tracing.shutdown)  # the last spans, sent
     log.info("stopped", extra={"fields": {"drain_s": round(time.monotonic() - started, 2), "answered": plane.answered}})
     return 0
 
@@ -211,7 +213,8 @@ def _api_of(method: str) -> str:
 async def _grpc_server(
     options: ServeOptions, plane: DataPlane
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
-    interceptors = [BearerAuth(options.auth_token)] if options.auth_token else []
+    interceptors = [plane.tracing.grpc_interceptor()] if plane.tracing else []
+    interceptors += [BearerAuth(options.auth_token)] if options.auth_token else []
     interceptors.append(LenientDecoding(lambda method: plane.count(Call(_api_of(method)), "INVALID_ARGUMENT")))
     server = grpc.aio.server(
         interceptors=interceptors,
@@ -309,33 +312,3 @@ def _tls(options: ServeOptions) -> grpc.ServerCredentials:
         return grpc.ssl_server_credentials([(options.tls_key.read_bytes(), options.tls_cert.read_bytes())])
     except OSError as exc:
         raise ConfigError(f"cannot read TLS files: {exc}") from exc
-
-
-class _Formatter(logging.Formatter):
-    def __init__(self, structured: bool):
-        super().__init__()
-        self.structured = structured
-
-    def format(self, record: logging.LogRecord) -> str:
-        fields = getattr(record, "fields", {})
-        if self.structured:
-            return json.dumps(
-                {
-                    "ts": round(record.created, 3),
-                    "level": record.levelname.lower(),
-                    "msg": record.getMessage(),
-                    **fields,
-                },
-                ensure_ascii=False,
-            )
-        extra = " ".join(f"{k}={v}" for k, v in fields.items())
-        return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(record.created))} kiln {record.getMessage()} {extra}"
-
-
-def configure_logging(structured: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Formatter(structured))
-    logger = logging.getLogger("kiln")
-    logger.handlers[:] = [handler]
-    logger.setLevel(logging.INFO)
-    logger.propagate = False

@@ -8,7 +8,8 @@ from typing import Any
 from kiln.proto import kiln_pb2 as pb
 from kiln.proto import kiln_pb2_grpc as pb_grpc
 from kiln.runtime.errors import InvalidInput, KilnError
-from kiln.runtime.serve.dataplane import Call, DataPlane
+from kiln.runtime.serve.calls import grpc_call
+from kiln.runtime.serve.dataplane import DataPlane
 from kiln.runtime.serve.models import ServedModel
 from kiln.runtime.serve.status import status_of
 from kiln.runtime.tasks import SPECS, TaskSpec, generation
@@ -43,7 +44,7 @@ class KilnService(pb_grpc.KilnServicer):
             await context.abort(*status_of(exc))
 
     async def _task(self, spec: TaskSpec, request: Any, context: Any) -> Any:
-        call = Call(spec.rpc, context.time_remaining(), request.model)
+        call = grpc_call(context, spec.rpc, request.model)
         try:
             async with self.plane.counted(call):
                 model = self.plane.admit(request.model, "", call)
@@ -59,7 +60,7 @@ class KilnService(pb_grpc.KilnServicer):
 
     async def GenerateStream(self, request: pb.GenerateRequest, context: Any) -> AsyncIterator[pb.GenerateChunk]:
         """A message per piece of text; the last carries finish_reason and the token counts."""
-        call = Call("GenerateStream", context.time_remaining(), request.model)
+        call = grpc_call(context, "GenerateStream", request.model)
         try:
             async with self.plane.counted(call):
                 texts, params = generation.from_typed(request)
