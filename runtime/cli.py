@@ -11,7 +11,7 @@ from typing import Any
 
 from kiln.export.arguments import add_export_arguments
 from kiln.runtime.errors import InvalidInput, KilnError, MissingDependency
-from kiln.runtime.serve.arguments import add_serve_arguments
+from kiln.runtime.serve.arguments import ENVIRONMENT_HELP, add_serve_arguments, take_environment
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -139,8 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--compact", action="store_true", help="one line of JSON")
     predict.set_defaults(handler=_predict)
 
-    serve = commands.add_parser("serve", help="serve packages over gRPC and HTTP (KServe v2 / Triton, kiln.v1, OpenAI)")
+    serve = commands.add_parser(
+        "serve",
+        help="serve packages over gRPC and HTTP (KServe v2 / Triton, kiln.v1, OpenAI)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=ENVIRONMENT_HELP,
+    )
     add_serve_arguments(serve)
+    take_environment(serve, os.environ)
     serve.set_defaults(handler=_serve)
 
     query = commands.add_parser("query", help="ask a running server over KServe v2 gRPC")

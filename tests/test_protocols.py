@@ -241,3 +241,26 @@ def test_triton_statistics_count_every_request_once_per_stage(server):
         stage: getattr(stats, stage).count for stage in ("queue", "compute_input", "compute_infer", "compute_output")
     }
     assert set(counts.values()) == {stats.success.count}, counts
+
+
+@pytest.mark.parametrize("client", ["grpc", "http"])
+def test_class_count_is_tritons_classification_extension(server, local, client):
+    """tritonclient's `class_count` on an output: the top classes as "value:index:label", best first."""
+    import tritonclient.grpc as tc
+    import tritonclient.http as th
+
+    triton = tc if client == "grpc" else th
+    address = server.address if client == "grpc" else server.http.removeprefix("http://")
+    tensor = triton.InferInput("text", [len(TEXTS)], "BYTES")
+    tensor.set_data_from_numpy(np.array([t.encode() for t in TEXTS], dtype=object))
+    asked = [triton.InferRequestedOutput("logits", class_count=2), triton.InferRequestedOutput("label")]
+    result = triton.InferenceServerClient(address).infer("cls", [tensor], outputs=asked)
+    top = result.as_numpy("logits")
+    assert top.shape == (len(TEXTS), 2)
+    expected = local["cls"](TEXTS)
+    for row, answer in zip(top, expected, strict=True):
+        value, index, label = row[0].decode().split(":", 2)
+        assert label == answer["label"] and int(index) >= 0 and float(value) >= float(row[1].decode().split(":")[0])
+    with pytest.raises(Exception, match="classification"):
+        asked = [triton.InferRequestedOutput("label", class_count=2)]  # a BYTES output has no classes to rank
+        triton.InferenceServerClient(address).infer("cls", [tensor], outputs=asked)

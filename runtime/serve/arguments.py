@@ -4,11 +4,17 @@ metrics 8002)."""
 from __future__ import annotations
 
 import argparse
-import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 CONTROL_MODES = ("none", "explicit", "poll")  # Triton's model control modes
+ENV_PREFIX = "KILN_"
+BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+ENVIRONMENT_HELP = (
+    "Every flag can also come from the environment as KILN_<FLAG> (KILN_GRPC_PORT=8001, "
+    "KILN_ACCESS_LOG=true, KILN_NAME=a,b for a repeated flag); a flag given here wins."
+)
 
 
 def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
@@ -20,11 +26,11 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
         "--load-model", action="append", default=[], help="explicit mode: a model to load at start ('*': all)"
     )
     serve.add_argument("--repository-poll-secs", type=float, default=15.0, help="poll mode: seconds between scans")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--grpc-port", "--port", dest="grpc_port", type=int, default=8001)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    serve.add_argument("--grpc-port", "--port", dest="grpc_port", type=int, default=8001, help="gRPC port")
     serve.add_argument("--http-port", type=int, default=8000, help="KServe v2 REST and OpenAI embeddings (0: off)")
     serve.add_argument("--metrics-port", type=int, default=8002, help="Prometheus /metrics (0: off)")
-    serve.add_argument("--max-message-mb", type=float, default=64)
+    serve.add_argument("--max-message-mb", type=float, default=64, help="largest request or response, MiB")
     serve.add_argument(
         "--http-header-timeout",
         type=float,
@@ -40,8 +46,10 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
         default=0,
         help="padded tokens per batch (0: 512 on CPU, where larger batches only add memory traffic; 8192 on a GPU)",
     )
-    serve.add_argument("--max-batch-size", type=int, default=64)
-    serve.add_argument("--max-queue-delay-ms", type=float, default=2.0)
+    serve.add_argument("--max-batch-size", type=int, default=64, help="rows per batch")
+    serve.add_argument(
+        "--max-queue-delay-ms", type=float, default=2.0, help="how long a row may wait for others to batch with"
+    )
     serve.add_argument("--max-queue", type=int, default=1024, help="waiting sequences before RESOURCE_EXHAUSTED")
     serve.add_argument(
         "--max-generating",
@@ -74,8 +82,8 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
         help="let onnxruntime's pool threads busy-wait between ops (lower latency, more CPU)",
     )
     serve.add_argument("--provider", default="cpu", help="cpu | cuda | tensorrt | auto")
-    serve.add_argument("--auth-token", help="require 'authorization: Bearer TOKEN' (or set KILN_AUTH_TOKEN)")
-    serve.add_argument("--tls-cert", help="PEM certificate chain")
+    serve.add_argument("--auth-token", help="require 'authorization: Bearer TOKEN'")
+    serve.add_argument("--tls-cert", help="PEM certificate chain (TLS on gRPC and HTTP)")
     serve.add_argument("--tls-key", help="PEM private key")
     serve.add_argument("--grace", type=float, default=30.0, help="seconds accepted calls get to finish on SIGTERM")
     serve.add_argument(
@@ -84,7 +92,7 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
         default=2.0,
         help="after SIGTERM: seconds the server keeps serving while reporting NOT_SERVING, before refusing calls",
     )
-    serve.add_argument("--log-format", choices=["text", "json"], default="text")
+    serve.add_argument("--log-format", choices=["text", "json"], default="text", help="log lines as text or JSON")
     serve.add_argument("--log-verbose", type=int, default=0, help="as Triton's: 0 INFO, 1 or more DEBUG")
     serve.add_argument(
         "--access-log",
@@ -102,8 +110,42 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
         help="seconds after which a gRPC connection is closed gracefully, so L4 balancers spread clients again",
     )
     serve.add_argument("--grpc-max-connection-age-grace", type=float, default=30.0, help="seconds to finish calls")
-    serve.add_argument("--grpc-keepalive-time", type=float, default=60.0, help="seconds between keepalive pings")
-    serve.add_argument("--grpc-keepalive-timeout", type=float, default=20.0, help="seconds to wait for a ping ack")
+    # Triton's names, in Triton's units (milliseconds)
+    serve.add_argument("--grpc-keepalive-time", type=int, default=60000, help="ms between keepalive pings, as Triton's")
+    serve.add_argument("--grpc-keepalive-timeout", type=int, default=20000, help="ms to wait for a ping's ack")
+
+
+def take_environment(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
+    """Every flag's default from KILN_<FLAG> where that is set (KILN_GRPC_PORT=8001,
+    KILN_ACCESS_LOG=true, KILN_NAME=a,b), as TEI and Infinity take theirs: how Kubernetes manifests
+    configure a server. A flag on the command line still wins; a value that does not parse is an
+    error that names the variable."""
+    for action in parser._actions:
+        if not action.dest or action.dest == "help":
+            continue
+        variable = ENV_PREFIX + action.dest.upper()
+        if variable in environ:
+            action.default = _from_environment(parser, action, variable, environ[variable])
+            action.required = False
+
+
+def _from_environment(parser: argparse.ArgumentParser, action: argparse.Action, variable: str, raw: str) -> Any:
+    if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):  # a switch
+        if raw.strip().lower() not in BOOLEANS:
+            parser.error(f"{variable}={raw!r}: expected one of {', '.join(sorted(BOOLEANS))}")
+        return BOOLEANS[raw.strip().lower()]
+    many = isinstance(action, argparse._AppendAction) or action.nargs in ("*", "+")
+    values = [v.strip() for v in raw.split(",") if v.strip()] if many else [raw]
+    converted = []
+    for value in values:
+        try:
+            value = action.type(value) if action.type else value
+        except (TypeError, ValueError):
+            parser.error(f"{variable}={raw!r}: not a valid {getattr(action.type, '__name__', 'value')}")
+        if action.choices is not None and value not in action.choices:
+            parser.error(f"{variable}={raw!r}: choose from {', '.join(map(str, action.choices))}")
+        converted.append(value)
+    return converted if many else converted[0]
 
 
 def serve_options(args: argparse.Namespace) -> Any:
@@ -136,15 +178,15 @@ def serve_options(args: argparse.Namespace) -> Any:
         default_deadline=args.default_deadline or None,
         workers=args.workers,
         session=SessionOptions(provider=args.provider, intra_op_threads=args.threads, spin=args.spin),
-        auth_token=args.auth_token or os.environ.get("KILN_AUTH_TOKEN"),
+        auth_token=args.auth_token,
         tls_cert=args.tls_cert and Path(args.tls_cert),
         tls_key=args.tls_key and Path(args.tls_key),
         grace=args.grace,
         drain_seconds=args.drain_seconds,
         max_connection_age=args.grpc_max_connection_age,
         max_connection_age_grace=args.grpc_max_connection_age_grace,
-        keepalive_time=args.grpc_keepalive_time,
-        keepalive_timeout=args.grpc_keepalive_timeout,
+        keepalive_time=args.grpc_keepalive_time / 1000,
+        keepalive_timeout=args.grpc_keepalive_timeout / 1000,
         http_header_timeout=args.http_header_timeout,
         http_body_timeout=args.http_body_timeout,
         chat_template=args.chat_template,

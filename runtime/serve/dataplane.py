@@ -26,6 +26,7 @@ from kiln.runtime.serve.generative import Chunk, GenerativeModel
 from kiln.runtime.serve.metrics import Metrics
 from kiln.runtime.serve.models import ServedModel
 from kiln.runtime.serve.repository import Repository
+from kiln.runtime.serve.tensors import classification
 from kiln.runtime.serve.tokens import pad_outputs, read_token_rows
 from kiln.runtime.serve.tracing import Tracing
 from kiln.runtime.tasks import Texts
@@ -44,7 +45,7 @@ CONFIG_TYPES = {
     "INT32": "TYPE_INT32",
     "BOOL": "TYPE_BOOL",
 }
-EXTENSIONS = ["model_configuration", "statistics", "model_repository", "binary_tensor_data"]
+EXTENSIONS = ["classification", "model_configuration", "statistics", "model_repository", "binary_tensor_data"]
 # a request whose texts add up to no more characters than this is tokenized on the event loop (tens
 # of microseconds), not handed to a worker thread (see ServedModel.run)
 SHORT_REQUEST_CHARS = 2048
@@ -60,6 +61,7 @@ class InferRequest:
     parameters: dict[str, Any] = field(default_factory=dict)
     outputs: list[str] = field(default_factory=list)  # requested; empty: all
     id: str = ""
+    classification: dict[str, Any] = field(default_factory=dict)  # output -> class count (Triton's extension)
 
 
 @dataclass
@@ -212,7 +214,10 @@ class DataPlane:
             params = spec.parse_params(request.parameters)
             answered = await self._answer(model, texts, params, call)
             outputs = spec.encode(answered.answers, params)
-        return InferResponse(model.name, model.version, request.id, _requested(outputs, request.outputs))
+        outputs = _requested(outputs, request.outputs)
+        for name, count in request.classification.items():
+            outputs[name] = classification(outputs[name], count, list(model.manifest.labels), name)
+        return InferResponse(model.name, model.version, request.id, outputs)
 
     async def answer(
         self, name: str, version: str, texts: Texts, raw_params: Mapping[str, Any], call: Call

@@ -295,17 +295,16 @@ def read_infer_request(name: str, version: str, body: dict[str, Any], binary: by
     if not named:
         raise InvalidInput("'outputs' must be a list of {\"name\": ...}")
     all_binary = bool(params.get("binary_data_output", False))
-    binary_named = {
-        o["name"]: bool(_object(o.get("parameters"), f"output {o['name']!r} parameters").get("binary_data", all_binary))
-        for o in outputs
-    }
+    asked = {o["name"]: _object(o.get("parameters"), f"output {o['name']!r} parameters") for o in outputs}
+    binary_named = {output: bool(p.get("binary_data", all_binary)) for output, p in asked.items()}
     request = InferRequest(
         model=name,
         version=version,
         inputs=tensors,
         parameters=params,
-        outputs=[o["name"] for o in outputs],
+        outputs=list(asked),
         id=str(body.get("id", "")),
+        classification={output: p["classification"] for output, p in asked.items() if "classification" in p},
     )
     return request, lambda output: binary_named.get(output, all_binary)
 

@@ -199,6 +199,11 @@ def _infer_request(request: pb.ModelInferRequest) -> InferRequest:
         parameters=parameters(request.parameters),
         outputs=[o.name for o in request.outputs],
         id=request.id,
+        classification={
+            o.name: parameters(o.parameters)["classification"]
+            for o in request.outputs
+            if "classification" in o.parameters
+        },
     )
 
 

@@ -133,3 +133,23 @@ def parameters(params: Any) -> dict[str, Any]:
         kind = value.WhichOneof("parameter_choice")
         out[name] = getattr(value, kind) if kind else None
     return out
+
+
+def classification(array: np.ndarray, count: Any, labels: list[str], name: str) -> np.ndarray:
+    """Triton's classification extension (an output's `classification` parameter, tritonclient's
+    `class_count`): the `count` highest values of each row of a [N, C] output as BYTES strings
+    "value:index:label" (the label where the model has one per column), best first."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise InvalidInput(f"output {name!r}: 'classification' must be a positive integer, got {count!r}")
+    if array.ndim != 2 or array.dtype.kind != "f":
+        raise InvalidInput(
+            f"output {name!r}: 'classification' needs a [N, classes] float output, this one is {array.dtype} "
+            f"{list(array.shape)}"
+        )
+    named = labels if len(labels) == array.shape[1] else None
+    order = np.argsort(-array, axis=1, kind="stable")[:, : min(count, array.shape[1])]
+    rows = [
+        [f"{row[i]:f}:{i}" + (f":{named[i]}" if named else "") for i in indices]
+        for row, indices in zip(array, order, strict=True)
+    ]
+    return np.array([[text.encode() for text in row] for row in rows], dtype=object)
