@@ -17,6 +17,7 @@ from kiln.runtime.providers import (
     ShapeProfile,
     bucketed,
     cache_key,
+    default_cache_dir,
     tensorrt_options,
 )
 from kiln.runtime.session import PROVIDERS, SessionOptions, create_session, resolve_provider
@@ -71,7 +72,8 @@ def load_package(directory: str | Path, options: SessionOptions | None = None, v
     extra = None
     if provider == PROVIDERS["tensorrt"]:
         profile = ShapeProfile(max_batch=options.max_batch, max_length=bucketed(manifest.max_sequence_length))
-        extra = tensorrt_options(directory, manifest, manifest.inputs, profile, cache_key(manifest))
+        cache_dir = options.cache_dir or default_cache_dir()
+        extra = tensorrt_options(cache_dir, manifest, manifest.inputs, profile, cache_key(manifest))
     session = create_session(directory / MODEL_NAME, options, extra)
     declared = [i.name for i in session.get_inputs()]
     unknown = [name for name in declared if name not in GRAPH_INPUTS]

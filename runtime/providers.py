@@ -1,22 +1,28 @@
 """GPU execution: TensorRT profiles and caches, CUDA IO binding.
 
 TensorRT builds one engine per shape profile; kiln derives explicit min/opt/max shapes from the
-package's maximum length and the server's batch limits, and caches engines and timing data in the
-package's `cache/tensorrt/<key>/`, where the key hashes the GPU model, the TensorRT version and the
-model file. A cache built for anything else is never found, so never trusted; it is rebuilt.
+package's maximum length and the server's batch limits, and caches engines and timing data in
+`<cache dir>/tensorrt/<key>/`, where the key hashes the GPU model, the TensorRT version and the
+model file, so packages can share one cache dir and a cache built for anything else is never
+found, so never trusted; it is rebuilt. Nothing is ever written into a package: it may be mounted
+read-only (as deploy/kubernetes mounts /models). The cache dir is `--cache-dir`, else the user's
+cache (`$XDG_CACHE_HOME/kiln`, `~/.cache/kiln`), else the temporary directory's `kiln-cache`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from kiln.runtime.errors import ConfigError
 from kiln.runtime.manifest import MODEL_NAME, Manifest
 
 LENGTH_BUCKET = 16  # GPU batches are padded to a multiple of this, so buffers and engines are reused
@@ -77,10 +83,26 @@ def tensorrt_version() -> str:
         return "unknown-tensorrt"
 
 
-def tensorrt_cache(package_dir: Path, key: CacheKey) -> Path:
+def default_cache_dir() -> Path:
+    """The first of the user's cache and the temporary directory that can be written (a container
+    with a read-only root often has only /tmp)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    for candidate in (Path(base) / "kiln", Path(tempfile.gettempdir()) / "kiln-cache"):
+        try:
+            candidate.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(candidate, os.W_OK):
+            return candidate
+    raise ConfigError(
+        "no writable cache directory (tried the user's cache and the temporary directory): give --cache-dir"
+    )
+
+
+def tensorrt_cache(cache_dir: Path, key: CacheKey) -> Path:
     """The cache directory for exactly this GPU, TensorRT and model; written with its key so a
     person can see what it was built for."""
-    directory = package_dir / "cache" / "tensorrt" / key.digest
+    directory = cache_dir / "tensorrt" / key.digest
     directory.mkdir(parents=True, exist_ok=True)
     marker = directory / "key.json"
     if marker.is_file() and json.loads(marker.read_text()) != asdict(key):
@@ -91,9 +113,9 @@ def tensorrt_cache(package_dir: Path, key: CacheKey) -> Path:
 
 
 def tensorrt_options(
-    package_dir: Path, manifest: Manifest, inputs: list[str], profile: ShapeProfile, key: CacheKey
+    cache_dir: Path, manifest: Manifest, inputs: list[str], profile: ShapeProfile, key: CacheKey
 ) -> dict[str, Any]:
-    cache = tensorrt_cache(package_dir, key)
+    cache = tensorrt_cache(cache_dir, key)
     return {
         # an fp32 package runs in fp32: fp16 kernels only where the package was validated in fp16, and
         # beside int8 for the layers explicit Q/DQ leaves in float

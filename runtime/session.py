@@ -38,6 +38,7 @@ class SessionOptions:
     spin_after_us: int | None = None
     max_batch: int = 64  # the largest batch a GPU shape profile must cover
     allow_fp16_on_cpu: bool = False  # fp16 graphs run on CPU only through slow casts; refuse unless asked
+    cache_dir: Path | None = None  # TensorRT engines and timing caches (None: providers.default_cache_dir)
 
 
 def resolve_provider(name: str) -> str:

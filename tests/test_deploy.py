@@ -98,3 +98,58 @@ def test_the_validator_does_fail(broken):
     doc = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x"}, **broken}
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(doc, KUBERNETES, strict=True)
+
+
+def test_the_kserve_runtime_serves_a_package_under_the_inference_services_name(exported):
+    """The runtime's own command line, with KServe's substitutions made (the package at /mnt/models,
+    {{.Name}}) and free ports: the model answers under the InferenceService's name."""
+    import tritonclient.grpc as tc
+    from servers import free_port, running_server
+
+    runtime = next(d for d in render("deploy/kserve") if d["metadata"]["name"] == "kiln-grpc")
+    args = runtime["spec"]["containers"][0]["args"]
+    package = exported("bert", "text-classification")
+    ports = (free_port(), free_port(), free_port())
+    substituted = [
+        str(package) if a == "/mnt/models" else a.replace("{{.Name}}", "ynat")
+        for a in args
+        if not a.startswith(("--http-port", "--grpc-port"))
+    ]
+    with running_server(*substituted, ports=ports) as server:
+        assert tc.InferenceServerClient(server.address).is_model_ready("ynat")
+
+
+def test_a_package_on_a_read_only_mount_is_served(exported, tmp_path):
+    """deploy/kubernetes mounts /models read-only: the server writes nothing into a package (its
+    writable state goes to --cache-dir). The package is bind-mounted read-only in a mount namespace
+    of its own (root is not stopped by file modes)."""
+    import tritonclient.grpc as tc
+    from servers import free_port, wait_listening
+
+    unshare = shutil.which("unshare")
+    probe = subprocess.run([unshare or "unshare", "--mount", "true"], capture_output=True) if unshare else None
+    if probe is None or probe.returncode != 0:
+        pytest.skip("needs unshare --mount (a mount namespace) to mount a directory read-only")
+    mount = tmp_path / "models"
+    mount.mkdir()
+    grpc_port, http_port = free_port(), free_port()
+    serve = [sys.executable, "-m", "kiln.runtime.cli", "serve", str(mount), "--name", "cls",
+             "--grpc-port", str(grpc_port), "--http-port", str(http_port), "--metrics-port", "0",
+             "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    script = """
+        mount --bind "$1" "$2" && mount -o remount,bind,ro "$2" || exit 7
+        if touch "$2/probe" 2>/dev/null; then exit 9; fi  # the mount must refuse writes, or this proves nothing
+        shift 2
+        exec "$@"
+    """
+    command = [unshare, "--mount", "sh", "-c", script, "sh", str(exported("bert", "text-classification")), str(mount)]
+    process = subprocess.Popen([*command, *serve], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_listening(grpc_port, process)
+        client = tc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        text = tc.InferInput("text", [1], "BYTES")
+        text.set_data_from_numpy(__import__("numpy").array([b"Great service."], dtype=object))
+        assert client.infer("cls", [text]).as_numpy("label").shape == (1,)
+    finally:
+        process.terminate()
+        assert process.wait(timeout=30) == 0, process.stderr.read()

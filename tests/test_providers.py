@@ -12,6 +12,7 @@ from kiln.runtime.providers import (
     CacheKey,
     ShapeProfile,
     bucketed,
+    default_cache_dir,
     output_shape,
     tensorrt_cache,
     tensorrt_options,
@@ -42,33 +43,35 @@ def test_cache_key_changes_with_gpu_tensorrt_and_model():
 
 
 def test_foreign_cache_is_rebuilt_not_used(exported, tmp_path):
-    import shutil
-
-    package = tmp_path / "pkg"
-    shutil.copytree(exported("bert", "text-classification"), package)
-    manifest = read_manifest(package)
+    manifest = read_manifest(exported("bert", "text-classification"))
     key = CacheKey("NVIDIA H100", "10.4.0", manifest.files["model.onnx"])
-    directory = tensorrt_cache(package, key)
+    directory = tensorrt_cache(tmp_path, key)
     (directory / "engine.bin").write_bytes(b"engine")
-    assert tensorrt_cache(package, key) == directory and (directory / "engine.bin").exists()
+    assert tensorrt_cache(tmp_path, key) == directory and (directory / "engine.bin").exists()
     (directory / "key.json").write_text(json.dumps({"gpu": "other", "tensorrt": "x", "model_sha256": "y"}))
-    rebuilt = tensorrt_cache(package, key)
+    rebuilt = tensorrt_cache(tmp_path, key)
     assert rebuilt == directory and not (directory / "engine.bin").exists()
     assert json.loads((directory / "key.json").read_text())["gpu"] == "NVIDIA H100"
 
 
-def test_tensorrt_options(exported):
+def _files(directory) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns) for p in directory.rglob("*")}
+
+
+def test_tensorrt_options(exported, tmp_path):
     package = exported("bert", "text-classification")
+    before = _files(package)
     manifest = read_manifest(package)
     key = CacheKey("gpu", "trt", manifest.files["model.onnx"])
-    options = tensorrt_options(package, manifest, manifest.inputs, ShapeProfile(32, bucketed(128)), key)
+    options = tensorrt_options(tmp_path, manifest, manifest.inputs, ShapeProfile(32, bucketed(128)), key)
     assert options["trt_engine_cache_enable"] and options["trt_engine_cache_path"].endswith(key.digest)
+    assert options["trt_engine_cache_path"].startswith(str(tmp_path)) and _files(package) == before  # package only read
     assert options["trt_profile_max_shapes"].startswith("input_ids:32x128")
     # an fp32 package stays fp32 on TensorRT; fp16 kernels only where the package was validated in fp16
     assert options["trt_fp16_enable"] is False and options["trt_int8_enable"] is False
     for precision, fp16, int8 in (("fp16", True, False), ("int8-static", True, True)):
         manifest.precision = precision
-        options = tensorrt_options(package, manifest, manifest.inputs, ShapeProfile(32, bucketed(128)), key)
+        options = tensorrt_options(tmp_path, manifest, manifest.inputs, ShapeProfile(32, bucketed(128)), key)
         assert (options["trt_fp16_enable"], options["trt_int8_enable"]) == (fp16, int8)
 
 
@@ -128,3 +131,17 @@ def test_cpu_count_follows_the_cgroup_quota(tmp_path):
     (v1 / "cpu.cfs_quota_us").write_text("-1\n")
     assert cgroup_cpu_quota(tmp_path / "v1") is None
     assert cgroup_cpu_quota(tmp_path / "none") is None
+
+
+def test_the_default_cache_dir_falls_back_to_the_temporary_directory(tmp_path, monkeypatch):
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("a file where the user's cache would be")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    assert default_cache_dir() == tmp_path / "tmp" / "kiln-cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert default_cache_dir() == tmp_path / "cache" / "kiln"

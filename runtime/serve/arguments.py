@@ -82,6 +82,11 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
         help="let onnxruntime's pool threads busy-wait between ops (lower latency, more CPU)",
     )
     serve.add_argument("--provider", default="cpu", help="cpu | cuda | tensorrt | auto")
+    serve.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="writable state (TensorRT engines); packages are only read (default: ~/.cache/kiln, else /tmp/kiln-cache)",
+    )
     serve.add_argument("--auth-token", help="require 'authorization: Bearer TOKEN'")
     serve.add_argument("--tls-cert", help="PEM certificate chain (TLS on gRPC and HTTP)")
     serve.add_argument("--tls-key", help="PEM private key")
@@ -177,7 +182,9 @@ def serve_options(args: argparse.Namespace) -> Any:
         ),
         default_deadline=args.default_deadline or None,
         workers=args.workers,
-        session=SessionOptions(provider=args.provider, intra_op_threads=args.threads, spin=args.spin),
+        session=SessionOptions(
+            provider=args.provider, intra_op_threads=args.threads, spin=args.spin, cache_dir=args.cache_dir
+        ),
         auth_token=args.auth_token,
         tls_cert=args.tls_cert and Path(args.tls_cert),
         tls_key=args.tls_key and Path(args.tls_key),
