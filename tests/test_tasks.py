@@ -1,5 +1,5 @@
 """Task specs: parameters are type-checked (a string is not a boolean), inputs are checked by name,
-and the README's table of tensors and parameters is the one the specs make."""
+and docs/serving.md's table of tensors and parameters is the one the specs make."""
 
 from __future__ import annotations
 
@@ -59,5 +59,5 @@ def test_every_task_has_one_rpc_and_one_head():
 
 
 def test_readme_table_is_the_specs_table():
-    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
-    assert markdown() in readme, "README's task table is stale: paste the output of `kiln tasks`"
+    readme = (Path(__file__).parents[1] / "docs" / "serving.md").read_text(encoding="utf-8")
+    assert markdown() in readme, "docs/serving.md task table is stale: paste the output of `kiln tasks`"

@@ -146,7 +146,7 @@ def with_request(defaults: Settings, request: Mapping[str, Any], max_positions: 
 
 
 # Bounds every request is held to, so that no value a request may send can break a decoding step
-# (README, "Generation parameters: ranges"): floats must be finite; a temperature or a penalty of
+# (docs/generation.md, "Generation parameters: ranges"): floats must be finite; a temperature or a penalty of
 # any finite positive size is safe, since sampling works relative to the best score in float64.
 MAX_BEAMS = 16
 MAX_LENGTH_PENALTY = 10.0  # beam scores divide by length ** length_penalty: 4096 ** 10 is still finite

@@ -1,5 +1,5 @@
-"""The wire contract of every task as a markdown table (`kiln tasks`), made from the specs, so the
-README's table is the code's and a test keeps it so."""
+"""The wire contract of every task as a markdown table (`kiln tasks`), made from the specs, so
+docs/serving.md's table is the code's and a test keeps it so."""
 
 from __future__ import annotations
 
