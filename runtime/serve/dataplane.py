@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 from kiln.runtime.errors import Draining, InternalError, InvalidInput, KilnError
+from kiln.runtime.serve import describe
 from kiln.runtime.serve.batcher import RequestState
 from kiln.runtime.serve.generative import Chunk, GenerativeModel
 from kiln.runtime.serve.metrics import Metrics
@@ -31,20 +32,12 @@ from kiln.runtime.serve.tokens import pad_outputs, read_token_rows
 from kiln.runtime.serve.tracing import Tracing
 from kiln.runtime.tasks import Texts
 from kiln.runtime.tasks.generation import GenerateRequest, read_request
-from kiln.runtime.tasks.spec import Tensor
 
 Served = ServedModel | GenerativeModel
 
 log = logging.getLogger("kiln.serve")
 VERSION = "0.2.0"
 TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-CONFIG_TYPES = {
-    "BYTES": "TYPE_STRING",
-    "FP32": "TYPE_FP32",
-    "INT64": "TYPE_INT64",
-    "INT32": "TYPE_INT32",
-    "BOOL": "TYPE_BOOL",
-}
 EXTENSIONS = ["classification", "model_configuration", "statistics", "model_repository", "binary_tensor_data"]
 # a request whose texts add up to no more characters than this is tokenized on the event loop (tens
 # of microseconds), not handed to a worker thread (see ServedModel.run)
@@ -131,66 +124,10 @@ class DataPlane:
         return self.repository.get(name, version)
 
     def model_metadata(self, name: str, version: str = "") -> dict[str, Any]:
-        """KServe v2 model metadata (its JSON form; the gRPC message has the same fields)."""
-        model = self.repository.get(name, version)
-        sizes = model.sizes
-        inputs = [_tensor(t.name, t.datatype, _wire_shape(t, model)) for t in model.spec.inputs]
-        outputs = [_tensor(t.name, t.datatype, t.resolved_shape(sizes)) for t in model.spec.outputs]
-        return {
-            "name": model.name,
-            "versions": [model.version],
-            "platform": "onnxruntime_onnx",
-            "inputs": inputs,
-            "outputs": outputs,
-        }
+        return describe.metadata(self.repository.get(name, version))
 
     def model_config(self, name: str, version: str = "") -> dict[str, Any]:
-        """Triton's model configuration (its JSON form), as Triton's load tools read it."""
-        model = self.repository.get(name, version)
-        sizes, spec, options = model.sizes, model.spec, model.options
-        manifest = model.manifest
-        batched = _triton_batched(model)
-        inputs = [
-            {
-                "name": t.name,
-                "data_type": CONFIG_TYPES[t.datatype],
-                # Triton's config leaves the batch dimension out of dims when max_batch_size > 0
-                "dims": _wire_shape(t, model)[1:] if batched else t.resolved_shape(sizes),
-                "optional": t.optional,
-            }
-            for t in spec.inputs
-        ]
-        strings = {
-            "task": manifest.task,
-            "precision": manifest.precision,
-            "target": manifest.target,
-            "max_batch_tokens": str(options.max_tokens),
-            "max_sequence_length": str(manifest.max_sequence_length),
-            "request_parameters": ",".join(p.name for p in spec.parameters),
-        }
-        if not spec.generative:  # the token-id path's tensors, not listed as inputs and outputs: see _triton_batched
-            strings["token_inputs"] = ",".join(manifest.inputs)
-            strings["token_outputs"] = ",".join(manifest.outputs)
-        if manifest.mask_token:  # fill-mask: what a text must hold
-            strings["mask_token"] = manifest.mask_token
-        return {
-            "name": model.name,
-            "platform": "onnxruntime_onnx",
-            "backend": "kiln",
-            "max_batch_size": options.max_size if batched else 0,
-            "input": inputs,
-            "output": [
-                {"name": t.name, "data_type": CONFIG_TYPES[t.datatype], "dims": t.resolved_shape(sizes)}
-                for t in spec.outputs
-            ],
-            "dynamic_batching": {
-                "preferred_batch_size": [options.max_size],
-                "max_queue_delay_microseconds": int(options.max_delay * 1e6),
-            },
-            "parameters": {key: {"string_value": value} for key, value in strings.items()},
-            # generators answer a request with many responses (Triton's decoupled mode)
-            "model_transaction_policy": {"decoupled": spec.generative},
-        }
+        return describe.config(self.repository.get(name, version))
 
     def statistics(self, name: str = "", version: str = "") -> dict[str, Any]:
         """Triton's model statistics (JSON form) for one model, or every model when no name is given."""
@@ -373,29 +310,6 @@ class DataPlane:
         client cannot grow the metrics without bound."""
         label = call.model if self.repository.knows(call.model) else "(unknown)"
         self.metrics.requests.labels(model=label, api=call.api, code=code).inc()
-
-
-def _triton_batched(model: Served) -> bool:
-    """Whether the model is described with Triton's batch convention (max_batch_size > 0, every input
-    [batch, 1]), which is what lets perf_analyzer drive it with no flags: it strips the batch
-    dimension and needs what is left to be fixed. Holds for encoders whose inputs are all one value
-    per row; zero-shot's label list and generators' control inputs are not, so those models keep
-    max_batch_size 0 and [-1] shapes. The token-id path's inputs and the graph outputs it answers
-    with are not listed (config parameters `token_inputs`, `token_outputs` name them): listed,
-    perf_analyzer would fill the inputs with random ids and ask text requests for the outputs."""
-    return not model.spec.generative and all(t.per_row for t in model.spec.inputs)
-
-
-def _wire_shape(tensor: Tensor, model: Served) -> list[int]:
-    """An input's shape in metadata: [-1, 1] for one text per row under Triton's batch convention
-    (requests may still send [N]), else the task's own shape."""
-    if _triton_batched(model):
-        return [-1, 1]
-    return tensor.resolved_shape(model.sizes)
-
-
-def _tensor(name: str, datatype: str, shape: list[int]) -> dict[str, Any]:
-    return {"name": name, "datatype": datatype, "shape": shape}
 
 
 def _requested(outputs: dict[str, np.ndarray], requested: list[str]) -> dict[str, np.ndarray]:
