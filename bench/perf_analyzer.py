@@ -171,7 +171,7 @@ def bench_with_perf_analyzer(
     generator = spec_for(target.task).generative
     mask_token = _config_string(url, model, "mask_token")
     needs_data = generator or bool(mask_token) or target.task == "zero-shot-classification"
-    inputs = [target.text_input, "candidate_labels"]
+    inputs = [target.input_name, "candidate_labels"]
     data = input_data(texts, inputs, generator, mask_token=mask_token) if needs_data else None
     protocols = [("grpc", url)] + ([("http", http.split("://", 1)[-1])] if http and not generator else [])
     rows = []

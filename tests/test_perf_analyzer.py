@@ -48,3 +48,10 @@ def test_perf_analyzer_with_input_data_for_zero_shot_fill_mask_and_a_streamed_ge
 def _successes(address: str, model: str) -> int:
     stats = tc.InferenceServerClient(address).get_inference_statistics(model).model_stats[0]
     return stats.inference_stats.success.count
+
+
+def test_the_bench_delegates_its_sweep_to_perf_analyzer(served):
+    """`kiln bench serve --url ... --perf-analyzer`: a timing row per protocol and level."""
+    rows = pa.bench_with_perf_analyzer(served.address, None, "cls", ["a text"], [1], progress=lambda _: None)["timings"]
+    assert [(r["name"], r["setting"]) for r in rows] == [("cls, perf_analyzer grpc", "1 clients")]
+    assert rows[0]["texts_per_s"] > 0 and rows[0]["p50_ms"] > 0

@@ -80,3 +80,17 @@ def test_traced_requests_reach_the_collector_with_their_stages(task_packages, co
         assert set(STAGES) <= {name for name, _, _ in ours}, collector.spans
         server_span = [parent for name, _, parent in ours if name not in STAGES]
         assert server_span == [PARENT]  # the server span continues the caller's trace
+
+
+def test_tracing_off_imports_nothing_of_opentelemetry():
+    """Off by default, and then free: serving loads no OpenTelemetry module."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, kiln.runtime.cli, kiln.runtime.serve.server; print(any('opentelemetry' in m for m in sys.modules))"
+    )
+    assert (
+        subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
+        == "False"
+    )
