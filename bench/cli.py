@@ -205,6 +205,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         rates=[float(rate) for rate in args.open_loop_rates.split(",") if rate],
         rate_seconds=args.open_loop_seconds,
         cache=args.out / "cache",
+        provider=args.provider or "cpu",
     )
     progress = Progress(generate.steps(options))
     results: dict[str, Any] = {"machine": report.machine(), "source": args.model, "corpus": str(args.corpus)}

@@ -96,6 +96,7 @@ class Options:
     rate_seconds: float = 20.0
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     cache: Path = Path("bench/results/cache")
+    provider: str = "cpu"  # cuda: kiln on onnxruntime's CUDA EP, transformers in fp16 on the GPU, CTranslate2 on CUDA
 
 
 # --- random models --------------------------------------------------------------------------------
@@ -256,12 +257,12 @@ class HFEngine:
     def stream(self, prompt: str) -> Generation:
         start = time.perf_counter()
         streamer = _Arrivals(start)
-        inputs = self.tokenizer(prompt, return_tensors="pt")
+        inputs = self.tokenizer(prompt, return_tensors="pt").to(self.model.device)
         out = self.model.generate(**inputs, streamer=streamer)
         return Generation(self._new_ids(out, inputs)[0], arrivals=streamer.arrivals)
 
     def batch(self, prompts: list[str]) -> list[Generation]:
-        inputs = self.tokenizer(prompts, return_tensors="pt", padding=True)
+        inputs = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.model.device)
         out = self.model.generate(**inputs)
         return [Generation(ids) for ids in self._new_ids(out, inputs)]
 
@@ -278,6 +279,8 @@ def transformers_engine(options: Options) -> HFEngine:
     seq2seq = _is_seq2seq(options.model)
     cls = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
     model = cls.from_pretrained(options.model).eval()
+    if options.provider == "cuda":  # the GPU reference: transformers' fp16 generate
+        model = model.half().to("cuda")
     return HFEngine(REFERENCE, model, _tokenizer(options.model, seq2seq), seq2seq, options.new_tokens)
 
 
@@ -293,7 +296,8 @@ def optimum_engine(options: Options) -> HFEngine:
         cls.from_pretrained(options.model, export=True).save_pretrained(directory)
     session = ort.SessionOptions()
     session.intra_op_num_threads = options.threads
-    model = cls.from_pretrained(directory, session_options=session)
+    provider = "CUDAExecutionProvider" if options.provider == "cuda" else "CPUExecutionProvider"
+    model = cls.from_pretrained(directory, session_options=session, provider=provider)
     return HFEngine("optimum", model, _tokenizer(options.model, seq2seq), seq2seq, options.new_tokens)
 
 
@@ -309,8 +313,11 @@ class CTranslate2Engine:
         self.seq2seq = _is_seq2seq(options.model)
         self.tokenizer = _tokenizer(options.model, self.seq2seq)
         cls = ctranslate2.Translator if self.seq2seq else ctranslate2.Generator
+        device = "cuda" if options.provider == "cuda" else "cpu"
+        if device == "cuda":  # its GPU forms: float16, and int8 weights with float16 compute
+            compute_type = {"float32": "float16", "int8": "int8_float16"}[compute_type]
         self.model = cls(
-            str(directory), device="cpu", compute_type=compute_type, inter_threads=1, intra_threads=options.threads
+            str(directory), device=device, compute_type=compute_type, inter_threads=1, intra_threads=options.threads
         )
 
     def _tokens(self, prompt: str) -> list[str]:
@@ -371,7 +378,7 @@ class KilnEngine:
 
         self.name, self.new_tokens = f"kiln:{package.name}", options.new_tokens
         try:
-            self.pipe = pipeline(package, threads=options.threads, batch_size=64)
+            self.pipe = pipeline(package, provider=options.provider, threads=options.threads, batch_size=64)
         except Exception as exc:  # the runtime for generation is in progress: say why, measure the rest
             raise Unavailable(f"the kiln runtime cannot load {package} yet ({type(exc).__name__}: {exc})") from exc
         if not callable(getattr(self.pipe, "stream", None)):

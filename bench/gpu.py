@@ -27,7 +27,7 @@ from kiln.runtime.errors import ProviderMismatch
 from kiln.runtime.manifest import Manifest, read_manifest
 from kiln.runtime.package import load_package
 from kiln.runtime.pipelines.feature_extraction import normalize, pool
-from kiln.runtime.providers import cache_key
+from kiln.runtime.providers import cache_key, default_cache_dir
 from kiln.runtime.session import SessionOptions
 from kiln.runtime.tokenize import Batch, TextEncoder
 
@@ -50,21 +50,28 @@ def output_name(manifest: Manifest) -> str:
     return "logits" if manifest.task == "text-classification" else "last_hidden_state"
 
 
-def package_engine(path: Path, provider: str | None, max_batch: int) -> Engine:
-    """A package on its provider (the one it was exported for unless `provider` says otherwise)."""
+def package_engine(
+    path: Path, provider: str | None, max_batch: int, cuda_graphs: bool = False, cache_dir: Path | None = None
+) -> Engine:
+    """A package on its provider (the one it was exported for unless `provider` says otherwise);
+    `cuda_graphs`: captured and replayed per shape (kiln.runtime.cuda_graphs)."""
     manifest = read_manifest(path)
     chosen = provider or manifest.target
     start = time.perf_counter()
+    options = SessionOptions(
+        provider=chosen, max_batch=max_batch, allow_fp16_on_cpu=True, cuda_graphs=cuda_graphs, cache_dir=cache_dir
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ProviderMismatch)  # a deliberate choice here: measured, not warned
-        package = load_package(path, SessionOptions(provider=chosen, max_batch=max_batch, allow_fp16_on_cpu=True))
+        package = load_package(path, options)
     name = output_name(manifest)
 
     def run(feeds: Feeds) -> np.ndarray:
         return package.run(Batch(feeds, feeds["attention_mask"], []))[name]
 
+    graphs = " + CUDA graphs" if cuda_graphs else ""
     engine = Engine(
-        f"kiln {manifest.precision} ({manifest.target} graph) on {chosen}", run, manifest.max_sequence_length
+        f"kiln {manifest.precision} ({manifest.target} graph) on {chosen}{graphs}", run, manifest.max_sequence_length
     )
     engine.run(_feeds(package.encoder, [[package.encoder.pad_id] * 8]))  # first run: engines are built here
     engine.load_s = time.perf_counter() - start
@@ -218,20 +225,20 @@ def _against(reference: np.ndarray, got: np.ndarray, task: str) -> dict[str, Any
     return figures
 
 
-def tensorrt_cache_timings(path: Path, max_batch: int) -> dict[str, Any]:
+def tensorrt_cache_timings(path: Path, max_batch: int, cache_dir: Path) -> dict[str, Any]:
     """Engine build from nothing, start with the cache, and start with a foreign cache (one keyed
     for another GPU): it must be rebuilt, never used."""
     import shutil
 
-    cache_root = path / "cache" / "tensorrt"
-    shutil.rmtree(cache_root, ignore_errors=True)
-    cold = package_engine(path, "tensorrt", max_batch).load_s
-    engines = sorted(str(p.relative_to(cache_root)) for p in cache_root.rglob("*") if p.is_file())
-    warm = package_engine(path, "tensorrt", max_batch).load_s
+    cache_root = cache_dir / "tensorrt"
     key = cache_key(read_manifest(path))
+    shutil.rmtree(cache_root / key.digest, ignore_errors=True)
+    cold = package_engine(path, "tensorrt", max_batch, cache_dir=cache_dir).load_s
+    engines = sorted(str(p.relative_to(cache_root)) for p in (cache_root / key.digest).rglob("*") if p.is_file())
+    warm = package_engine(path, "tensorrt", max_batch, cache_dir=cache_dir).load_s
     marker = cache_root / key.digest / "key.json"
     marker.write_text(json.dumps({**asdict(key), "gpu": "another GPU"}))
-    foreign = package_engine(path, "tensorrt", max_batch).load_s
+    foreign = package_engine(path, "tensorrt", max_batch, cache_dir=cache_dir).load_s
     rebuilt = json.loads(marker.read_text()) == asdict(key)
     return {
         "build_s": cold,
@@ -270,8 +277,10 @@ def bench_gpu(
         chosen = provider or read_manifest(path).target
         try:
             if chosen == "tensorrt":
-                trt_cache[str(path)] = tensorrt_cache_timings(path, max(batch_sizes))
+                trt_cache[str(path)] = tensorrt_cache_timings(path, max(batch_sizes), default_cache_dir())
             engines.append(package_engine(path, provider, max(batch_sizes)))
+            if chosen == "cuda":  # the same package replaying captured CUDA graphs, side by side
+                engines.append(package_engine(path, provider, max(batch_sizes), cuda_graphs=True))
         except Exception as exc:  # a provider that cannot start here is a result, not a crash
             failed[str(path)] = f"{type(exc).__name__}: {exc}"
     encoder = TextEncoder.from_directory(packages[0], manifest.inputs, manifest.max_sequence_length)

@@ -2,7 +2,8 @@
 # The GPU measurements in one command, on a machine with an NVIDIA GPU, kiln[gpu,dev] installed
 # (onnxruntime-gpu; TensorRT's libraries for the TensorRT rows) and a corpus of real sentences:
 #
-#   bench/gpu.sh CORPUS OUT [phase ...]      phases: models exports topics roberta minilm serve (default: all)
+#   bench/gpu.sh CORPUS OUT [phase ...]      phases: models exports topics roberta minilm serve perf-analyzer
+#                                            generate (default: all)
 #
 # models:  the fine-tuned MiniLM topic classifier, a roberta-base-shaped classifier (random weights:
 #          speed only) and the real all-MiniLM-L6-v2 (embeddings), built offline (bench/models.py)
@@ -10,11 +11,15 @@
 #          parity gate on CPU and, where the provider starts, on the GPU
 # topics/roberta/minilm: `kiln bench gpu`, the GPU table against PyTorch eager fp32/fp16 and torch.compile
 # serve:   `kiln bench serve` with the fp16 package on the GPU, 64 callers (typed API and tritonclient)
+# perf-analyzer: the roberta-base-shaped fp16 package served on the GPU (with and without --cuda-graphs),
+#          driven by Triton's perf_analyzer (C++, not Python) at 1 and 64 concurrent callers
+# generate: a GPT-2-small-shaped generator exported fp16 for CUDA, `kiln bench generate --provider cuda`
+#          (KV cache kept on the GPU) beside transformers fp16 generate and CTranslate2 on CUDA, 1/8/32 streams
 set -uo pipefail
 corpus=${1:?usage: bench/gpu.sh CORPUS OUT [phase ...]}
 out=${2:?usage: bench/gpu.sh CORPUS OUT [phase ...]}
 shift 2
-phases=${*:-models exports topics roberta minilm serve}
+phases=${*:-models exports topics roberta minilm serve perf-analyzer generate}
 build=${KILN_GPU_BUILD:-build/gpu}
 python=${PYTHON:-python3}
 kiln() { "$python" -m kiln.runtime.cli "$@"; }
@@ -65,6 +70,25 @@ for phase in $phases; do
     serve)
         kiln bench serve "$build/minilm-topics-fp16-cuda" --provider cuda --corpus "$corpus" \
             --concurrency 1,64 --requests 2048 --out "$out/serve"
+        ;;
+    perf-analyzer)
+        package=$build/roberta-base-ynat-fp16-cuda
+        for graphs in --no-cuda-graphs --cuda-graphs; do
+            kiln serve "$package" --name roberta --provider cuda "$graphs" --grpc-port 18001 --http-port 18000 \
+                --metrics-port 0 >"$out/serve$graphs.log" 2>&1 &
+            server=$!
+            for _ in $(seq 300); do curl -sf localhost:18000/v2/health/ready >/dev/null && break; sleep 1; done
+            kiln bench serve --url localhost:18001 --model roberta --perf-analyzer --corpus "$corpus" \
+                --concurrency 1,64 --out "$out/perf-analyzer$graphs"
+            kill "$server"; wait "$server"
+        done
+        ;;
+    generate)
+        "$python" -m kiln.bench.generate gpt2 "$build/gpt2-small" --corpus "$corpus"
+        kiln export --model "$build/gpt2-small" --device cuda --quantize fp16 --output "$build/gpt2-small-fp16-cuda" \
+            --min-agreement 0.01 --force --json >"$out/export-gpt2-small-fp16-cuda.json" 2>"$out/export-gpt2.log"
+        kiln bench generate --model "$build/gpt2-small" --package "$build/gpt2-small-fp16-cuda" --provider cuda \
+            --engines transformers,ctranslate2-fp32 --streams 1,8,32 --corpus "$corpus" --out "$out/generate"
         ;;
     *) echo "unknown phase $phase" ;;
     esac

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from kiln.runtime.cuda_graphs import CudaGraphs
 from kiln.runtime.errors import PackageError, ProviderMismatch
 from kiln.runtime.manifest import GRAPH_INPUTS, MODEL_NAME, Manifest, inside, read_manifest, verify_files
 from kiln.runtime.providers import (
@@ -37,7 +38,7 @@ class Package:
     session: ort.InferenceSession
     tokenizer_config: dict[str, Any] = field(default_factory=dict)
 
-    binding: CudaBinding | None = None
+    binding: CudaBinding | CudaGraphs | None = None
 
     def run(self, batch: Batch) -> dict[str, np.ndarray]:
         if self.binding is not None:
@@ -74,7 +75,8 @@ def load_package(directory: str | Path, options: SessionOptions | None = None, v
         profile = ShapeProfile(max_batch=options.max_batch, max_length=bucketed(manifest.max_sequence_length))
         cache_dir = options.cache_dir or default_cache_dir()
         extra = tensorrt_options(cache_dir, manifest, manifest.inputs, profile, cache_key(manifest))
-    session = create_session(directory / MODEL_NAME, options, extra)
+    graphed = _graph_session(directory, options) if options.cuda_graphs and provider == PROVIDERS["cuda"] else None
+    session = graphed or create_session(directory / MODEL_NAME, options, extra)
     declared = [i.name for i in session.get_inputs()]
     unknown = [name for name in declared if name not in GRAPH_INPUTS]
     if unknown:
@@ -89,7 +91,7 @@ def load_package(directory: str | Path, options: SessionOptions | None = None, v
         raise PackageError(f"{directory}: tokenizer.json cannot be loaded ({exc})") from exc
     package = Package(directory, manifest, encoder, session, read_json(directory / "tokenizer_config.json"))
     if provider == PROVIDERS["cuda"]:
-        package.binding = CudaBinding(session, manifest.outputs)
+        package.binding = (CudaGraphs if graphed else CudaBinding)(session, manifest.outputs)
     return package
 
 
@@ -134,3 +136,13 @@ def read_json(path: Path) -> dict[str, Any]:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise PackageError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def _graph_session(directory: Path, options: SessionOptions) -> ort.InferenceSession | None:
+    """A CUDA session that captures CUDA graphs, or None (with a warning) where onnxruntime refuses
+    it: every node must run on the CUDA EP for a graph to be captured."""
+    try:
+        return create_session(directory / MODEL_NAME, options, {"enable_cuda_graph": "1"})
+    except PackageError as exc:
+        warnings.warn(f"{directory}: CUDA graphs are off for this package ({exc})", stacklevel=3)
+        return None

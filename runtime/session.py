@@ -39,6 +39,10 @@ class SessionOptions:
     max_batch: int = 64  # the largest batch a GPU shape profile must cover
     allow_fp16_on_cpu: bool = False  # fp16 graphs run on CPU only through slow casts; refuse unless asked
     cache_dir: Path | None = None  # TensorRT engines and timing caches (None: providers.default_cache_dir)
+    # generators: keep the KV cache where the session made it between decoding steps (IO binding);
+    # None: on a GPU yes, on CPU no (there the cache is in host memory anyway; True there checks the path)
+    kv_on_device: bool | None = None
+    cuda_graphs: bool = False  # encoders on CUDA: capture and replay a CUDA graph per shape (kiln.runtime.cuda_graphs)
 
 
 def resolve_provider(name: str) -> str:
@@ -125,3 +129,11 @@ def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
     except (OSError, ValueError):  # unreadable or odd: no quota known, the affinity decides
         return None
     return None
+
+
+def cache_device(options: SessionOptions) -> str | None:
+    """Where a generator's KV cache stays between steps (None: it goes through numpy every step)."""
+    on_gpu = resolve_provider(options.provider) != PROVIDERS["cpu"]
+    if options.kv_on_device is False or (options.kv_on_device is None and not on_gpu):
+        return None
+    return "cuda" if on_gpu else "cpu"

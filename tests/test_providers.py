@@ -104,13 +104,44 @@ def test_cuda_matches_cpu(exported):
     assert np.abs(cpu - gpu).max() < 1e-3
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu and a CUDA GPU")
+def test_cuda_graphs_replay_what_the_plain_cuda_run_gives(exported):
+    from kiln.runtime import SessionOptions, load_package
+    from kiln.runtime.cuda_graphs import CudaGraphs
+
+    path = exported("bert", "text-classification")
+    plain = load_package(path, SessionOptions(provider="cuda"))
+    graphed = load_package(path, SessionOptions(provider="cuda", cuda_graphs=True))
+    assert isinstance(graphed.binding, CudaGraphs)
+    for _ in range(3):  # the first run of a shape captures its graph, the next ones replay it
+        for text in ("Alice lives in Seoul", "a somewhat longer sentence about rates", "short"):
+            batch = plain.encoder.pad(plain.encoder.encode([text]))
+            assert np.abs(graphed.run(batch)["logits"] - plain.run(batch)["logits"]).max() < 1e-4
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu and a CUDA GPU")
+def test_a_generator_on_cuda_keeps_its_cache_on_the_device(generator_package):
+    from kiln.runtime import SessionOptions, pipeline
+    from kiln.runtime.generation.package import load_generator
+
+    package = generator_package("gpt2")
+    generator = load_generator(package, SessionOptions(provider="cuda"))
+    prompts = [generator.encode(text, False)[0] for text in ("Stocks rally as", "Heavy rain floods")]
+    logits, cache = generator.decoder.prefill(prompts)
+    _, cache = generator.decoder.step(cache, logits.argmax(axis=1))
+    assert {value.device_name() for value in cache.past.values()} == {"cuda"}
+    greedy = {"max_new_tokens": 16, "do_sample": False}
+    texts = ["Stocks rally as", "Heavy rain floods"]
+    assert pipeline(package, provider="cuda")(texts, **greedy) == pipeline(package)(texts, **greedy)
+
+
 @pytest.mark.skipif(not HAS_TENSORRT, reason="needs TensorRT and a GPU")
-def test_tensorrt_builds_and_caches(exported):
-    from kiln.runtime import pipeline
+def test_tensorrt_builds_and_caches_outside_the_package(exported, tmp_path):
+    from kiln.runtime import SessionOptions, load_package
 
     package = exported("bert", "text-classification")
-    pipeline(package, provider="tensorrt")(["warm"])
-    assert any((package / "cache" / "tensorrt").rglob("*.engine"))
+    load_package(package, SessionOptions(provider="tensorrt", cache_dir=tmp_path))
+    assert any((tmp_path / "tensorrt").rglob("*.engine")) and not (package / "cache").exists()
 
 
 def test_cpu_count_follows_the_cgroup_quota(tmp_path):

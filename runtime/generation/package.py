@@ -17,7 +17,7 @@ from kiln.runtime.generation.sessions import Decoder, DecoderOnly, load_decoder
 from kiln.runtime.generation.settings import Settings, from_generation_config, prompt_prefix, with_request
 from kiln.runtime.manifest import Manifest, inside, read_manifest, verify_files
 from kiln.runtime.package import read_json
-from kiln.runtime.session import SessionOptions, create_session
+from kiln.runtime.session import SessionOptions, cache_device, create_session
 from tokenizers import Tokenizer
 
 
@@ -102,7 +102,7 @@ def load_generator(
     tokenizer_config = read_json(directory / "tokenizer_config.json")
     defaults = from_generation_config(directory, config, manifest.task)
     pad = defaults.pad_token_id if defaults.pad_token_id is not None else (defaults.eos_token_ids or (0,))[0]
-    decoder = load_decoder(directory, layout, sessions, pad)
+    decoder = load_decoder(directory, layout, sessions, pad, cache_device(options))
     detokenizer = Detokenizer(tokenizer, bool(tokenizer_config.get("clean_up_tokenization_spaces", False)))
     positions = layout["max_positions"]
     defaults = replace(defaults, pad_token_id=pad)

@@ -10,13 +10,20 @@ Two layouts, as optimum-onnx exports them:
 
 `Cache` is plain data: the past per name with the batch on axis 0; `select` and `join` are how rows
 leave, are reordered (beams) and join.
+
+With a `device` (`SessionOptions.kv_on_device`; on by default on CUDA) the decoder runs through
+onnxruntime's IO binding: each step's `present` stays where the session made it (an OrtValue on the
+GPU) and is bound as the next step's `past`, so the cache never crosses to the host while the batch
+keeps its rows; only the logits come back for sampling. Rows joining, leaving or being reordered
+(beams) take the cache to the host for that one step (`host`). On CPU the same path runs with
+device "cpu", which is how its answers are checked against the plain path without a GPU.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from kiln.runtime.errors import PackageError
@@ -49,18 +56,53 @@ class Cache:
     def select(self, rows: np.ndarray | list[int]) -> Cache:
         rows = np.asarray(rows, dtype=np.int64)
         return Cache(
-            {k: v[rows] for k, v in self.past.items()},
+            {k: host(v)[rows] for k, v in self.past.items()},
             self.mask[rows],
             self.length[rows],
-            {k: v[rows] for k, v in self.cross.items()},
+            {k: host(v)[rows] for k, v in self.cross.items()},
         )
+
+
+def host(value: Any) -> np.ndarray:
+    """A cache tensor as a numpy array (an OrtValue on a device is copied to the host)."""
+    return value if isinstance(value, np.ndarray) else value.numpy()
+
+
+class Bound:
+    """Runs a session through IO binding: small inputs from the host, the past as OrtValues where it
+    already is, `logits` back to the host, every other output left on `device`."""
+
+    def __init__(self, session: ort.InferenceSession, device: str):
+        import onnxruntime
+
+        self.session, self.device = session, device
+        self._ortvalue = onnxruntime.OrtValue
+
+    def run(self, outputs: list[str], feeds: dict[str, Any]) -> list[Any]:
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            if isinstance(value, self._ortvalue):
+                binding.bind_ortvalue_input(name, value)
+            else:
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name in outputs:
+            binding.bind_output(name, "cpu" if name == "logits" else self.device)
+        self.session.run_with_iobinding(binding)
+        values = binding.get_outputs()
+        return [value.numpy() if name == "logits" else value for name, value in zip(outputs, values, strict=True)]
+
+
+def _runner(session: ort.InferenceSession, device: str | None) -> Any:
+    """`session.run`'s signature, bound to the device when there is one."""
+    return Bound(session, device).run if device else session.run
 
 
 class DecoderOnly:
     """A GPT-2-style decoder with past."""
 
-    def __init__(self, session: ort.InferenceSession, pad_id: int):
+    def __init__(self, session: ort.InferenceSession, pad_id: int, device: str | None = None):
         self.session = session
+        self.run = _runner(session, device)
         self.pad_id = pad_id
         inputs = {i.name: i for i in session.get_inputs()}
         self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
@@ -84,7 +126,7 @@ class DecoderOnly:
         empty = np.zeros((len(prompts), self.heads, 0, self.head_dim), dtype=self.dtype)
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
         feeds.update({name: empty for name in self.past_names})
-        logits, *present = self.session.run(self.outputs, feeds)
+        logits, *present = self.run(self.outputs, feeds)
         lengths = np.array([len(p) for p in prompts], dtype=np.int64)
         return logits[:, -1], Cache(dict(zip(self.past_names, present, strict=True)), mask, lengths)
 
@@ -94,7 +136,7 @@ class DecoderOnly:
         feeds = {"input_ids": tokens.reshape(-1, 1).astype(np.int64), "attention_mask": mask}
         feeds["position_ids"] = cache.length.reshape(-1, 1)
         feeds.update(cache.past)
-        logits, *present = self.session.run(self.outputs, feeds)
+        logits, *present = self.run(self.outputs, feeds)
         return logits[:, -1], Cache(dict(zip(self.past_names, present, strict=True)), mask, cache.length + 1)
 
     def can_join(self, a: Cache, b: Cache) -> bool:
@@ -114,7 +156,8 @@ class DecoderOnly:
         """Two batches as one, the shorter past left-padded (and masked) to the longer."""
         width = max(a.mask.shape[1], b.mask.shape[1])
         past = {
-            name: np.concatenate([_left_pad(a.past[name], width), _left_pad(b.past[name], width)]) for name in a.past
+            name: np.concatenate([_left_pad(host(a.past[name]), width), _left_pad(host(b.past[name]), width)])
+            for name in a.past
         }
         mask = np.concatenate([_left_pad(a.mask, width, axis=1), _left_pad(b.mask, width, axis=1)])
         return _trimmed(Cache(past, mask, np.concatenate([a.length, b.length])))
@@ -133,8 +176,10 @@ class EncoderDecoder:
         decoder_with_past: ort.InferenceSession,
         pad_id: int,
         start_id: int,
+        device: str | None = None,
     ):
         self.encoder, self.decoder, self.decoder_with_past = encoder, decoder, decoder_with_past
+        self.run_first, self.run_with_past = _runner(decoder, device), _runner(decoder_with_past, device)
         self.pad_id, self.start_id = pad_id, start_id
         names = [i.name for i in decoder_with_past.get_inputs()]
         self.past_names = [n for n in names if n.startswith("past_key_values.") and ".decoder." in n]
@@ -156,7 +201,7 @@ class EncoderDecoder:
         hidden = self._encode(ids, mask)
         start = np.full((len(sources), 1), self.start_id, dtype=np.int64)
         decoder_feeds = {"input_ids": start, "encoder_hidden_states": hidden, "encoder_attention_mask": mask}
-        logits, *present = self.decoder.run(self.first_outputs, decoder_feeds)
+        logits, *present = self.run_first(self.first_outputs, decoder_feeds)
         own, cross = present[: len(self.past_names)], present[len(self.past_names) :]
         cache = Cache(
             dict(zip(self.past_names, own, strict=True)),
@@ -170,7 +215,7 @@ class EncoderDecoder:
         feeds = {"input_ids": tokens.reshape(-1, 1).astype(np.int64), "encoder_attention_mask": cache.mask}
         feeds.update(cache.past)
         feeds.update(cache.cross)
-        logits, *present = self.decoder_with_past.run(["logits", *self.present_names], feeds)
+        logits, *present = self.run_with_past(["logits", *self.present_names], feeds)
         past = dict(zip(self.past_names, present, strict=True))
         return logits[:, -1], Cache(past, cache.mask, cache.length + 1, cache.cross)
 
@@ -201,9 +246,9 @@ class EncoderDecoder:
 
     def join(self, a: Cache, b: Cache) -> Cache:
         width = max(a.mask.shape[1], b.mask.shape[1])
-        past = {name: np.concatenate([a.past[name], b.past[name]]) for name in a.past}
+        past = {name: np.concatenate([host(a.past[name]), host(b.past[name])]) for name in a.past}
         cross = {
-            name: np.concatenate([_right_pad(a.cross[name], width), _right_pad(b.cross[name], width)])
+            name: np.concatenate([_right_pad(host(a.cross[name]), width), _right_pad(host(b.cross[name]), width)])
             for name in a.cross
         }
         mask = np.concatenate([_right_pad(a.mask, width, axis=1), _right_pad(b.mask, width, axis=1)])
@@ -213,7 +258,7 @@ class EncoderDecoder:
         used = int(cache.mask.sum(axis=0).nonzero()[0].max()) + 1
         if used == cache.mask.shape[1]:
             return cache
-        cross = {k: v[:, :, :used] for k, v in cache.cross.items()}
+        cross = {k: host(v)[:, :, :used] for k, v in cache.cross.items()}
         return Cache(cache.past, cache.mask[:, :used], cache.length, cross)
 
 
@@ -248,16 +293,20 @@ def _trimmed(cache: Cache) -> Cache:
     first = int(used.argmax()) if used.any() else cache.mask.shape[1]
     if first == 0:
         return cache
-    return Cache({k: v[:, :, first:] for k, v in cache.past.items()}, cache.mask[:, first:], cache.length)
+    return Cache({k: host(v)[:, :, first:] for k, v in cache.past.items()}, cache.mask[:, first:], cache.length)
 
 
-def load_decoder(directory: Path, layout: dict, sessions: dict[str, ort.InferenceSession], pad_id: int) -> Decoder:
+def load_decoder(
+    directory: Path, layout: dict, sessions: dict[str, ort.InferenceSession], pad_id: int, device: str | None = None
+) -> Decoder:
+    """The package's decoder; `device` keeps its KV cache there between steps (see the module doc)."""
     if layout["layout"] == "decoder-only":
-        return DecoderOnly(sessions["decoder"], pad_id)
+        return DecoderOnly(sessions["decoder"], pad_id, device)
     return EncoderDecoder(
         sessions["encoder"],
         sessions["decoder"],
         sessions["decoder_with_past"],
         pad_id,
         layout["decoder_start_token_id"],
+        device,
     )

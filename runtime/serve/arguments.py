@@ -83,6 +83,12 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     )
     serve.add_argument("--provider", default="cpu", help="cpu | cuda | tensorrt | auto")
     serve.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="encoders on cuda: capture a CUDA graph per batch/length shape (batch <= 8) and replay it",
+    )
+    serve.add_argument(
         "--cache-dir",
         type=Path,
         help="writable state (TensorRT engines); packages are only read (default: ~/.cache/kiln, else /tmp/kiln-cache)",
@@ -183,7 +189,11 @@ def serve_options(args: argparse.Namespace) -> Any:
         default_deadline=args.default_deadline or None,
         workers=args.workers,
         session=SessionOptions(
-            provider=args.provider, intra_op_threads=args.threads, spin=args.spin, cache_dir=args.cache_dir
+            provider=args.provider,
+            intra_op_threads=args.threads,
+            spin=args.spin,
+            cache_dir=args.cache_dir,
+            cuda_graphs=args.cuda_graphs,
         ),
         auth_token=args.auth_token,
         tls_cert=args.tls_cert and Path(args.tls_cert),
