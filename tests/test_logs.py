@@ -59,6 +59,8 @@ def test_access_log_and_request_ids_from_the_caller_and_back(task_packages):
         assert status == 400 and headers["X-Request-ID"] == "caller-id-2"  # refused, still echoed
         status, headers = _post(url, body, {})
         assert status == 200 and len(headers["X-Request-ID"]) == 32  # kiln's own, when the caller gives none
+        status, headers = _post(url, {**body, "id": "kserve-id-4"}, {})
+        assert status == 200 and headers["X-Request-ID"] == "kserve-id-4"  # else the KServe request's id
         request = pb.ModelInferRequest(model_name="cls")
         request.inputs.add(name="text", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"Great.")
         with grpc.insecure_channel(server.address) as channel:
@@ -71,7 +73,7 @@ def test_access_log_and_request_ids_from_the_caller_and_back(task_packages):
     assert access["caller-id-1"]["code"] == "OK" and access["caller-id-1"]["api"] == "kserve-http"
     assert access["caller-id-2"]["code"] == "INVALID_ARGUMENT" and access["caller-id-2"]["model"] == "cls"
     assert access["caller-id-3"]["api"] == "kserve" and access["caller-id-3"]["ms"] > 0
-    assert len(access) == 4
+    assert access["kserve-id-4"]["code"] == "OK" and len(access) == 5
 
 
 def test_no_access_log_unless_asked(task_packages):

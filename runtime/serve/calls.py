@@ -20,6 +20,12 @@ CALL = web.RequestKey("kiln_call", Call)  # an HTTP inference request's Call, fo
 Handler = Callable[[web.Request, Call], Awaitable[web.StreamResponse]]
 
 
+def kserve_id(call: Call, request: Any, body_id: Any) -> None:
+    """An HTTP KServe request's body `id` as its request id, where no X-Request-ID header gave one."""
+    if REQUEST_ID not in request.headers:
+        call.request_id = _given(body_id) or call.request_id
+
+
 def _given(value: Any) -> str | None:
     return value if isinstance(value, str) and 0 < len(value) <= MAX_REQUEST_ID and value.isprintable() else None
 
@@ -39,11 +45,12 @@ def counted_route(plane: DataPlane, api: str, handler: Handler) -> Callable[[web
     return route
 
 
-def grpc_call(context: Any, api: str, model: str) -> Call:
-    """A gRPC call's Call: its deadline, and its id (from `x-request-id` metadata, else kiln's),
-    which goes back to the caller in the trailing metadata, whatever the outcome."""
+def grpc_call(context: Any, api: str, model: str, kserve_id: str = "") -> Call:
+    """A gRPC call's Call: its deadline, and its id (from `x-request-id` metadata, else the KServe
+    request's `id`, else kiln's), which goes back to the caller in the trailing metadata, whatever
+    the outcome."""
     call = Call(api, context.time_remaining(), model)
     given = next((v for k, v in context.invocation_metadata() or () if k == GRPC_REQUEST_ID), None)
-    call.request_id = _given(given) or call.request_id
+    call.request_id = _given(given) or _given(kserve_id) or call.request_id
     context.set_trailing_metadata(((GRPC_REQUEST_ID, call.request_id),))
     return call

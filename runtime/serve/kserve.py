@@ -53,7 +53,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return ParseDict(stats, pb.ModelStatisticsResponse())
 
     async def ModelInfer(self, request, context):
-        call = grpc_call(context, "kserve", request.model_name)
+        call = grpc_call(context, "kserve", request.model_name, request.id)
         try:
             async with self.plane.counted(call):
                 return await self._infer(request, call)
