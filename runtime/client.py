@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from kiln.proto import grpc_service_pb2 as kserve
 from kiln.proto import grpc_service_pb2_grpc as kserve_grpc
 from kiln.proto import kiln_pb2 as pb
 from kiln.proto import kiln_pb2_grpc as pb_grpc
+from kiln.runtime.wire import DTYPES, unpack_bytes
 
 # Spread calls over every replica an address resolves to, stop sending to a replica as soon as its
 # health says it is draining, and retry a call only when a replica refused it (UNAVAILABLE), never
@@ -197,13 +197,10 @@ def _set_parameter(parameter: Any, value: Any) -> None:
 
 def _decode_output(tensor: Any, raw: bytes) -> list[Any]:
     if tensor.datatype != "BYTES":
-        dtype = {"FP32": np.float32, "INT64": np.int64, "FP64": np.float64, "INT32": np.int32}[tensor.datatype]
-        return np.frombuffer(raw, dtype=dtype).reshape(list(tensor.shape)).tolist()
-    values, at = [], 0
-    while at < len(raw):
-        (length,) = struct.unpack_from("<I", raw, at)
-        text = raw[at + 4 : at + 4 + length].decode("utf-8")
-        at += 4 + length
+        return np.frombuffer(raw, dtype=DTYPES[tensor.datatype]).reshape(list(tensor.shape)).tolist()
+    values = []
+    for element in unpack_bytes(raw, tensor.name):
+        text = element.decode("utf-8")
         try:
             values.append(json.loads(text) if text[:1] in "[{" else text)
         except json.JSONDecodeError:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hmac
 import json
-import struct
 from typing import Any
 
 import numpy as np
@@ -28,8 +27,9 @@ from kiln.runtime.serve.dataplane import Call, DataPlane, InferRequest
 from kiln.runtime.serve.generative import Chunk
 from kiln.runtime.serve.openai import OpenAiApi
 from kiln.runtime.serve.status import http_status_of
-from kiln.runtime.serve.tensors import DTYPES, element_count
+from kiln.runtime.serve.tensors import element_count
 from kiln.runtime.tasks.generation import GenerateRequest, read_request
+from kiln.runtime.wire import DTYPES, datatype_of, from_raw, to_raw
 
 HEADER_LENGTH = "Inference-Header-Content-Length"  # Triton's binary tensor data extension
 OPEN_PATHS = ("/v2/health/",)  # probes need no token
@@ -159,9 +159,9 @@ class HttpApi:
             body["id"] = result.id
         blobs = []
         for output_name, array in result.outputs.items():
-            tensor = {"name": output_name, "datatype": _datatype(array), "shape": list(array.shape)}
+            tensor = {"name": output_name, "datatype": datatype_of(array), "shape": list(array.shape)}
             if binary_outputs(output_name):
-                blob = _to_binary(array)
+                blob = to_raw(array)
                 tensor["parameters"] = {"binary_data_size": len(blob)}
                 blobs.append(blob)
             else:
@@ -320,7 +320,7 @@ def _read_tensor(tensor: dict[str, Any], binary: bytes, offset: int) -> tuple[np
     if size is not None:
         if not isinstance(size, int) or size < 0 or offset + size > len(binary):
             raise InvalidInput(f"input {name!r}: binary_data_size {size!r} runs past the binary data")
-        return _from_binary(name, datatype, shape, count, binary[offset : offset + size]), offset + size
+        return from_raw(name, datatype, tuple(shape), count, binary[offset : offset + size]), offset + size
     if "data" not in tensor:
         raise InvalidInput(f"input {name!r} has no 'data'")
     flat = _flatten(tensor["data"])
@@ -342,28 +342,6 @@ def _read_tensor(tensor: dict[str, Any], binary: bytes, offset: int) -> tuple[np
         raise InvalidInput(f"input {name!r}: a value does not fit in {datatype}") from exc
 
 
-def _from_binary(name: str, datatype: Any, shape: list[int], count: int, blob: bytes) -> np.ndarray:
-    if datatype == "BYTES":
-        values, at = [], 0
-        while at < len(blob):
-            if at + 4 > len(blob):
-                raise InvalidInput(f"input {name!r}: truncated BYTES element length at byte {at}")
-            (length,) = struct.unpack_from("<I", blob, at)
-            values.append(blob[at + 4 : at + 4 + length])
-            at += 4 + length
-        if at != len(blob) or len(values) != count:
-            raise InvalidInput(f"input {name!r}: binary BYTES data does not hold {count} elements")
-        array = np.empty(count, dtype=object)
-        array[:] = values
-        return array.reshape(shape)
-    if datatype not in DTYPES:
-        raise InvalidInput(f"input {name!r}: unsupported datatype {datatype!r}")
-    dtype = np.dtype(DTYPES[datatype])
-    if len(blob) != count * dtype.itemsize:
-        raise InvalidInput(f"input {name!r}: {datatype} {shape} needs {count * dtype.itemsize} bytes, got {len(blob)}")
-    return np.frombuffer(blob, dtype=dtype).reshape(shape)
-
-
 def _object(value: Any, what: str) -> dict[str, Any]:
     if value is None:
         return {}
@@ -381,20 +359,7 @@ def _flatten(data: Any) -> list[Any]:
     return out
 
 
-def _datatype(array: np.ndarray) -> str:
-    if array.dtype == object:
-        return "BYTES"
-    return next(name for name, dtype in DTYPES.items() if np.dtype(dtype) == array.dtype)
-
-
 def _to_json(array: np.ndarray) -> list[Any]:
     if array.dtype == object:
         return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in array.ravel()]
     return array.ravel().tolist()
-
-
-def _to_binary(array: np.ndarray) -> bytes:
-    if array.dtype == object:
-        items = (v if isinstance(v, bytes) else str(v).encode() for v in array.ravel())
-        return b"".join(struct.pack("<I", len(v)) + v for v in items)
-    return np.ascontiguousarray(array).tobytes()

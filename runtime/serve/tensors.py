@@ -2,27 +2,13 @@
 
 from __future__ import annotations
 
-import struct
 from typing import Any
 
 import numpy as np
 from kiln.proto import grpc_service_pb2 as pb
 from kiln.runtime.errors import InvalidInput
+from kiln.runtime.wire import DTYPES, datatype_of, from_raw, to_raw
 
-DTYPES = {
-    "BOOL": np.bool_,
-    "UINT8": np.uint8,
-    "UINT16": np.uint16,
-    "UINT32": np.uint32,
-    "UINT64": np.uint64,
-    "INT8": np.int8,
-    "INT16": np.int16,
-    "INT32": np.int32,
-    "INT64": np.int64,
-    "FP16": np.float16,
-    "FP32": np.float32,
-    "FP64": np.float64,
-}
 MAX_ELEMENTS = 1 << 28  # elements in one input tensor; far beyond any message size a server accepts
 CONTENTS_FIELD = {
     "BOOL": "bool_contents",
@@ -70,8 +56,10 @@ def decode_tensor(tensor: Any, raw: bytes | None) -> np.ndarray:
     shape = tuple(int(d) for d in tensor.shape)
     count = element_count(tensor.name, shape)
     datatype = tensor.datatype
+    if raw is not None:
+        return from_raw(tensor.name, datatype, shape, count, raw)
     if datatype == "BYTES":
-        values = _parse_bytes(raw, tensor.name) if raw is not None else list(tensor.contents.bytes_contents)
+        values = list(tensor.contents.bytes_contents)
         if len(values) != count:
             raise InvalidInput(f"input {tensor.name!r}: shape {list(shape)} holds {count} elements, got {len(values)}")
         array = np.empty(len(values), dtype=object)
@@ -80,50 +68,17 @@ def decode_tensor(tensor: Any, raw: bytes | None) -> np.ndarray:
     if datatype not in DTYPES:
         raise InvalidInput(f"input {tensor.name!r}: unsupported datatype {datatype!r}")
     dtype = np.dtype(DTYPES[datatype])
-    if raw is not None:
-        if len(raw) != count * dtype.itemsize:
-            raise InvalidInput(
-                f"input {tensor.name!r}: shape {list(shape)} of {datatype} needs {count * dtype.itemsize} bytes, "
-                f"got {len(raw)}"
-            )
-        return np.frombuffer(raw, dtype=dtype).reshape(shape)
     values = getattr(tensor.contents, CONTENTS_FIELD.get(datatype, "fp32_contents"))
     if len(values) != count:
         raise InvalidInput(f"input {tensor.name!r}: shape {list(shape)} holds {count} elements, got {len(values)}")
     return np.array(values, dtype=dtype).reshape(shape)
 
 
-def _parse_bytes(raw: bytes, name: str) -> list[bytes]:
-    """BYTES elements on the wire: each a 4-byte little-endian length, then that many bytes."""
-    values, offset = [], 0
-    while offset < len(raw):
-        if offset + 4 > len(raw):
-            raise InvalidInput(f"input {name!r}: truncated BYTES element length at byte {offset}")
-        (length,) = struct.unpack_from("<I", raw, offset)
-        offset += 4
-        if offset + length > len(raw):
-            raise InvalidInput(f"input {name!r}: BYTES element of {length} bytes runs past the end of the data")
-        values.append(raw[offset : offset + length])
-        offset += length
-    return values
-
-
 def encode_outputs(response: pb.ModelInferResponse, outputs: dict[str, np.ndarray]) -> None:
     """Outputs as raw_output_contents (BYTES length-prefixed), as tritonclient reads them."""
     for name, array in outputs.items():
-        tensor = response.outputs.add(name=name, shape=list(array.shape))
-        if array.dtype == object:
-            tensor.datatype = "BYTES"
-            response.raw_output_contents.append(
-                b"".join(struct.pack("<I", len(v)) + v for v in (_as_bytes(x) for x in array.ravel()))
-            )
-        else:
-            tensor.datatype = next(k for k, v in DTYPES.items() if np.dtype(v) == array.dtype)
-            response.raw_output_contents.append(np.ascontiguousarray(array).tobytes())
-
-
-def _as_bytes(value: Any) -> bytes:
-    return value if isinstance(value, bytes) else str(value).encode("utf-8")
+        response.outputs.add(name=name, shape=list(array.shape), datatype=datatype_of(array))
+        response.raw_output_contents.append(to_raw(array))
 
 
 def parameters(params: Any) -> dict[str, Any]:
