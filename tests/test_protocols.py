@@ -264,3 +264,18 @@ def test_class_count_is_tritons_classification_extension(server, local, client):
     with pytest.raises(Exception, match="classification"):
         asked = [triton.InferRequestedOutput("label", class_count=2)]  # a BYTES output has no classes to rank
         triton.InferenceServerClient(address).infer("cls", [tensor], outputs=asked)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_top_k_is_honoured_on_kserve_too(server, local, protocol):
+    """top_k means on KServe what it means on kiln.v1 and in process: the k best, [N, k]."""
+    out = protocol(server, "cls", {"text": TEXTS}, {"top_k": 2})
+    expected = local["cls"](TEXTS, top_k=2)
+    assert out["label"].shape == (len(TEXTS), 2)
+    assert [[_text(x) for x in row] for row in out["label"]] == [[r["label"] for r in e] for e in expected]
+    assert np.allclose(out["score"].astype(float), [[r["score"] for r in e] for e in expected], atol=1e-6)
+    out = protocol(server, "qa", {"question": QUESTIONS, "context": CONTEXTS}, {"top_k": 3})
+    expected = local["qa"](QUESTIONS, CONTEXTS, top_k=3)
+    assert out["answer"].shape == (len(QUESTIONS), 3)
+    assert [[_text(x) for x in row] for row in out["answer"]] == [[a["answer"] for a in e] for e in expected]
+    assert out["start"].astype(int).tolist() == [[a["start"] for a in e] for e in expected]

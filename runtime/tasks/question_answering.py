@@ -33,13 +33,18 @@ def _lists(answers: list[Any], top_k: int) -> list[list[dict[str, Any]]]:
 
 
 def encode(answers: list[list[dict[str, Any]]], params: Params) -> dict[str, np.ndarray]:
-    best = [a[0] for a in answers]
-    return {
-        "answer": bytes_tensor([a["answer"] for a in best]),
-        "score": np.array([a["score"] for a in best], dtype=np.float32),
-        "start": np.array([a["start"] for a in best], dtype=np.int64),
-        "end": np.array([a["end"] for a in best], dtype=np.int64),
+    """The best answer per question, [N]; with top_k above 1, the k best, [N, k], a question with
+    fewer possible answers padded with "" (score 0, start and end -1)."""
+    k = params["top_k"]
+    padding = {"answer": "", "score": 0.0, "start": -1, "end": -1}
+    rows = [(a + [padding] * k)[:k] for a in answers]
+    out = {
+        "answer": bytes_tensor([x["answer"] for r in rows for x in r]).reshape(len(rows), k),
+        "score": np.array([[x["score"] for x in r] for r in rows], dtype=np.float32),
+        "start": np.array([[x["start"] for x in r] for r in rows], dtype=np.int64),
+        "end": np.array([[x["end"] for x in r] for r in rows], dtype=np.int64),
     }
+    return {name: value[:, 0] for name, value in out.items()} if k == 1 else out
 
 
 def from_typed(request: pb.AnswerRequest) -> tuple[Texts, Params]:
@@ -90,7 +95,7 @@ SPEC = TaskSpec(
         Tensor("end", "INT64", (-1,)),
     ),
     parameters=(
-        Param("top_k", int, 1, minimum=1, help="answers per question (kiln.v1; KServe answers the best one)"),
+        Param("top_k", int, 1, minimum=1, help="answers per question (KServe: every output [N, k])"),
         Param("max_answer_len", int, 15, minimum=1, help="longest answer, in tokens"),
         Param("handle_impossible_answer", bool, False, help="allow the empty answer"),
         Param("max_seq_len", int, None, minimum=8, help="window length (default: min(model's, 384))"),

@@ -33,11 +33,14 @@ def prepare(pipe: TextClassificationPipeline, texts: Texts, params: Params) -> P
 
 
 def encode(answers: Classified, params: Params) -> dict[str, np.ndarray]:
-    return {
-        "label": bytes_tensor([r[0]["label"] for r in answers.ranked]),
-        "score": np.array([r[0]["score"] for r in answers.ranked], dtype=np.float32),
-        "logits": answers.logits.astype(np.float32),
-    }
+    """The best label and score per text, [N]; with top_k other than 1, the k best, [N, k] (-1: all)."""
+    k = params["top_k"]
+    ranked = [r[: k if k > 0 else None] for r in answers.ranked]
+    label = bytes_tensor([x["label"] for r in ranked for x in r]).reshape(len(ranked), -1)
+    score = np.array([[x["score"] for x in r] for r in ranked], dtype=np.float32)
+    if k == 1:
+        label, score = label[:, 0], score[:, 0]
+    return {"label": label, "score": score, "logits": answers.logits.astype(np.float32)}
 
 
 def from_typed(request: pb.ClassifyRequest) -> tuple[Texts, Params]:
@@ -86,7 +89,7 @@ SPEC = TaskSpec(
         Tensor("logits", "FP32", (-1, "labels")),
     ),
     parameters=(
-        Param("top_k", int, 1, minimum=-1, help="labels per text, -1 for all (kiln.v1; KServe answers the best)"),
+        Param("top_k", int, 1, minimum=-1, help="labels per text, -1 for all (KServe: label and score [N, k])"),
         Param("function_to_apply", str, None, choices=FUNCTIONS, help="default: the model's (softmax or sigmoid)"),
         Param("truncation", bool, True, help="cut over-long text (false: refuse it)"),
     ),
