@@ -20,7 +20,7 @@ CALL = web.RequestKey("kiln_call", Call)  # an HTTP inference request's Call, fo
 Handler = Callable[[web.Request, Call], Awaitable[web.StreamResponse]]
 
 
-def kserve_id(call: Call, request: Any, body_id: Any) -> None:
+def take_kserve_id(call: Call, request: Any, body_id: Any) -> None:
     """An HTTP KServe request's body `id` as its request id, where no X-Request-ID header gave one."""
     if REQUEST_ID not in request.headers:
         call.request_id = _given(body_id) or call.request_id

@@ -22,7 +22,7 @@ from kiln.runtime.errors import InvalidInput, KilnError, Unauthenticated
 from kiln.runtime.inputs import parse_json
 from kiln.runtime.serve import openai_codec
 from kiln.runtime.serve.bodies import BODY_TIMEOUT, json_body, read_body
-from kiln.runtime.serve.calls import CALL, REQUEST_ID, counted_route, kserve_id
+from kiln.runtime.serve.calls import CALL, REQUEST_ID, counted_route, take_kserve_id
 from kiln.runtime.serve.dataplane import Call, DataPlane, InferRequest
 from kiln.runtime.serve.generative import Chunk
 from kiln.runtime.serve.openai import OpenAiApi
@@ -150,7 +150,7 @@ class HttpApi:
         name, version = _model(request)
         header, binary = await _split_body(request)
         infer, binary_outputs = read_infer_request(name, version, header, binary)
-        kserve_id(call, request, infer.id)
+        take_kserve_id(call, request, infer.id)
         timeout = infer.parameters.get("timeout")  # Triton: microseconds
         call.timeout = timeout / 1e6 if isinstance(timeout, int) and timeout > 0 else None
         result = await self.plane.infer(infer, call)
