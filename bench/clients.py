@@ -94,12 +94,12 @@ class KilnTyped(AbstractAsyncContextManager):
         import grpc
         from kiln.proto import kiln_pb2 as pb
         from kiln.proto import kiln_pb2_grpc
-        from kiln.runtime.tasks import spec_for
+        from kiln.runtime.serve.typed_codec import CODECS
 
         self._channel = grpc.aio.insecure_channel(self.target.grpc)
-        spec = spec_for(self.target.task)
-        call = getattr(kiln_pb2_grpc.KilnStub(self._channel), spec.rpc)
-        message = getattr(pb, f"{spec.rpc}Request")
+        rpc = CODECS[self.target.task].rpc
+        call = getattr(kiln_pb2_grpc.KilnStub(self._channel), rpc)
+        message = getattr(pb, f"{rpc}Request")
         field_name = message.DESCRIPTOR.fields[1].name  # the repeated texts after `model`
 
         async def send(text: str) -> None:

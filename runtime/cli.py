@@ -108,7 +108,7 @@ def _add_input_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _tasks(args: argparse.Namespace) -> int:
-    from kiln.runtime.tasks.table import markdown
+    from kiln.runtime.serve.table import markdown
 
     print(markdown())
     return 0

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from kiln.runtime.errors import InvalidInput
+from kiln.runtime.serve.table import markdown
 from kiln.runtime.tasks import SPECS, spec_for
-from kiln.runtime.tasks.table import markdown
 
 
 @pytest.mark.parametrize(
@@ -51,11 +51,17 @@ def test_inputs_are_checked_by_name_and_shape():
 
 
 def test_every_task_has_one_rpc_and_one_head():
-    """One typed RPC per encoder task; the generators share Generate (and GenerateStream)."""
+    """Every task has a kiln.v1 codec: one RPC per encoder task; the generators share Generate (and
+    GenerateStream). Task modules carry no protobuf."""
+    from kiln.runtime.serve.typed_codec import CODECS
+
     encoders = [spec for spec in SPECS.values() if not spec.generative]
-    assert len({spec.rpc for spec in encoders}) == len(encoders)
-    assert {spec.rpc for spec in SPECS.values() if spec.generative} == {"Generate"}
+    assert set(CODECS) == set(SPECS)
+    assert len({CODECS[spec.task].rpc for spec in encoders}) == len(encoders)
+    assert {CODECS[spec.task].rpc for spec in SPECS.values() if spec.generative} == {"Generate"}
     assert all(spec.inputs and spec.outputs for spec in SPECS.values())
+    tasks = Path(__file__).parents[1] / "runtime" / "tasks"
+    assert not [p.name for p in tasks.glob("*.py") if "kiln_pb2" in p.read_text(encoding="utf-8")]
 
 
 def test_readme_table_is_the_specs_table():

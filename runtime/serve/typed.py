@@ -1,4 +1,5 @@
-"""kiln.v1: one typed RPC per task, a thin adapter over the data plane through each task's spec."""
+"""kiln.v1: one typed RPC per task, a thin adapter over the data plane through each task's codec
+(kiln.runtime.serve.typed_codec)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from kiln.runtime.serve.calls import grpc_call
 from kiln.runtime.serve.dataplane import DataPlane
 from kiln.runtime.serve.models import ServedModel
 from kiln.runtime.serve.status import status_of
-from kiln.runtime.tasks import SPECS, TaskSpec, generation
+from kiln.runtime.serve.typed_codec import CODECS, GENERATE, TypedCodec
 from kiln.runtime.tasks.generation import GenerateRequest
 
 
@@ -43,18 +44,18 @@ class KilnService(pb_grpc.KilnServicer):
         except KilnError as exc:
             await context.abort(*status_of(exc))
 
-    async def _task(self, spec: TaskSpec, request: Any, context: Any) -> Any:
-        call = grpc_call(context, spec.rpc, request.model)
+    async def _task(self, codec: TypedCodec, request: Any, context: Any) -> Any:
+        call = grpc_call(context, codec.rpc, request.model)
         try:
             async with self.plane.counted(call):
                 model = self.plane.admit(request.model, "", call)
-                if model.spec.rpc != spec.rpc:
-                    raise InvalidInput(
-                        f"model {model.name!r} is a {model.manifest.task} model; {spec.rpc} needs a {spec.task} model"
-                    )
-                texts, params = spec.from_typed(request)
+                if CODECS[model.manifest.task] is not codec:
+                    tasks = " or ".join(task for task, c in CODECS.items() if c is codec)
+                    task = model.manifest.task
+                    raise InvalidInput(f"model {model.name!r} is a {task} model; {codec.rpc} needs a {tasks} model")
+                texts, params = codec.read(request)
                 answered = await self.plane.answer(request.model, "", texts, params, call)
-                return spec.to_typed(answered.answers, answered.params)
+                return codec.write(answered.answers, answered.params)
         except KilnError as exc:
             await context.abort(*status_of(exc))
 
@@ -63,7 +64,7 @@ class KilnService(pb_grpc.KilnServicer):
         call = grpc_call(context, "GenerateStream", request.model)
         try:
             async with self.plane.counted(call):
-                texts, params = generation.from_typed(request)
+                texts, params = GENERATE.read(request)
                 generate = GenerateRequest(texts["text_input"], params)
                 async for chunk in self.plane.generate_stream(request.model, "", generate, call):
                     yield pb.GenerateChunk(
@@ -78,13 +79,13 @@ class KilnService(pb_grpc.KilnServicer):
             await context.abort(*status_of(exc))
 
 
-def _rpc(spec: TaskSpec) -> Any:
+def _rpc(codec: TypedCodec) -> Any:
     async def handler(self: KilnService, request: Any, context: Any) -> Any:
-        return await self._task(spec, request, context)
+        return await self._task(codec, request, context)
 
-    handler.__name__ = spec.rpc
+    handler.__name__ = codec.rpc
     return handler
 
 
-for _spec in SPECS.values():  # one RPC per task, each read from the task's spec
-    setattr(KilnService, _spec.rpc, _rpc(_spec))
+for _codec in {codec.rpc: codec for codec in CODECS.values()}.values():  # one RPC per codec (Generate: 4 tasks)
+    setattr(KilnService, _codec.rpc, _rpc(_codec))

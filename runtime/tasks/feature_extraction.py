@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from kiln.proto import kiln_pb2 as pb
 from kiln.runtime.pipelines.base import Prepared
 from kiln.runtime.pipelines.feature_extraction import POOLING_MODES, FeatureExtractionPipeline, normalize, pool
 from kiln.runtime.tasks.spec import Gate, Param, Params, TaskSpec, Tensor, Texts
@@ -13,15 +12,6 @@ from kiln.runtime.tasks.spec import Gate, Param, Params, TaskSpec, Tensor, Texts
 
 def prepare(pipe: FeatureExtractionPipeline, texts: Texts, params: Params) -> Prepared:
     return pipe.prepare(texts["text"], params["pooling"], params["normalize"], params["truncation"])
-
-
-def from_typed(request: pb.EmbedRequest) -> tuple[Texts, Params]:
-    normalize_ = request.normalize if request.HasField("normalize") else None
-    return {"text": list(request.texts)}, {"pooling": request.pooling or None, "normalize": normalize_}
-
-
-def to_typed(vectors: np.ndarray, params: Params) -> pb.EmbedResponse:
-    return pb.EmbedResponse(embeddings=[pb.Embedding(values=v.tolist()) for v in vectors], dimension=vectors.shape[1])
 
 
 def _theirs(hf: Any, items: Texts, reference: list[dict[str, np.ndarray]], pooling: Any) -> list[Any]:
@@ -53,9 +43,6 @@ SPEC = TaskSpec(
     ),
     prepare=prepare,
     encode=lambda vectors, params: {"embedding": vectors.astype(np.float32)},
-    rpc="Embed",
-    from_typed=from_typed,
-    to_typed=to_typed,
     gate=Gate(hf_task=None, items=lambda texts, mask: {"text": texts}, theirs=_theirs, agreement=_cosines),
     pooling=True,
 )

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from kiln.proto import kiln_pb2 as pb
 from kiln.runtime.pipelines.base import Prepared
 from kiln.runtime.pipelines.fill_mask import FillMaskPipeline
 from kiln.runtime.tasks.spec import Gate, Param, Params, TaskSpec, Tensor, Texts, json_tensor
@@ -13,32 +12,6 @@ from kiln.runtime.tasks.spec import Gate, Param, Params, TaskSpec, Tensor, Texts
 
 def prepare(pipe: FillMaskPipeline, texts: Texts, params: Params) -> Prepared:
     return pipe.prepare(texts["text"], top_k=params["top_k"], targets=params["targets"])
-
-
-def from_typed(request: pb.FillMaskRequest) -> tuple[Texts, Params]:
-    return {"text": list(request.texts)}, {"top_k": request.top_k or None, "targets": list(request.targets) or None}
-
-
-def to_typed(answers: list[Any], params: Params) -> pb.FillMaskResponse:
-    response = pb.FillMaskResponse()
-    for result in answers:
-        masks = result if result and isinstance(result[0], list) else [result]
-        response.results.append(
-            pb.FillMaskResult(
-                masks=[
-                    pb.MaskFills(
-                        fills=[
-                            pb.Fill(
-                                token_str=f["token_str"], token=f["token"], score=f["score"], sequence=f["sequence"]
-                            )
-                            for f in fills
-                        ]
-                    )
-                    for fills in masks
-                ]
-            )
-        )
-    return response
 
 
 def _items(texts: list[str], mask: str | None) -> Texts:
@@ -73,9 +46,6 @@ SPEC = TaskSpec(
     ),
     prepare=prepare,
     encode=lambda answers, params: {"result": json_tensor(answers)},
-    rpc="FillMask",
-    from_typed=from_typed,
-    to_typed=to_typed,
     gate=Gate(
         hf_task="fill-mask",
         items=_items,

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from kiln.proto import kiln_pb2 as pb
 from kiln.runtime.errors import InvalidInput
 from kiln.runtime.generation.settings import ALIASES, REQUEST_FIELDS
 from kiln.runtime.inputs import parse_json
@@ -24,7 +23,7 @@ from kiln.runtime.pipelines.text_generation import (
     TextGenerationPipeline,
     TranslationPipeline,
 )
-from kiln.runtime.tasks.spec import Gate, Param, Params, TaskSpec, Tensor, Texts, bytes_tensor, utf8_strings
+from kiln.runtime.tasks.spec import Gate, Param, Params, TaskSpec, Tensor, bytes_tensor, utf8_strings
 
 _HELP = {
     "max_new_tokens": "default: the model's generation config, else 256",
@@ -118,33 +117,6 @@ def encode(answers: list[Generated], params: Params) -> dict[str, Any]:
     return {"text_output": bytes_tensor([a.text for a in answers])}
 
 
-def from_typed(request: pb.GenerateRequest) -> tuple[Texts, Params]:
-    params: Params = {}
-    for name in REQUEST_FIELDS:
-        if name == "stop":
-            params["stop"] = list(request.stop) or None
-        elif request.HasField(name):
-            params[name] = getattr(request, name)
-    params["truncate"] = request.truncate
-    if request.HasField("return_full_text"):
-        params["return_full_text"] = request.return_full_text
-    return {"text_input": list(request.prompts)}, params
-
-
-def to_typed(answers: list[Generated], params: Params) -> pb.GenerateResponse:
-    return pb.GenerateResponse(results=[generation(a) for a in answers])
-
-
-def generation(answer: Generated) -> pb.Generation:
-    return pb.Generation(
-        text=answer.text,
-        finish_reason=answer.finish_reason,
-        prompt_tokens=answer.prompt_tokens,
-        generated_tokens=answer.tokens,
-        truncated=answer.truncated,
-    )
-
-
 def _not_a_pipeline_call(*args: Any) -> Any:
     raise InvalidInput("generation runs through the decoding loop, not the encoder batcher")
 
@@ -173,9 +145,6 @@ def _spec(
         parameters=PARAMETERS,
         prepare=_not_a_pipeline_call,
         encode=encode,
-        rpc="Generate",
-        from_typed=from_typed,
-        to_typed=to_typed,
         gate=Gate(
             hf_task=task,
             items=lambda texts, mask: {"text_input": texts},

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from kiln.proto import kiln_pb2 as pb
 from kiln.runtime.pipelines.base import Prepared
 from kiln.runtime.pipelines.question_answering import QuestionAnsweringPipeline
 from kiln.runtime.tasks.spec import Gate, Param, Params, TaskSpec, Tensor, Texts, bytes_tensor
@@ -47,28 +46,6 @@ def encode(answers: list[list[dict[str, Any]]], params: Params) -> dict[str, np.
     return {name: value[:, 0] for name, value in out.items()} if k == 1 else out
 
 
-def from_typed(request: pb.AnswerRequest) -> tuple[Texts, Params]:
-    texts = {"question": list(request.questions), "context": list(request.contexts)}
-    params = {
-        "top_k": request.top_k or None,
-        "max_answer_len": request.max_answer_len or None,
-        "handle_impossible_answer": request.handle_impossible_answer,
-        "doc_stride": request.doc_stride or None,
-    }
-    return texts, params
-
-
-def to_typed(answers: list[list[dict[str, Any]]], params: Params) -> pb.AnswerResponse:
-    return pb.AnswerResponse(
-        results=[
-            pb.Answers(
-                answers=[pb.Span(answer=a["answer"], score=a["score"], start=a["start"], end=a["end"]) for a in r]
-            )
-            for r in answers
-        ]
-    )
-
-
 def _items(texts: list[str], mask: str | None) -> Texts:
     return {"question": [QUESTIONS[i % len(QUESTIONS)] for i in range(len(texts))], "context": texts}
 
@@ -103,9 +80,6 @@ SPEC = TaskSpec(
     ),
     prepare=prepare,
     encode=encode,
-    rpc="Answer",
-    from_typed=from_typed,
-    to_typed=to_typed,
     gate=Gate(
         hf_task="question-answering",
         items=_items,

@@ -120,9 +120,6 @@ class TaskSpec:
     parameters: tuple[Param, ...]
     prepare: Callable[[Pipeline, Texts, Params], Prepared]  # answers come out of Prepared.finish
     encode: Callable[[Any, Params], dict[str, np.ndarray]]  # answers -> KServe output tensors
-    rpc: str  # the kiln.v1 RPC
-    from_typed: Callable[[Any], tuple[Texts, Params]]  # kiln.v1 request -> inputs and raw parameters
-    to_typed: Callable[[Any, Params], Any]  # answers -> kiln.v1 response
     gate: Gate
     # what the export reads of the model for this task
     labels: bool = False  # the head's labels (config id2label) go into the manifest

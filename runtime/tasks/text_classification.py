@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from kiln.proto import kiln_pb2 as pb
 from kiln.runtime.errors import InvalidInput
 from kiln.runtime.pipelines.base import Prepared
 from kiln.runtime.pipelines.text_classification import FUNCTIONS, TextClassificationPipeline
@@ -43,31 +42,6 @@ def encode(answers: Classified, params: Params) -> dict[str, np.ndarray]:
     return {"label": label, "score": score, "logits": answers.logits.astype(np.float32)}
 
 
-def from_typed(request: pb.ClassifyRequest) -> tuple[Texts, Params]:
-    texts = {"text": list(request.texts)}
-    if request.text_pairs:
-        texts["text_pair"] = list(request.text_pairs)
-    params = {
-        "top_k": request.top_k or None,  # 0: unset (1); -1: all
-        "function_to_apply": request.function_to_apply or None,
-        "truncation": not request.no_truncation,
-    }
-    return texts, params
-
-
-def to_typed(answers: Classified, params: Params) -> pb.ClassifyResponse:
-    top_k = params["top_k"] if params["top_k"] > 0 else None
-    return pb.ClassifyResponse(
-        results=[
-            pb.Classification(
-                labels=[pb.Label(label=r["label"], score=r["score"]) for r in ranked[:top_k]],
-                truncated=any(r.get("truncated", False) for r in ranked),
-            )
-            for ranked in answers.ranked
-        ]
-    )
-
-
 def _agreement(theirs: list[Any], ours: list[Any]) -> dict[str, Any]:
     pairs = list(zip(theirs, ours, strict=True))
     return {
@@ -95,9 +69,6 @@ SPEC = TaskSpec(
     ),
     prepare=prepare,
     encode=encode,
-    rpc="Classify",
-    from_typed=from_typed,
-    to_typed=to_typed,
     gate=Gate(
         hf_task="text-classification",
         items=lambda texts, mask: {"text": texts},

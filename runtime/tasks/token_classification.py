@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from kiln.proto import kiln_pb2 as pb
 from kiln.runtime.pipelines.base import Prepared
 from kiln.runtime.pipelines.token_classification import STRATEGIES, TokenClassificationPipeline
 from kiln.runtime.tasks.spec import Gate, Param, Params, TaskSpec, Tensor, Texts, json_tensor
@@ -13,31 +12,6 @@ from kiln.runtime.tasks.spec import Gate, Param, Params, TaskSpec, Tensor, Texts
 
 def prepare(pipe: TokenClassificationPipeline, texts: Texts, params: Params) -> Prepared:
     return pipe.prepare(texts["text"], params["aggregation_strategy"], params["ignore_labels"], params["truncation"])
-
-
-def from_typed(request: pb.TagTokensRequest) -> tuple[Texts, Params]:
-    return {"text": list(request.texts)}, {"aggregation_strategy": request.aggregation_strategy or None}
-
-
-def to_typed(answers: list[list[dict[str, Any]]], params: Params) -> pb.TagTokensResponse:
-    return pb.TagTokensResponse(
-        results=[
-            pb.Entities(
-                entities=[
-                    pb.Entity(
-                        entity=e.get("entity", e.get("entity_group")),
-                        score=e["score"],
-                        word=e["word"],
-                        start=e["start"],
-                        end=e["end"],
-                        index=e.get("index", 0),
-                    )
-                    for e in entities
-                ]
-            )
-            for entities in answers
-        ]
-    )
 
 
 def _entity_f1(theirs: list[list[dict]], ours: list[list[dict]]) -> dict[str, Any]:
@@ -68,9 +42,6 @@ SPEC = TaskSpec(
     ),
     prepare=prepare,
     encode=lambda answers, params: {"entities": json_tensor(answers)},
-    rpc="TagTokens",
-    from_typed=from_typed,
-    to_typed=to_typed,
     gate=Gate(
         hf_task="token-classification",
         items=lambda texts, mask: {"text": texts},

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from kiln.proto import kiln_pb2 as pb
 from kiln.runtime.errors import UnsupportedModel
 from kiln.runtime.pipelines.base import Prepared
 from kiln.runtime.pipelines.zero_shot import DEFAULT_TEMPLATE, ZeroShotClassificationPipeline
@@ -16,24 +15,6 @@ GATE_LABELS = ("politics", "economy", "sports", "technology")
 
 def prepare(pipe: ZeroShotClassificationPipeline, texts: Texts, params: Params) -> Prepared:
     return pipe.prepare(texts["text"], texts["candidate_labels"], params["hypothesis_template"], params["multi_label"])
-
-
-def from_typed(request: pb.ZeroShotRequest) -> tuple[Texts, Params]:
-    texts = {"text": list(request.texts), "candidate_labels": list(request.candidate_labels)}
-    return texts, {"hypothesis_template": request.hypothesis_template or None, "multi_label": request.multi_label}
-
-
-def to_typed(answers: list[dict[str, Any]], params: Params) -> pb.ZeroShotResponse:
-    return pb.ZeroShotResponse(
-        results=[
-            pb.Classification(
-                labels=[
-                    pb.Label(label=label, score=score) for label, score in zip(r["labels"], r["scores"], strict=True)
-                ]
-            )
-            for r in answers
-        ]
-    )
 
 
 def check_config(config: dict[str, Any]) -> None:
@@ -73,9 +54,6 @@ SPEC = TaskSpec(
     ),
     prepare=prepare,
     encode=lambda answers, params: {"result": json_tensor(answers)},
-    rpc="ZeroShot",
-    from_typed=from_typed,
-    to_typed=to_typed,
     gate=Gate(
         hf_task="zero-shot-classification",
         items=lambda texts, mask: {"text": texts, "candidate_labels": list(GATE_LABELS)},

@@ -1,8 +1,9 @@
-"""The wire contract of every task as a markdown table (`kiln tasks`), made from the specs, so
-docs/serving.md's table is the code's and a test keeps it so."""
+"""The wire contract of every task as a markdown table (`kiln tasks`), made from the task specs and
+the kiln.v1 codecs, so docs/serving.md's table is the code's and a test keeps it so."""
 
 from __future__ import annotations
 
+from kiln.runtime.serve.typed_codec import CODECS
 from kiln.runtime.tasks import SPECS
 from kiln.runtime.tasks.spec import Param, Tensor
 
@@ -26,6 +27,6 @@ def markdown() -> str:
     for spec in SPECS.values():
         lines.append(
             f"| {spec.task} | {'<br>'.join(map(_tensor, spec.inputs))} | {'<br>'.join(map(_tensor, spec.outputs))} "
-            f"| {'<br>'.join(map(_param, spec.parameters))} | `{spec.rpc}` |"
+            f"| {'<br>'.join(map(_param, spec.parameters))} | `{CODECS[spec.task].rpc}` |"
         )
     return "\n".join(lines)
