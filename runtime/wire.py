@@ -4,6 +4,7 @@ length and then that many bytes."""
 
 from __future__ import annotations
 
+import json
 import struct
 from collections.abc import Iterable
 from typing import Any
@@ -25,6 +26,18 @@ DTYPES = {
     "FP32": np.float32,
     "FP64": np.float64,
 }
+
+
+def bytes_tensor(values: list[str]) -> np.ndarray:
+    """Texts as a BYTES tensor [N] (an object array of UTF-8 bytes)."""
+    array = np.empty(len(values), dtype=object)
+    array[:] = [v.encode("utf-8") for v in values]
+    return array
+
+
+def json_tensor(values: list[Any]) -> np.ndarray:
+    """A JSON document per value, as a BYTES tensor [N]."""
+    return bytes_tensor([json.dumps(v, ensure_ascii=False) for v in values])
 
 
 def datatype_of(array: np.ndarray) -> str:

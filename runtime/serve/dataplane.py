@@ -24,6 +24,7 @@ from kiln.runtime.errors import Draining, InternalError, InvalidInput, KilnError
 from kiln.runtime.serve import describe
 from kiln.runtime.serve.batcher import RequestState
 from kiln.runtime.serve.generative import Chunk, GenerativeModel
+from kiln.runtime.serve.kserve_codec import CODECS as KSERVE
 from kiln.runtime.serve.metrics import Metrics
 from kiln.runtime.serve.models import ServedModel
 from kiln.runtime.serve.repository import Repository
@@ -141,7 +142,7 @@ class DataPlane:
         model = self.admit(request.model, request.version, call)
         if model.spec.generative:
             answered = await self._generate(model, read_request(request.inputs, request.parameters), call)
-            outputs = model.spec.encode(answered.answers, answered.params)
+            outputs = KSERVE[model.spec.task].encode(answered.answers, answered.params)
         elif any(name in request.inputs for name in TOKEN_INPUTS):
             rows = len(request.inputs.get("input_ids", ()))
             outputs = await self._timed(model, call, rows, lambda state: self._tokens(model, request.inputs, state))
@@ -150,7 +151,7 @@ class DataPlane:
             texts = spec.read_texts(request.inputs)
             params = spec.parse_params(request.parameters)
             answered = await self._answer(model, texts, params, call)
-            outputs = spec.encode(answered.answers, params)
+            outputs = KSERVE[spec.task].encode(answered.answers, params)
         outputs = _requested(outputs, request.outputs)
         for name, count in request.classification.items():
             outputs[name] = classification(outputs[name], count, list(model.manifest.labels), name)

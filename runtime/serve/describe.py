@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from kiln.runtime.serve.kserve_codec import CODECS
 from kiln.runtime.tasks.spec import Tensor
 
 CONFIG_TYPES = {
@@ -29,7 +30,7 @@ CONFIG_TYPES = {
 def metadata(model: Any) -> dict[str, Any]:
     """KServe v2 model metadata of a served model (ServedModel or GenerativeModel)."""
     inputs = [_tensor(t.name, t.datatype, _wire_shape(t, model)) for t in model.spec.inputs]
-    outputs = [_tensor(t.name, t.datatype, t.resolved_shape(model.sizes)) for t in model.spec.outputs]
+    outputs = [_tensor(t.name, t.datatype, t.resolved_shape(model.sizes)) for t in CODECS[model.spec.task].outputs]
     return {
         "name": model.name,
         "versions": [model.version],
@@ -74,7 +75,7 @@ def config(model: Any) -> dict[str, Any]:
         "input": inputs,
         "output": [
             {"name": t.name, "data_type": CONFIG_TYPES[t.datatype], "dims": t.resolved_shape(sizes)}
-            for t in spec.outputs
+            for t in CODECS[spec.task].outputs
         ],
         "dynamic_batching": {
             "preferred_batch_size": [options.max_size],

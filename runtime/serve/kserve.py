@@ -21,7 +21,7 @@ from kiln.runtime.serve.interceptors import Undecodable
 from kiln.runtime.serve.status import status_of
 from kiln.runtime.serve.tensors import decode_inputs, encode_outputs, parameters
 from kiln.runtime.tasks.generation import read_request
-from kiln.runtime.tasks.spec import bytes_tensor
+from kiln.runtime.wire import bytes_tensor
 
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):

@@ -3,6 +3,7 @@ the kiln.v1 codecs, so docs/serving.md's table is the code's and a test keeps it
 
 from __future__ import annotations
 
+from kiln.runtime.serve.kserve_codec import CODECS as KSERVE
 from kiln.runtime.serve.typed_codec import CODECS
 from kiln.runtime.tasks import SPECS
 from kiln.runtime.tasks.spec import Param, Tensor
@@ -25,8 +26,7 @@ def markdown() -> str:
         "|---|---|---|---|---|",
     ]
     for spec in SPECS.values():
-        lines.append(
-            f"| {spec.task} | {'<br>'.join(map(_tensor, spec.inputs))} | {'<br>'.join(map(_tensor, spec.outputs))} "
-            f"| {'<br>'.join(map(_param, spec.parameters))} | `{CODECS[spec.task].rpc}` |"
-        )
+        inputs, outputs = "<br>".join(map(_tensor, spec.inputs)), "<br>".join(map(_tensor, KSERVE[spec.task].outputs))
+        parameters = "<br>".join(map(_param, spec.parameters))
+        lines.append(f"| {spec.task} | {inputs} | {outputs} | {parameters} | `{CODECS[spec.task].rpc}` |")
     return "\n".join(lines)

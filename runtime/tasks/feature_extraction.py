@@ -35,14 +35,12 @@ SPEC = TaskSpec(
     head="Model",
     auto_class="AutoModel",
     inputs=(Tensor("text", "BYTES", (-1,)),),
-    outputs=(Tensor("embedding", "FP32", (-1, "hidden")),),
     parameters=(
         Param("pooling", str, None, choices=POOLING_MODES, help="default: the model's"),
         Param("normalize", bool, None, help="unit length (default: the model's)"),
         Param("truncation", bool, True, help="cut over-long text (false: refuse it)"),
     ),
     prepare=prepare,
-    encode=lambda vectors, params: {"embedding": vectors.astype(np.float32)},
     gate=Gate(hf_task=None, items=lambda texts, mask: {"text": texts}, theirs=_theirs, agreement=_cosines),
     pooling=True,
 )

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 from kiln.runtime.pipelines.base import Prepared
 from kiln.runtime.pipelines.fill_mask import FillMaskPipeline
-from kiln.runtime.tasks.spec import Gate, Param, Params, TaskSpec, Tensor, Texts, json_tensor
+from kiln.runtime.tasks.spec import Gate, Param, Params, TaskSpec, Tensor, Texts
 
 
 def prepare(pipe: FillMaskPipeline, texts: Texts, params: Params) -> Prepared:
@@ -39,13 +39,11 @@ SPEC = TaskSpec(
     head="ForMaskedLM",
     auto_class="AutoModelForMaskedLM",
     inputs=(Tensor("text", "BYTES", (-1,)),),
-    outputs=(Tensor("result", "BYTES", (-1,)),),  # JSON: the fills per text (a list per mask when several)
     parameters=(
         Param("top_k", int, 5, minimum=1, help="fills per mask"),
         Param("targets", list, None, help="rank only these tokens (default: the vocabulary)"),
     ),
     prepare=prepare,
-    encode=lambda answers, params: {"result": json_tensor(answers)},
     gate=Gate(
         hf_task="fill-mask",
         items=_items,

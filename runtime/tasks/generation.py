@@ -17,13 +17,12 @@ from kiln.runtime.errors import InvalidInput
 from kiln.runtime.generation.settings import ALIASES, REQUEST_FIELDS
 from kiln.runtime.inputs import parse_json
 from kiln.runtime.pipelines.text_generation import (
-    Generated,
     GenerationPipeline,
     SummarizationPipeline,
     TextGenerationPipeline,
     TranslationPipeline,
 )
-from kiln.runtime.tasks.spec import Gate, Param, Params, TaskSpec, Tensor, bytes_tensor, utf8_strings
+from kiln.runtime.tasks.spec import Gate, Param, Params, TaskSpec, Tensor, utf8_strings
 
 _HELP = {
     "max_new_tokens": "default: the model's generation config, else 256",
@@ -113,10 +112,6 @@ def settings_of(params: Params) -> dict[str, Any]:
     return {k: v for k, v in params.items() if v is not None and k not in PIPELINE_PARAMETERS}
 
 
-def encode(answers: list[Generated], params: Params) -> dict[str, Any]:
-    return {"text_output": bytes_tensor([a.text for a in answers])}
-
-
 def _not_a_pipeline_call(*args: Any) -> Any:
     raise InvalidInput("generation runs through the decoding loop, not the encoder batcher")
 
@@ -141,10 +136,8 @@ def _spec(
             Tensor("sampling_parameters", "BYTES", (1,), optional=True, per_row=False),
             Tensor("exclude_input_in_output", "BOOL", (1,), optional=True, per_row=False),
         ),
-        outputs=(Tensor("text_output", "BYTES", (-1,)),),
         parameters=PARAMETERS,
         prepare=_not_a_pipeline_call,
-        encode=encode,
         gate=Gate(
             hf_task=task,
             items=lambda texts, mask: {"text_input": texts},

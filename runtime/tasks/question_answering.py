@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 from kiln.runtime.pipelines.base import Prepared
 from kiln.runtime.pipelines.question_answering import QuestionAnsweringPipeline
-from kiln.runtime.tasks.spec import Gate, Param, Params, TaskSpec, Tensor, Texts, bytes_tensor
+from kiln.runtime.tasks.spec import Gate, Param, Params, TaskSpec, Tensor, Texts
 
 # the gate asks these of every validation sentence (English and Korean, as the corpus is)
 QUESTIONS = ("What happened?", "Who is it about?", "무엇에 관한 내용인가요?", "Where?")
@@ -31,21 +31,6 @@ def _lists(answers: list[Any], top_k: int) -> list[list[dict[str, Any]]]:
     return [a if top_k > 1 else [a] for a in answers]
 
 
-def encode(answers: list[list[dict[str, Any]]], params: Params) -> dict[str, np.ndarray]:
-    """The best answer per question, [N]; with top_k above 1, the k best, [N, k], a question with
-    fewer possible answers padded with "" (score 0, start and end -1)."""
-    k = params["top_k"]
-    padding = {"answer": "", "score": 0.0, "start": -1, "end": -1}
-    rows = [(a + [padding] * k)[:k] for a in answers]
-    out = {
-        "answer": bytes_tensor([x["answer"] for r in rows for x in r]).reshape(len(rows), k),
-        "score": np.array([[x["score"] for x in r] for r in rows], dtype=np.float32),
-        "start": np.array([[x["start"] for x in r] for r in rows], dtype=np.int64),
-        "end": np.array([[x["end"] for x in r] for r in rows], dtype=np.int64),
-    }
-    return {name: value[:, 0] for name, value in out.items()} if k == 1 else out
-
-
 def _items(texts: list[str], mask: str | None) -> Texts:
     return {"question": [QUESTIONS[i % len(QUESTIONS)] for i in range(len(texts))], "context": texts}
 
@@ -65,12 +50,6 @@ SPEC = TaskSpec(
     head="ForQuestionAnswering",
     auto_class="AutoModelForQuestionAnswering",
     inputs=(Tensor("question", "BYTES", (-1,)), Tensor("context", "BYTES", (-1,))),
-    outputs=(
-        Tensor("answer", "BYTES", (-1,)),
-        Tensor("score", "FP32", (-1,)),
-        Tensor("start", "INT64", (-1,)),
-        Tensor("end", "INT64", (-1,)),
-    ),
     parameters=(
         Param("top_k", int, 1, minimum=1, help="answers per question (KServe: every output [N, k])"),
         Param("max_answer_len", int, 15, minimum=1, help="longest answer, in tokens"),
@@ -79,7 +58,6 @@ SPEC = TaskSpec(
         Param("doc_stride", int, None, minimum=0, help="overlap of windows over a long context"),
     ),
     prepare=prepare,
-    encode=encode,
     gate=Gate(
         hf_task="question-answering",
         items=_items,

@@ -8,7 +8,6 @@ Adding a task is one module in `kiln.runtime.tasks` and one line in its registry
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -116,10 +115,8 @@ class TaskSpec:
     head: str  # the transformers class-name suffix of this task's head
     auto_class: str  # the transformers Auto class that loads that head
     inputs: tuple[Tensor, ...]
-    outputs: tuple[Tensor, ...]
     parameters: tuple[Param, ...]
     prepare: Callable[[Pipeline, Texts, Params], Prepared]  # answers come out of Prepared.finish
-    encode: Callable[[Any, Params], dict[str, np.ndarray]]  # answers -> KServe output tensors
     gate: Gate
     # what the export reads of the model for this task
     labels: bool = False  # the head's labels (config id2label) go into the manifest
@@ -190,13 +187,3 @@ def _why_not_utf8(value: bytes, error: UnicodeDecodeError) -> str:
         return f"{error.reason} at byte {error.start}"
     index = next(i for i, char in enumerate(text) if "\ud800" <= char <= "\udfff")
     return f"a lone surrogate U+{ord(text[index]):04X} at character {index}"
-
-
-def bytes_tensor(values: list[str]) -> np.ndarray:
-    array = np.empty(len(values), dtype=object)
-    array[:] = [v.encode("utf-8") for v in values]
-    return array
-
-
-def json_tensor(values: list[Any]) -> np.ndarray:
-    return bytes_tensor([json.dumps(v, ensure_ascii=False) for v in values])

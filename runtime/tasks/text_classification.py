@@ -9,7 +9,7 @@ import numpy as np
 from kiln.runtime.errors import InvalidInput
 from kiln.runtime.pipelines.base import Prepared
 from kiln.runtime.pipelines.text_classification import FUNCTIONS, TextClassificationPipeline
-from kiln.runtime.tasks.spec import Gate, Param, Params, TaskSpec, Tensor, Texts, bytes_tensor
+from kiln.runtime.tasks.spec import Gate, Param, Params, TaskSpec, Tensor, Texts
 
 
 @dataclass
@@ -31,17 +31,6 @@ def prepare(pipe: TextClassificationPipeline, texts: Texts, params: Params) -> P
     return Prepared(scores.encodings, finish)
 
 
-def encode(answers: Classified, params: Params) -> dict[str, np.ndarray]:
-    """The best label and score per text, [N]; with top_k other than 1, the k best, [N, k] (-1: all)."""
-    k = params["top_k"]
-    ranked = [r[: k if k > 0 else None] for r in answers.ranked]
-    label = bytes_tensor([x["label"] for r in ranked for x in r]).reshape(len(ranked), -1)
-    score = np.array([[x["score"] for x in r] for r in ranked], dtype=np.float32)
-    if k == 1:
-        label, score = label[:, 0], score[:, 0]
-    return {"label": label, "score": score, "logits": answers.logits.astype(np.float32)}
-
-
 def _agreement(theirs: list[Any], ours: list[Any]) -> dict[str, Any]:
     pairs = list(zip(theirs, ours, strict=True))
     return {
@@ -57,18 +46,12 @@ SPEC = TaskSpec(
     head="ForSequenceClassification",
     auto_class="AutoModelForSequenceClassification",
     inputs=(Tensor("text", "BYTES", (-1,)), Tensor("text_pair", "BYTES", (-1,), optional=True)),
-    outputs=(
-        Tensor("label", "BYTES", (-1,)),
-        Tensor("score", "FP32", (-1,)),
-        Tensor("logits", "FP32", (-1, "labels")),
-    ),
     parameters=(
         Param("top_k", int, 1, minimum=-1, help="labels per text, -1 for all (KServe: label and score [N, k])"),
         Param("function_to_apply", str, None, choices=FUNCTIONS, help="default: the model's (softmax or sigmoid)"),
         Param("truncation", bool, True, help="cut over-long text (false: refuse it)"),
     ),
     prepare=prepare,
-    encode=encode,
     gate=Gate(
         hf_task="text-classification",
         items=lambda texts, mask: {"text": texts},

@@ -7,7 +7,7 @@ from typing import Any
 
 from kiln.runtime.pipelines.base import Prepared
 from kiln.runtime.pipelines.token_classification import STRATEGIES, TokenClassificationPipeline
-from kiln.runtime.tasks.spec import Gate, Param, Params, TaskSpec, Tensor, Texts, json_tensor
+from kiln.runtime.tasks.spec import Gate, Param, Params, TaskSpec, Tensor, Texts
 
 
 def prepare(pipe: TokenClassificationPipeline, texts: Texts, params: Params) -> Prepared:
@@ -34,14 +34,12 @@ SPEC = TaskSpec(
     head="ForTokenClassification",
     auto_class="AutoModelForTokenClassification",
     inputs=(Tensor("text", "BYTES", (-1,)),),
-    outputs=(Tensor("entities", "BYTES", (-1,)),),  # a JSON list of entities per text
     parameters=(
         Param("aggregation_strategy", str, "none", choices=STRATEGIES, help="how tokens are grouped into entities"),
         Param("ignore_labels", list, None, help="labels left out (default: O)"),
         Param("truncation", bool, True, help="cut over-long text (false: refuse it)"),
     ),
     prepare=prepare,
-    encode=lambda answers, params: {"entities": json_tensor(answers)},
     gate=Gate(
         hf_task="token-classification",
         items=lambda texts, mask: {"text": texts},

@@ -8,7 +8,7 @@ import numpy as np
 from kiln.runtime.errors import UnsupportedModel
 from kiln.runtime.pipelines.base import Prepared
 from kiln.runtime.pipelines.zero_shot import DEFAULT_TEMPLATE, ZeroShotClassificationPipeline
-from kiln.runtime.tasks.spec import Gate, Param, Params, TaskSpec, Tensor, Texts, json_tensor
+from kiln.runtime.tasks.spec import Gate, Param, Params, TaskSpec, Tensor, Texts
 
 GATE_LABELS = ("politics", "economy", "sports", "technology")
 
@@ -47,13 +47,11 @@ SPEC = TaskSpec(
     head="ForSequenceClassification",  # an NLI classifier
     auto_class="AutoModelForSequenceClassification",
     inputs=(Tensor("text", "BYTES", (-1,)), Tensor("candidate_labels", "BYTES", (-1,), per_row=False)),
-    outputs=(Tensor("result", "BYTES", (-1,)),),  # JSON: {"sequence", "labels", "scores"} per text
     parameters=(
         Param("hypothesis_template", str, DEFAULT_TEMPLATE, help="the hypothesis, {} standing for the label"),
         Param("multi_label", bool, False, help="score each label on its own"),
     ),
     prepare=prepare,
-    encode=lambda answers, params: {"result": json_tensor(answers)},
     gate=Gate(
         hf_task="zero-shot-classification",
         items=lambda texts, mask: {"text": texts, "candidate_labels": list(GATE_LABELS)},
