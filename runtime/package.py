@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +36,6 @@ class Package:
     manifest: Manifest
     encoder: TextEncoder
     session: ort.InferenceSession
-    tokenizer_config: dict[str, Any] = field(default_factory=dict)
 
     binding: CudaBinding | CudaGraphs | None = None
 
@@ -89,7 +88,7 @@ def load_package(directory: str | Path, options: SessionOptions | None = None, v
         )
     except Exception as exc:  # tokenizers raises its own untyped errors on a broken file
         raise PackageError(f"{directory}: tokenizer.json cannot be loaded ({exc})") from exc
-    package = Package(directory, manifest, encoder, session, read_json(directory / "tokenizer_config.json"))
+    package = Package(directory, manifest, encoder, session)
     if provider == PROVIDERS["cuda"]:
         package.binding = (CudaGraphs if graphed else CudaBinding)(session, manifest.outputs)
     return package

@@ -134,10 +134,6 @@ class Batcher:
         for thread in self._threads:
             thread.start()
 
-    @property
-    def depth(self) -> int:
-        return len(self._pending)
-
     def submit(self, sequences: list[Any], request: RequestState, company: bool = True) -> list[Future]:
         """Queue a request's sequences; refuse at once when the queue is full. Without `company`
         (no other request in progress) they do not wait for more."""

@@ -1,6 +1,6 @@
 """KServe v2 / Triton GRPCInferenceService: a thin adapter from protobuf to the data plane.
 
-Text goes in as BYTES tensors and task answers come out (DESIGN.md, wire contract); clients that
+Text goes in as BYTES tensors and task answers come out (docs/serving.md, the wire contract); clients that
 tokenize themselves send INT64 `input_ids` (+ `attention_mask`, `token_type_ids`) and get the
 graph's raw outputs. Errors become gRPC status codes here, through kiln.runtime.serve.status.
 """

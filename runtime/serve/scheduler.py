@@ -36,10 +36,9 @@ MAX_RESTART_DELAY = 5.0  # seconds; a loop that keeps dying is started again at 
 
 @dataclass
 class StepRecord:
-    """One decoding iteration, for metrics: rows stepped, rows that joined, seconds, cache held."""
+    """One decoding iteration, for metrics: rows stepped, seconds, cache held."""
 
     rows: int
-    joined: int
     seconds: float
     cache_tokens: int
 
@@ -151,8 +150,7 @@ class Scheduler:
                 for sequence in self._running:
                     fail(sequence, exc)
             self._release_finished()
-            self._record(StepRecord(self.decoding.active, len(joining), time.monotonic() - started,
-                                    self.decoding.cache_tokens()))  # fmt: skip
+            self._record(StepRecord(self.decoding.active, time.monotonic() - started, self.decoding.cache_tokens()))
 
     def _take(self) -> list[Sequence]:
         """Waiting sequences that fit in the free rows; every one cancelled while it waited leaves."""
