@@ -7,8 +7,8 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+from kiln.export.task_exports import cosine
 from kiln.runtime.pipelines.feature_extraction import pool
-from kiln.runtime.tasks.feature_extraction import cosine
 
 Items = list[dict[str, np.ndarray]]  # per validation item, its outputs
 

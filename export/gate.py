@@ -14,6 +14,7 @@ from typing import Any
 
 from kiln.export.figures import Figures, Items, Tolerance, compare, wilson_lower
 from kiln.export.items import BATCH, Inputs, run_onnx
+from kiln.export.task_exports import EXPORTS
 from kiln.runtime.package import Package
 from kiln.runtime.pipelines import Pipeline
 from kiln.runtime.tasks import TaskSpec, spec_for
@@ -28,15 +29,16 @@ class GateResult:
 
 def their_answers(spec: TaskSpec, hf_pipe: Any, inputs: Inputs, reference: Items, pooling: Any) -> list[Any]:
     """The original's answers: transformers' pipeline, or pooled PyTorch vectors for embeddings."""
-    return spec.gate.theirs(hf_pipe, inputs.items, reference, pooling)
+    return EXPORTS[spec.task].gate.theirs(hf_pipe, inputs.items, reference, pooling)
 
 
 def our_answers(spec: TaskSpec, pipe: Pipeline, inputs: Inputs) -> list[Any]:
-    return spec.gate.ours(pipe.run(spec.prepare(pipe, inputs.items, spec.parse_params(spec.gate.params))))
+    gate = EXPORTS[spec.task].gate
+    return gate.ours(pipe.run(spec.prepare(pipe, inputs.items, spec.parse_params(gate.params))))
 
 
 def task_agreement(spec: TaskSpec, theirs: list[Any], ours: list[Any]) -> dict[str, Any]:
-    figures = spec.gate.agreement(theirs, ours)
+    figures = EXPORTS[spec.task].gate.agreement(theirs, ours)
     if "agreement" in figures:
         figures["agreement_lower_95"] = wilson_lower(figures["agreement"] * len(ours), len(ours))
     return figures

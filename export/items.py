@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 from kiln.export.figures import Items
+from kiln.export.task_exports import EXPORTS
 from kiln.runtime.pipelines import Pipeline
 from kiln.runtime.tasks import Texts, spec_for
 from kiln.runtime.tokenize import TextEncoder
@@ -32,8 +33,8 @@ class Inputs:
 
 def make_inputs(pipe: Pipeline, texts: list[str], mask_token: str | None) -> Inputs:
     spec = spec_for(pipe.task)
-    items = spec.gate.items(texts, mask_token)
-    prepared = spec.prepare(pipe, items, spec.parse_params(spec.gate.params))
+    items = EXPORTS[spec.task].gate.items(texts, mask_token)
+    prepared = spec.prepare(pipe, items, spec.parse_params(EXPORTS[spec.task].gate.params))
     return Inputs(items, prepared.encodings, pipe.sequence_outputs)
 
 

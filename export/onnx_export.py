@@ -6,8 +6,8 @@ import logging
 import warnings
 from pathlib import Path
 
+from kiln.export.task_exports import EXPORTS
 from kiln.runtime.errors import UnsupportedModel
-from kiln.runtime.tasks import SPECS
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -35,7 +35,7 @@ def export_onnx(model_dir: Path, task: str, opset: int, out_dir: Path, trust_rem
             main_export(
                 str(model_dir),
                 output=out_dir,
-                task=SPECS[task].optimum_task or task,
+                task=EXPORTS[task].optimum_task or task,
                 opset=opset,
                 library_name="transformers",  # raw encoder; pooling is the runtime's job
                 do_validation=False,  # kiln's parity gate is stricter and runs next

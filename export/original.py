@@ -11,6 +11,7 @@ from kiln.export.figures import Items
 from kiln.export.gate import their_answers
 from kiln.export.items import Inputs, make_inputs, run_torch
 from kiln.export.resolve import ResolvedModel
+from kiln.export.task_exports import EXPORTS
 from kiln.export.tasks import DetectedTask, torch_class
 from kiln.runtime.errors import UnsupportedModel
 from kiln.runtime.manifest import sha256_file
@@ -51,7 +52,9 @@ def reference(original: Original, pipe: Pipeline, texts: list[str], outputs: lis
     inputs = make_inputs(pipe, texts, pipe.manifest.mask_token)
     raw = run_torch(original.model, pipe.encoder, inputs, outputs)
     spec = spec_for(original.task.task)
-    answers = their_answers(spec, _hf_pipeline(spec.gate.hf_task, original), inputs, raw, original.task.pooling)
+    answers = their_answers(
+        spec, _hf_pipeline(EXPORTS[spec.task].gate.hf_task, original), inputs, raw, original.task.pooling
+    )
     return Reference(inputs, raw, answers)
 
 

@@ -21,6 +21,7 @@ from kiln.export.quantize import (
     quantize_int8,
 )
 from kiln.export.targets import GraphForm
+from kiln.export.task_exports import EXPORTS
 from kiln.runtime.errors import ParityError
 from kiln.runtime.manifest import Manifest
 from kiln.runtime.package import Package
@@ -49,7 +50,9 @@ class Scorer:
         raw = compare(self.task, self.tuning.outputs, got).fidelity()
         spec = spec_for(self.task)
         package = Package(self.raw_dir, replace(self.draft, precision="int8-dynamic"), self.encoder, session)
-        e2e = spec.gate.agreement(self.tuning.answers, our_answers(spec, spec.pipeline(package), self.tuning.inputs))
+        e2e = EXPORTS[spec.task].gate.agreement(
+            self.tuning.answers, our_answers(spec, spec.pipeline(package), self.tuning.inputs)
+        )
         return Fidelity(score=min(raw.score, e2e.get("agreement", e2e.get("min_cosine", 1.0))), error=raw.error)
 
     def batch_invariant(self, path: Path) -> bool:

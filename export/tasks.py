@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kiln.export.task_exports import EXPORTS
 from kiln.runtime.errors import UnsupportedModel
 from kiln.runtime.manifest import Pooling
 from kiln.runtime.tasks import SPECS
@@ -55,9 +56,9 @@ class DetectedTask:
 
 def head_task(architecture: str) -> str | None:
     """The task a model's head is for, from its class name (BertForTokenClassification, ...)."""
-    for spec in SPECS.values():
-        if spec.from_head and architecture.endswith(spec.head) and architecture[: -len(spec.head)]:
-            return spec.task
+    for task, export in EXPORTS.items():
+        if export.from_head and architecture.endswith(export.head) and architecture[: -len(export.head)]:
+            return task
     return None
 
 
@@ -81,9 +82,9 @@ def detect_task(path: Path, config: dict[str, Any], requested: str | None) -> De
     task = requested or head
     if task is None:
         raise UnsupportedModel(f"cannot tell the task from architecture {architectures[0]!r}; pass --task")
-    spec = SPECS[task]
-    if spec.check_config is not None:
-        spec.check_config(config)
+    export = EXPORTS[task]
+    if export.check_config is not None:
+        export.check_config(config)
     elif task != head and task != "feature-extraction":  # any encoder gives embeddings
         raise UnsupportedModel(
             f"task {task!r} does not match the model's head ({architectures[0]} is for {head}); "
@@ -92,10 +93,10 @@ def detect_task(path: Path, config: dict[str, Any], requested: str | None) -> De
     return DetectedTask(
         task=task,
         model_type=model_type,
-        labels=_labels(config) if spec.labels else [],
+        labels=_labels(config) if SPECS[task].labels else [],  # the head's labels (config id2label)
         problem_type=config.get("problem_type"),
         max_length=max_length(path, config),
-        pooling=read_pooling(path) if spec.pooling else None,
+        pooling=read_pooling(path) if export.pooling else None,
     )
 
 
@@ -156,4 +157,4 @@ def torch_class(task: str) -> Any:
     """The transformers Auto class that loads a model's head for a task."""
     import transformers
 
-    return getattr(transformers, SPECS[task].auto_class)
+    return getattr(transformers, EXPORTS[task].auto_class)

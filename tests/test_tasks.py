@@ -53,16 +53,19 @@ def test_inputs_are_checked_by_name_and_shape():
 def test_every_task_has_one_rpc_and_one_head():
     """Every task has a kiln.v1 codec: one RPC per encoder task; the generators share Generate (and
     GenerateStream). Task modules carry no protobuf."""
+    from kiln.export.task_exports import EXPORTS
     from kiln.runtime.serve.kserve_codec import CODECS as KSERVE
     from kiln.runtime.serve.typed_codec import CODECS
 
     encoders = [spec for spec in SPECS.values() if not spec.generative]
-    assert set(CODECS) == set(SPECS) == set(KSERVE)
+    assert set(CODECS) == set(SPECS) == set(KSERVE) == set(EXPORTS)  # every task on every protocol and in export
     assert len({CODECS[spec.task].rpc for spec in encoders}) == len(encoders)
     assert {CODECS[spec.task].rpc for spec in SPECS.values() if spec.generative} == {"Generate"}
     assert all(spec.inputs and KSERVE[spec.task].outputs for spec in SPECS.values())
     tasks = Path(__file__).parents[1] / "runtime" / "tasks"
     assert not [p.name for p in tasks.glob("*.py") if "kiln_pb2" in p.read_text(encoding="utf-8")]
+    assert not [p.name for p in tasks.glob("*.py") if "from kiln.export" in p.read_text(encoding="utf-8")]
+    assert not {"gate", "head", "rpc", "encode", "outputs"} & set(SPECS["text-classification"].__dataclass_fields__)
 
 
 def test_readme_table_is_the_specs_table():

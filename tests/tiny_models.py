@@ -144,8 +144,8 @@ def _fit(model, tokenizer, task: str, steps: int = 60, max_steps: int = 400) -> 
     """A few steps of training on synthetic labels, so the head is confident as a fine-tuned
     model's is. A random head scores every label almost alike, and any rounding flips its top-1."""
     import torch
-    from kiln.runtime.tasks.question_answering import QUESTIONS
-    from kiln.runtime.tasks.zero_shot import GATE_LABELS as ZERO_SHOT_LABELS
+    from kiln.export.task_exports import GATE_LABELS as ZERO_SHOT_LABELS
+    from kiln.export.task_exports import QUESTIONS
 
     texts = _corpus()
     # pair tasks train on pairs, as the parity gate will ask them

@@ -12,7 +12,7 @@ from kiln.runtime.tasks import (
     token_classification,
     zero_shot,
 )
-from kiln.runtime.tasks.spec import Gate, Param, TaskSpec, Tensor, Texts
+from kiln.runtime.tasks.spec import Param, TaskSpec, Tensor, Texts
 
 SPECS: dict[str, TaskSpec] = {
     module.SPEC.task: module.SPEC
@@ -34,4 +34,4 @@ def spec_for(task: str) -> TaskSpec:
     return SPECS[task]
 
 
-__all__ = ["SPECS", "Gate", "Param", "TaskSpec", "Tensor", "Texts", "spec_for"]
+__all__ = ["SPECS", "Param", "TaskSpec", "Tensor", "Texts", "spec_for"]

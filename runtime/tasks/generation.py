@@ -1,9 +1,9 @@
 """text-generation, text2text-generation, summarization, translation: prompts in, text out.
 
-One spec per task, all built here: they share their wire contract (Triton's generate convention:
-`text_input` in, `text_output` out, the sampling parameters by name), their kiln.v1 RPCs
-(`Generate`, `GenerateStream`) and their gate (greedy token-identical to `generate`); they differ
-in the head they load, optimum's graph, and the key their answers carry.
+One spec per task, all built here: they share their inputs (Triton's generate convention:
+`text_input` and the sampling parameters by name) and their pipeline's way of running (the decoding
+loop); their codecs (one per protocol) and their export entries (head, optimum's graph, the greedy
+gate) are shared too, keyed by task.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from kiln.runtime.pipelines.text_generation import (
     TextGenerationPipeline,
     TranslationPipeline,
 )
-from kiln.runtime.tasks.spec import Gate, Param, Params, TaskSpec, Tensor, utf8_strings
+from kiln.runtime.tasks.spec import Param, Params, TaskSpec, Tensor, utf8_strings
 
 _HELP = {
     "max_new_tokens": "default: the model's generation config, else 256",
@@ -116,19 +116,10 @@ def _not_a_pipeline_call(*args: Any) -> Any:
     raise InvalidInput("generation runs through the decoding loop, not the encoder batcher")
 
 
-def _greedy_agreement(theirs: list[Any], ours: list[Any]) -> dict[str, Any]:
-    same = [a == b for a, b in zip(theirs, ours, strict=True)]
-    return {"items": len(same), "identical": float(sum(same) / max(len(same), 1))}
-
-
-def _spec(
-    task: str, pipeline: type[GenerationPipeline], head: str, auto_class: str, optimum: str, from_head: bool
-) -> TaskSpec:
+def _spec(task: str, pipeline: type[GenerationPipeline]) -> TaskSpec:
     return TaskSpec(
         task=task,
         pipeline=pipeline,  # type: ignore[arg-type]  # generation pipelines run sequences, not encodings
-        head=head,
-        auto_class=auto_class,
         inputs=(
             Tensor("text_input", "BYTES", (-1,)),
             Tensor("max_tokens", "INT32", (1,), optional=True, per_row=False),
@@ -138,23 +129,12 @@ def _spec(
         ),
         parameters=PARAMETERS,
         prepare=_not_a_pipeline_call,
-        gate=Gate(
-            hf_task=task,
-            items=lambda texts, mask: {"text_input": texts},
-            theirs=_not_a_pipeline_call,
-            agreement=_greedy_agreement,
-        ),
-        from_head=from_head,
-        optimum_task=optimum,
         generative=True,
     )
 
 
-TEXT_GENERATION = _spec(
-    "text-generation", TextGenerationPipeline, "ForCausalLM", "AutoModelForCausalLM", "text-generation-with-past", True
-)
-_SEQ2SEQ = ("ForConditionalGeneration", "AutoModelForSeq2SeqLM", "text2text-generation-with-past")
-TEXT2TEXT = _spec("text2text-generation", GenerationPipeline, *_SEQ2SEQ, True)
-SUMMARIZATION = _spec("summarization", SummarizationPipeline, *_SEQ2SEQ, False)
-TRANSLATION = _spec("translation", TranslationPipeline, *_SEQ2SEQ, False)
+TEXT_GENERATION = _spec("text-generation", TextGenerationPipeline)
+TEXT2TEXT = _spec("text2text-generation", GenerationPipeline)
+SUMMARIZATION = _spec("summarization", SummarizationPipeline)
+TRANSLATION = _spec("translation", TranslationPipeline)
 SPECS = (TEXT_GENERATION, TEXT2TEXT, SUMMARIZATION, TRANSLATION)

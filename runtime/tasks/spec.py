@@ -1,15 +1,17 @@
-"""What a task is, declared once: its wire contract, its parameters, how it calls its pipeline, and
-how the export gate compares it with `transformers`.
+"""What a task is, declared once: its inputs and parameters (typed, validated once), how it calls
+its pipeline, and what its answers are. Nothing of a protocol and nothing of the export lives here:
+each protocol's codec is beside its adapter (kiln.runtime.serve.kserve_codec, .typed_codec,
+.openai_codec) and the export's per-task knowledge (head, gate) is in kiln.export.task_exports, each
+keyed by task and checked at import to cover every task.
 
-Every protocol (KServe gRPC and REST, kiln.v1, the OpenAI embeddings route), the export gate, the
-export's head detection and the CLI read a task's `TaskSpec`; none of them holds a per-task table.
-Adding a task is one module in `kiln.runtime.tasks` and one line in its registry.
+Adding a task: its module here and its line in the registry, its pipeline, one entry per protocol
+codec and one export entry.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -91,39 +93,13 @@ class Param:
 
 
 @dataclass(frozen=True)
-class Gate:
-    """How the export gate compares the task with the original model.
-
-    items: the validation inputs made from plain sentences (the mask token for fill-mask);
-    params: the parameters both sides are called with; theirs: the original's answers (the
-    `transformers` pipeline, or for embeddings the PyTorch outputs pooled); ours: the per-item
-    answers out of the task's answers; agreement: how often the two agree.
-    """
-
-    hf_task: str | None
-    items: Callable[[list[str], str | None], Texts]
-    theirs: Callable[[Any, Texts, list[dict[str, np.ndarray]], Any], list[Any]]
-    agreement: Callable[[list[Any], list[Any]], dict[str, Any]]
-    params: Params = field(default_factory=dict)
-    ours: Callable[[Any], list[Any]] = list
-
-
-@dataclass(frozen=True)
 class TaskSpec:
     task: str
     pipeline: type[Pipeline]
-    head: str  # the transformers class-name suffix of this task's head
-    auto_class: str  # the transformers Auto class that loads that head
     inputs: tuple[Tensor, ...]
     parameters: tuple[Param, ...]
     prepare: Callable[[Pipeline, Texts, Params], Prepared]  # answers come out of Prepared.finish
-    gate: Gate
-    # what the export reads of the model for this task
-    labels: bool = False  # the head's labels (config id2label) go into the manifest
-    pooling: bool = False  # pooling and normalisation come from a sentence-transformers layout
-    from_head: bool = True  # chosen automatically when the model's head is `head` (else only by --task)
-    optimum_task: str | None = None  # optimum's name for the graph, where it differs
-    check_config: Callable[[dict[str, Any]], None] | None = None  # refuses a model this task cannot use
+    labels: bool = False  # its answers name the head's labels (kiln.json `labels`, one per output column)
     generative: bool = False  # runs through the decoding loop (kiln.runtime.generation), not the batcher
 
     @property

@@ -9,7 +9,7 @@ import numpy as np
 from kiln.runtime.errors import InvalidInput
 from kiln.runtime.pipelines.base import Prepared
 from kiln.runtime.pipelines.text_classification import FUNCTIONS, TextClassificationPipeline
-from kiln.runtime.tasks.spec import Gate, Param, Params, TaskSpec, Tensor, Texts
+from kiln.runtime.tasks.spec import Param, Params, TaskSpec, Tensor, Texts
 
 
 @dataclass
@@ -31,20 +31,9 @@ def prepare(pipe: TextClassificationPipeline, texts: Texts, params: Params) -> P
     return Prepared(scores.encodings, finish)
 
 
-def _agreement(theirs: list[Any], ours: list[Any]) -> dict[str, Any]:
-    pairs = list(zip(theirs, ours, strict=True))
-    return {
-        "items": len(pairs),
-        "agreement": float(np.mean([a["label"] == b["label"] for a, b in pairs])),
-        "max_score_diff": float(max(abs(a["score"] - b["score"]) for a, b in pairs)),
-    }
-
-
 SPEC = TaskSpec(
     task="text-classification",
     pipeline=TextClassificationPipeline,
-    head="ForSequenceClassification",
-    auto_class="AutoModelForSequenceClassification",
     inputs=(Tensor("text", "BYTES", (-1,)), Tensor("text_pair", "BYTES", (-1,), optional=True)),
     parameters=(
         Param("top_k", int, 1, minimum=-1, help="labels per text, -1 for all (KServe: label and score [N, k])"),
@@ -52,13 +41,5 @@ SPEC = TaskSpec(
         Param("truncation", bool, True, help="cut over-long text (false: refuse it)"),
     ),
     prepare=prepare,
-    gate=Gate(
-        hf_task="text-classification",
-        items=lambda texts, mask: {"text": texts},
-        # truncated like kiln's default (transformers' default is not to truncate)
-        theirs=lambda hf, items, reference, pooling: [hf(t, truncation=True)[0] for t in items["text"]],
-        ours=lambda answers: [ranked[0] for ranked in answers.ranked],
-        agreement=_agreement,
-    ),
     labels=True,
 )
