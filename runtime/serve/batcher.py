@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from kiln.runtime.errors import Cancelled, DeadlineExceeded, Draining, KilnError, QueueFull
+from kiln.runtime.errors import Cancelled, DeadlineExceeded, Draining, KilnError
 
 log = logging.getLogger("kiln.serve")
 
@@ -45,7 +45,7 @@ class BatchOptions:
     max_tokens: int = 8192  # padded tokens per batch (a served model resolves 0: CPU_BATCH_TOKENS on CPU)
     max_size: int = 64  # rows per batch
     max_delay: float = 0.002  # seconds the oldest sequence may wait for company
-    max_queue: int = 1024  # pending sequences before new requests are refused
+    max_queue: int = 1024  # items a model holds before new requests are refused (models.Counted.admit)
     max_generating: int = 32  # generators: sequences decoded side by side (continuous batching)
     max_cache_tokens: int = 65536  # generators: KV cache tokens reserved by admitted sequences
     instances: int = 0  # batches run at once, like Triton's instance count (0: one per core on CPU, 1 on GPU)
@@ -135,17 +135,13 @@ class Batcher:
             thread.start()
 
     def submit(self, sequences: list[Any], request: RequestState, company: bool = True) -> list[Future]:
-        """Queue a request's sequences; refuse at once when the queue is full. Without `company`
-        (no other request in progress) they do not wait for more."""
+        """Queue a request's sequences. How many may be held is admission control's to say, once, before
+        a request reaches here (`Counted.admit`, --max-queue). Without `company` (no other request in
+        progress) they do not wait for more."""
         now = time.monotonic()
         with self._cond:
             if self._stopping:
                 raise Draining("server is shutting down")
-            if len(self._pending) + len(sequences) > self.options.max_queue:
-                raise QueueFull(
-                    f"model {self.name}: queue full ({len(self._pending)} sequences waiting, "
-                    f"limit {self.options.max_queue}); retry later"
-                )
             items = [_Item(seq, request, Future(), now, company) for seq in sequences]
             self._pending.extend(items)
             self._cond.notify_all()

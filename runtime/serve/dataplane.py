@@ -157,11 +157,9 @@ class DataPlane:
             outputs[name] = classification(outputs[name], count, list(model.manifest.labels), name)
         return InferResponse(model.name, model.version, request.id, outputs)
 
-    async def answer(
-        self, name: str, version: str, texts: Texts, raw_params: Mapping[str, Any], call: Call
-    ) -> Answered:
-        """A task's answers for texts already named by input (the typed API, OpenAI embeddings)."""
-        model = self.admit(name, version, call)
+    async def answer(self, model: Served, texts: Texts, raw_params: Mapping[str, Any], call: Call) -> Answered:
+        """A task's answers for texts already named by input (the typed API, OpenAI embeddings), from
+        the model the protocol found with `admit` (one lookup per request)."""
         if isinstance(model, GenerativeModel):  # the typed Generate RPC
             return await self._generate(model, GenerateRequest(texts["text_input"], dict(raw_params)), call)
         return await self._answer(model, texts, model.spec.parse_params(raw_params), call)

@@ -60,7 +60,7 @@ class OpenAiApi:
         body = await json_body(request)
         name, texts, encoding, dimensions = codec.read_embeddings(body)
         call.model = name
-        model = self.plane.model(name)
+        model = self.plane.admit(name, "", call)
         if model.manifest.task != "feature-extraction":
             raise codec.OpenAiInvalid(
                 f"model {name!r} is a {model.manifest.task} model; embeddings need feature-extraction", "model"
@@ -69,7 +69,7 @@ class OpenAiApi:
             raise codec.OpenAiInvalid(
                 f"'dimensions' must be this model's width, {model.sizes['hidden']}, or left out", "dimensions"
             )
-        answered = await self.plane.answer(name, "", {"text": texts}, {}, call)
+        answered = await self.plane.answer(model, {"text": texts}, {}, call)
         return web.json_response(codec.embeddings_body(name, answered.answers, answered.tokens, encoding))
 
     # ---- generation ----------------------------------------------------------------------------
@@ -79,7 +79,7 @@ class OpenAiApi:
         if not isinstance(name, str) or not name:
             raise codec.OpenAiInvalid("'model' must name a served model", "model")
         call.model = name
-        model = self.plane.model(name)
+        model = self.plane.admit(name, "", call)
         if not isinstance(model, GenerativeModel):
             raise codec.OpenAiInvalid(
                 f"model {name!r} is a {model.manifest.task} model; completions need a generator", "model"

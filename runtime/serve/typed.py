@@ -54,7 +54,7 @@ class KilnService(pb_grpc.KilnServicer):
                     task = model.manifest.task
                     raise InvalidInput(f"model {model.name!r} is a {task} model; {codec.rpc} needs a {tasks} model")
                 texts, params = codec.read(request)
-                answered = await self.plane.answer(request.model, "", texts, params, call)
+                answered = await self.plane.answer(model, texts, params, call)
                 return codec.write(answered.answers, answered.params)
         except KilnError as exc:
             await context.abort(*status_of(exc))
