@@ -34,3 +34,17 @@ async def json_body(request: web.Request) -> dict[str, Any]:
 def _timeout(request: web.Request) -> float:
     """The root application's setting (a sub-application, such as the OpenAI routes', has none)."""
     return request.config_dict[BODY_TIMEOUT]
+
+
+def json_object(value: Any, what: str) -> dict[str, Any]:
+    """An optional JSON object field (None: empty), refused by name when it is something else."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{what} must be an object")
+    return value
+
+
+def model_of(request: web.Request) -> tuple[str, str]:
+    """The model name and version a KServe route names in its path."""
+    return request.match_info.get("name", ""), request.match_info.get("version", "")

@@ -1,8 +1,8 @@
-"""HTTP on its own port: KServe v2 REST (Triton's HTTP API, binary tensor extension included),
-the model repository API, for generators Triton's generate extension (`/generate`, `/generate_stream`
-as server-sent events), and OpenAI's API under /v1 (`kiln.runtime.serve.openai`) — thin adapters over
-the data plane. Errors are mapped once, here: `{"error": message}` on KServe's routes, OpenAI's error
-object on OpenAI's.
+"""HTTP on its own port: KServe v2 REST (Triton's HTTP API, binary tensor extension included) and
+the model repository API here; for generators Triton's generate extension
+(`kiln.runtime.serve.generate_http`) and OpenAI's API under /v1 (`kiln.runtime.serve.openai`) —
+thin adapters over the data plane, each API in its module, on one application. Errors are mapped
+once, here: `{"error": message}` on KServe's routes, OpenAI's error object on OpenAI's.
 
 aiohttp, in the server's own event loop beside grpc.aio: measured on this 2-core machine with wrk
 (64 connections, a KServe-shaped JSON POST answered with JSON), aiohttp 3.14 served 9,961-10,142
@@ -21,14 +21,13 @@ from aiohttp import web
 from kiln.runtime.errors import InvalidInput, KilnError, Unauthenticated
 from kiln.runtime.inputs import parse_json
 from kiln.runtime.serve import openai_codec
-from kiln.runtime.serve.bodies import BODY_TIMEOUT, json_body, read_body
+from kiln.runtime.serve.bodies import BODY_TIMEOUT, json_body, json_object, model_of, read_body
 from kiln.runtime.serve.calls import CALL, REQUEST_ID, counted_route, take_kserve_id
 from kiln.runtime.serve.dataplane import Call, DataPlane, InferRequest
-from kiln.runtime.serve.generative import Chunk
+from kiln.runtime.serve.generate_http import GenerateApi
 from kiln.runtime.serve.openai import OpenAiApi
 from kiln.runtime.serve.status import http_status_of
 from kiln.runtime.serve.tensors import element_count
-from kiln.runtime.tasks.generation import GenerateRequest, read_request
 from kiln.runtime.wire import DTYPES, datatype_of, from_raw, to_raw
 
 HEADER_LENGTH = "Inference-Header-Content-Length"  # Triton's binary tensor data extension
@@ -71,10 +70,7 @@ class HttpApi:
             app.router.add_get(base + "/config", self.config)
             app.router.add_get(base + "/stats", self.statistics)
             app.router.add_post(base + "/infer", counted_route(self.plane, "kserve-http", self.infer))
-            app.router.add_post(base + "/generate", counted_route(self.plane, "generate-http", self.generate))
-            app.router.add_post(
-                base + "/generate_stream", counted_route(self.plane, "generate-http", self.generate_stream)
-            )
+            GenerateApi(self.plane).add_routes(app.router, base)
         app.router.add_post("/v2/repository/index", self.repository_index)
         app.router.add_post("/v2/repository/models/{name}/load", self.load)
         app.router.add_post("/v2/repository/models/{name}/unload", self.unload)
@@ -116,18 +112,18 @@ class HttpApi:
         return web.json_response({"ready": ready}, status=200 if ready else 503)
 
     async def model_ready(self, request: web.Request) -> web.Response:
-        name, version = _model(request)
+        name, version = model_of(request)
         ready = self.plane.model_ready(name, version)
         return web.json_response({"name": name, "ready": ready}, status=200 if ready else 503)
 
     async def metadata(self, request: web.Request) -> web.Response:
-        return web.json_response(self.plane.model_metadata(*_model(request)))
+        return web.json_response(self.plane.model_metadata(*model_of(request)))
 
     async def config(self, request: web.Request) -> web.Response:
-        return web.json_response(self.plane.model_config(*_model(request)))
+        return web.json_response(self.plane.model_config(*model_of(request)))
 
     async def statistics(self, request: web.Request) -> web.Response:
-        return web.json_response(self.plane.statistics(*_model(request)))
+        return web.json_response(self.plane.statistics(*model_of(request)))
 
     # ---- repository ----------------------------------------------------------------------------
 
@@ -147,7 +143,7 @@ class HttpApi:
     # ---- inference -----------------------------------------------------------------------------
 
     async def infer(self, request: web.Request, call: Call) -> web.Response:
-        name, version = _model(request)
+        name, version = model_of(request)
         header, binary = await _split_body(request)
         infer, binary_outputs = read_infer_request(name, version, header, binary)
         take_kserve_id(call, request, infer.id)
@@ -175,85 +171,6 @@ class HttpApi:
             content_type="application/octet-stream",
             headers={HEADER_LENGTH: str(len(head))},
         )
-
-    async def generate(self, request: web.Request, call: Call) -> web.Response:
-        """Triton's generate extension: one JSON answer."""
-        name, version = _model(request)
-        generate = generate_request(await json_body(request))
-        answered = await self.plane.generate(name, version, generate, call)
-        answer = answered.answers[0] if len(answered.answers) == 1 else None
-        body: dict[str, Any] = {"model_name": answered.model.name, "model_version": answered.model.version}
-        if answer is None:
-            body["text_output"] = [a.text for a in answered.answers]
-            return web.json_response(body)
-        body.update(text_output=answer.text, finish_reason=answer.finish_reason, truncated=answer.truncated)
-        body["usage"] = {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.tokens}
-        return web.json_response(body)
-
-    async def generate_stream(self, request: web.Request, call: Call) -> web.StreamResponse:
-        """Triton's generate extension, streamed as server-sent events: one event per piece of text,
-        the last with the finish reason. An error before the first piece is an HTTP error; after it,
-        an event `{"error": ...}` ends the stream."""
-        name, version = _model(request)
-        generate = generate_request(await json_body(request))
-        chunks = aiter(self.plane.generate_stream(name, version, generate, call))
-        first = await anext(chunks)  # errors here become the HTTP status, as for any request
-        headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", REQUEST_ID: call.request_id}
-        response = web.StreamResponse(headers=headers)
-        await response.prepare(request)
-        model = {"model_name": name, "model_version": version or "1"}
-        try:
-            await response.write(_event({**model, **_chunk_json(first)}))
-            async for chunk in chunks:
-                await response.write(_event({**model, **_chunk_json(chunk)}))
-        except KilnError as exc:
-            call.code = exc.grpc_status  # answered inside a started response; still counted as what it was
-            await response.write(_event({"error": str(exc)}))
-        finally:
-            await chunks.aclose()
-        await response.write_eof()
-        return response
-
-
-def generate_request(body: dict[str, Any]) -> GenerateRequest:
-    """Triton's generate JSON: inputs by name at the top level, request parameters in `parameters`."""
-    parameters = _object(body.get("parameters", {}), "'parameters'")
-    tensors: dict[str, np.ndarray] = {}
-    for name, value in body.items():
-        if name in ("parameters", "id"):
-            continue
-        if name in ("text_input", "sampling_parameters"):
-            texts = value if isinstance(value, list) else [value]
-            texts = [json.dumps(t) if name == "sampling_parameters" and isinstance(t, dict) else t for t in texts]
-            if not texts or not all(isinstance(t, str) for t in texts):
-                raise InvalidInput(f"{name!r} must be a string or a list of strings")
-            # a lone surrogate passes through here, to be refused by name with the rest of the text checks
-            tensors[name] = np.array([t.encode("utf-8", "surrogatepass") for t in texts], dtype=object)
-        elif isinstance(value, bool):
-            tensors[name] = np.array([value])
-        elif isinstance(value, int):
-            if not -(2**63) <= value < 2**63:
-                raise InvalidInput(f"input {name!r} is {value}, past the INT64 range")
-            tensors[name] = np.array([value], dtype=np.int64)
-        else:
-            raise InvalidInput(f"input {name!r} must be a boolean or an integer, got {type(value).__name__}")
-    return read_request(tensors, parameters)
-
-
-def _chunk_json(chunk: Chunk) -> dict[str, Any]:
-    body: dict[str, Any] = {"text_output": chunk.text}
-    if chunk.finish_reason is not None:
-        body.update(finish_reason=chunk.finish_reason, truncated=chunk.truncated)
-        body["usage"] = {"prompt_tokens": chunk.prompt_tokens, "completion_tokens": chunk.generated_tokens}
-    return body
-
-
-def _event(data: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(data, ensure_ascii=False).encode("utf-8") + b"\n\n"
-
-
-def _model(request: web.Request) -> tuple[str, str]:
-    return request.match_info.get("name", ""), request.match_info.get("version", "")
 
 
 async def _split_body(request: web.Request) -> tuple[dict[str, Any], bytes]:
@@ -296,7 +213,7 @@ def read_infer_request(name: str, version: str, body: dict[str, Any], binary: by
     if not named:
         raise InvalidInput("'outputs' must be a list of {\"name\": ...}")
     all_binary = bool(params.get("binary_data_output", False))
-    asked = {o["name"]: _object(o.get("parameters"), f"output {o['name']!r} parameters") for o in outputs}
+    asked = {o["name"]: json_object(o.get("parameters"), f"output {o['name']!r} parameters") for o in outputs}
     binary_named = {output: bool(p.get("binary_data", all_binary)) for output, p in asked.items()}
     request = InferRequest(
         model=name,
@@ -316,7 +233,7 @@ def _read_tensor(tensor: dict[str, Any], binary: bytes, offset: int) -> tuple[np
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
         raise InvalidInput(f"input {name!r}: 'shape' must be a list of integers")
     count = element_count(name, tuple(shape))
-    size = _object(tensor.get("parameters"), f"input {name!r} parameters").get("binary_data_size")
+    size = json_object(tensor.get("parameters"), f"input {name!r} parameters").get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or size < 0 or offset + size > len(binary):
             raise InvalidInput(f"input {name!r}: binary_data_size {size!r} runs past the binary data")
@@ -340,14 +257,6 @@ def _read_tensor(tensor: dict[str, Any], binary: bytes, offset: int) -> tuple[np
         return np.array(flat, dtype=DTYPES[datatype]).reshape(shape), offset
     except OverflowError as exc:
         raise InvalidInput(f"input {name!r}: a value does not fit in {datatype}") from exc
-
-
-def _object(value: Any, what: str) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise InvalidInput(f"{what} must be an object")
-    return value
 
 
 def _flatten(data: Any) -> list[Any]:
