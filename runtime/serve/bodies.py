@@ -32,7 +32,7 @@ async def json_body(request: web.Request) -> dict[str, Any]:
 
 
 def _timeout(request: web.Request) -> float:
-    """The root application's setting (a sub-application, such as the OpenAI routes', has none)."""
+    """The HTTP application's setting (`--http-body-timeout`)."""
     return request.config_dict[BODY_TIMEOUT]
 
 
