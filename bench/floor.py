@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 from kiln.proto import grpc_service_pb2 as pb
 from kiln.proto import grpc_service_pb2_grpc as pb_grpc
-from kiln.runtime.serve.tensors import encode_outputs
+from kiln.runtime.serve.tensors import write_outputs
 
 
 def canned_response(model: str = "tiny", labels: int = 4) -> pb.ModelInferResponse:
@@ -26,7 +26,7 @@ def canned_response(model: str = "tiny", labels: int = 4) -> pb.ModelInferRespon
         "score": np.array([0.25], dtype=np.float32),
         "logits": np.zeros((1, labels), dtype=np.float32),
     }
-    encode_outputs(response, outputs)
+    write_outputs(response, outputs)
     return response
 
 

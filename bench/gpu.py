@@ -194,7 +194,7 @@ def accuracy(
 ) -> list[dict[str, Any]]:
     """Each engine against the first (PyTorch fp32) on the corpus, batches of 32 in corpus order;
     then one batch at `max_length` that must stay finite."""
-    encodings = encoder.encode(texts)
+    encodings = encoder.tokenize(texts)
     batches = [_feeds(encoder, [e.ids for e in encodings[i : i + ACCURACY_BATCH]]) for i in range(0, len(texts), 32)]
     longest = _feeds(encoder, fixed_length_rows(encoder, texts, max_length, 8))
     results: dict[str, np.ndarray] = {}

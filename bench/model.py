@@ -145,7 +145,7 @@ def bench_model(
     device = "cpu" if provider == "cpu" else "cuda"
     work = Path(tempfile.mkdtemp(prefix="kiln-bench-"))
     encoder = pipeline(package, allow_fp16_on_cpu=True).encoder
-    lengths = [len(e.ids) for e in encoder.encode(texts)]
+    lengths = [len(e.ids) for e in encoder.tokenize(texts)]
     if length_grouped:
         texts = [text for _, text in sorted(zip(lengths, texts, strict=True), key=lambda pair: pair[0])]
     tokens = sum(lengths)

@@ -71,11 +71,11 @@ def raw_session(package: Any, texts: list[str], batch: int, sort: bool) -> tuple
     """The bare onnxruntime session of a loaded package, with tokenization and padding (no
     pipeline, no server)."""
     if sort:
-        lengths = [len(e.ids) for e in package.encoder.encode(texts)]
+        lengths = [len(e.ids) for e in package.encoder.tokenize(texts)]
         texts = [texts[i] for i in sorted(range(len(texts)), key=lengths.__getitem__)]
 
     def run(group: list[str]) -> None:
-        package.run(package.encoder.pad(package.encoder.encode(group)))
+        package.run(package.encoder.pad(package.encoder.tokenize(group)))
 
     for start in range(0, len(texts), batch):  # warm-up: every shape this pass will meet
         run(texts[start : start + batch])
@@ -185,7 +185,7 @@ def bench_serve(
     raw = load_package(package, SessionOptions(provider=provider, max_batch=max(top, 64)))
     if not on_cpu:
         server_args = [*server_args, "--provider", provider]
-    tokens_per_text = np.mean([len(e.ids) for e in raw.encoder.encode(texts)])
+    tokens_per_text = np.mean([len(e.ids) for e in raw.encoder.tokenize(texts)])
     timings = []
 
     def add(name: str, setting: str, samples: Samples) -> Timing:

@@ -35,12 +35,12 @@ def test_tokenize_16(benchmark, classifier):
 
 
 def test_pad_16(benchmark, classifier):
-    encodings = classifier.encoder.encode(TEXTS)
+    encodings = classifier.encoder.tokenize(TEXTS)
     benchmark(classifier.encoder.pad, encodings)
 
 
 def test_token_postprocess_first(benchmark, classifier):
-    encodings = classifier.encoder.encode(TEXTS[:1])
+    encodings = classifier.encoder.tokenize(TEXTS[:1])
     logits = classifier.forward(encodings)[0]["logits"]
     from kiln.runtime.pipelines.base import softmax
 
@@ -59,7 +59,7 @@ def test_batcher_round_trip(benchmark, classifier):
         BatchOptions(max_delay=0.0),
     )
     batcher.start()
-    encodings = classifier.encoder.encode(TEXTS)
+    encodings = classifier.encoder.tokenize(TEXTS)
     with ThreadPoolExecutor(4) as pool:
         benchmark(lambda: list(pool.map(lambda e: batcher.run([e], RequestState()), encodings)))
     batcher.stop()

@@ -45,7 +45,7 @@ def reference(model: Any, generator: Generator, texts: list[str]) -> Reference:
     import torch
 
     settings = generator.settings(GREEDY)
-    prompts = [generator.encode(text, truncate=True)[0] for text in texts]
+    prompts = [generator.tokenize(text, truncate=True)[0] for text in texts]
     tokens = []
     with torch.inference_mode():
         for ids in prompts:

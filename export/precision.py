@@ -96,4 +96,4 @@ def lower_precision(
 
 def one_text_feeds(encoder: TextEncoder, texts: list[str]) -> list[dict[str, Any]]:
     """Each calibration text as its own unpadded batch, for the calibration of explicit int8."""
-    return [encoder.pad([e]).feeds for e in encoder.encode(texts)]
+    return [encoder.pad([e]).feeds for e in encoder.tokenize(texts)]

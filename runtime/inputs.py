@@ -50,15 +50,40 @@ def check_pairs(texts: list[str], pairs: object, what: str = "text_pair") -> lis
     return checked
 
 
-def finite_float(name: str, value: int | float) -> float:
+def finite_float(what: str, value: int | float) -> float:
     """A request's number as a float, refusing what no float holds (a 400-digit integer, inf, nan)."""
     try:
         number = float(value)
     except OverflowError:
         number = math.inf
     if not math.isfinite(number):
-        raise InvalidInput(f"parameter {name!r} must be a finite number, got {value!r}")
+        raise InvalidInput(f"{what} must be a finite number, got {value!r}")
     return number
+
+
+_EXPECTED = {
+    bool: "a boolean",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    list: "a list of strings (or one string)",
+}
+
+
+def typed(value: Any, kind: type, what: str) -> Any:
+    """A request parameter checked against its declared type, never coerced (the string "false" is
+    not a boolean, True is not an integer): the one rule every protocol's parameters go through.
+    `list` means strings, one or a list, returned as given; a float comes back finite."""
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, int | float) and not isinstance(value, bool),
+        str: isinstance(value, str),
+        list: isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)),
+    }[kind]
+    if not ok:
+        raise InvalidInput(f"{what} must be {_EXPECTED[kind]}, got {type(value).__name__} {value!r}")
+    return finite_float(what, value) if kind is float else value
 
 
 def parse_json(raw: bytes | str, what: str) -> Any:

@@ -46,7 +46,7 @@ class TextEncoder:
         tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
         return cls(tokenizer, input_names, max_length, _pad_id(directory, tokenizer), pad_multiple)
 
-    def encode(self, texts: list[str], pairs: list[str] | None = None, truncation: bool = True) -> list[Encoding]:
+    def tokenize(self, texts: list[str], pairs: list[str] | None = None, truncation: bool = True) -> list[Encoding]:
         items = list(zip(texts, pairs, strict=True)) if pairs is not None else texts
         encodings = self.tokenizer.encode_batch(items)
         if not truncation:

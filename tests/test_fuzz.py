@@ -17,7 +17,7 @@ from kiln.proto import grpc_service_pb2 as pb
 from kiln.runtime.errors import InvalidInput, PackageError
 from kiln.runtime.manifest import read_manifest
 from kiln.runtime.serve.http import read_infer_request
-from kiln.runtime.serve.tensors import decode_inputs
+from kiln.runtime.serve.tensors import read_inputs
 from kiln.runtime.tasks import SPECS
 
 # KILN_FUZZ_EXAMPLES=20000 for a long hunt; the default keeps the suite fast
@@ -62,7 +62,7 @@ def test_grpc_request_decoding(raw):
     except Exception:  # not a message at all: the lenient decoder turns this into INVALID_ARGUMENT
         return
     with contextlib.suppress(InvalidInput):
-        decode_inputs(request)
+        read_inputs(request)
 
 
 @BUDGET
@@ -78,7 +78,7 @@ def test_grpc_tensor_decoding(tensor, raw):
         return
     request.raw_input_contents.append(raw)
     with contextlib.suppress(InvalidInput):
-        decode_inputs(request)
+        read_inputs(request)
 
 
 @BUDGET

@@ -55,7 +55,7 @@ def test_a_failing_prompt_cancels_its_request_mates(model, monkeypatch):
     choose = decoding_module.choose
 
     def faulty(sequence, logits, start_id):
-        if sequence.prompt == model.generator.encode("Heavy rain floods", False)[0]:
+        if sequence.prompt == model.generator.tokenize("Heavy rain floods", False)[0]:
             raise FloatingPointError("injected: probabilities contain NaN")
         return choose(sequence, logits, start_id)
 

@@ -45,7 +45,7 @@ def test_embeddings_match_sentence_transformers(minilm_packages, minilm_dir, qua
 
 def test_fixed_padding_in_tokenizer_json_is_ignored(minilm_packages):
     encoder = pipeline(minilm_packages["int8"]).encoder
-    batch = encoder.pad(encoder.encode(["hi"]))
+    batch = encoder.pad(encoder.tokenize(["hi"]))
     assert batch.feeds["input_ids"].shape == (1, 3)  # [CLS] hi [SEP], not 128
 
 

@@ -77,7 +77,7 @@ def test_the_chat_template_renders_tokens_as_transformers_does(generator_model, 
     theirs = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True)
     generator = pipeline(packages["gpt"]).generator
     text = load_chat_template(packages["gpt"], template_file).render(MESSAGES)
-    assert generator.encode(text, False, special_tokens=False)[0] == list(theirs)
+    assert generator.tokenize(text, False, special_tokens=False)[0] == list(theirs)
     assert text == tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
     without = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=False, tokenize=False)
     assert load_chat_template(packages["gpt"], template_file).render(MESSAGES, add_generation_prompt=False) == without
@@ -97,7 +97,7 @@ def test_completions_equal_every_other_protocol(client, server, packages):
     answer = client.completions.create(model="gpt", prompt="Seoul stocks", max_tokens=12, temperature=0)
     assert answer.choices[0].text == ours[0]["generated_text"]
     assert answer.object == "text_completion" and answer.choices[0].finish_reason in ("stop", "length")
-    prompt_tokens = len(pipeline(packages["gpt"]).generator.encode("Seoul stocks", False)[0])
+    prompt_tokens = len(pipeline(packages["gpt"]).generator.tokenize("Seoul stocks", False)[0])
     assert answer.usage.completion_tokens > 0 and answer.usage.prompt_tokens == prompt_tokens
     body = {"text_input": "Seoul stocks", "max_tokens": 12, "parameters": {"do_sample": False}}
     triton = _post(f"{server.http}/v2/models/gpt/generate", body)[1]
@@ -167,7 +167,7 @@ def test_a_qwen2_chat_is_answered_as_transformers_answers_it(client, generator_m
         messages = [{"role": "user", "content": words}]
         prompt = generator.chat_template.render(messages)
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        assert generator.encode(prompt, False, special_tokens=False)[0] == list(ids)
+        assert generator.tokenize(prompt, False, special_tokens=False)[0] == list(ids)
         theirs = chat(messages, do_sample=False, max_new_tokens=24)[0]["generated_text"][-1]["content"]
         ours = client.chat.completions.create(model="qwen", messages=messages, max_tokens=24, temperature=0)
         assert ours.choices[0].message.content == theirs, words

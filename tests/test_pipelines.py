@@ -97,7 +97,7 @@ def test_token_classification_keeps_all_labels_on_request(exported, hf):
     theirs = hf("bert", "token-classification")(TEXTS[0], ignore_labels=[])
     assert_same(theirs, ours[0])
     package = pipeline(exported("bert", "token-classification"))
-    tokens = package.encoder.encode(TEXTS[:1])[0]
+    tokens = package.encoder.tokenize(TEXTS[:1])[0]
     assert len(ours[0]) == sum(1 for special in tokens.special_tokens_mask if not special)  # "O" included
 
 

@@ -90,7 +90,7 @@ def test_gpu_padding_to_buckets_does_not_change_answers(exported):
     package = load_package(exported("bert", "token-classification"))
     plain = pipeline(package)(["Alice lives in Seoul"])
     package.encoder.pad_multiple = 16
-    assert package.encoder.pad(package.encoder.encode(["Alice"])).feeds["input_ids"].shape[1] == 16
+    assert package.encoder.pad(package.encoder.tokenize(["Alice"])).feeds["input_ids"].shape[1] == 16
     assert pipeline(package)(["Alice lives in Seoul"]) == plain
 
 
@@ -115,7 +115,7 @@ def test_cuda_graphs_replay_what_the_plain_cuda_run_gives(exported):
     assert isinstance(graphed.binding, CudaGraphs)
     for _ in range(3):  # the first run of a shape captures its graph, the next ones replay it
         for text in ("Alice lives in Seoul", "a somewhat longer sentence about rates", "short"):
-            batch = plain.encoder.pad(plain.encoder.encode([text]))
+            batch = plain.encoder.pad(plain.encoder.tokenize([text]))
             assert np.abs(graphed.run(batch)["logits"] - plain.run(batch)["logits"]).max() < 1e-4
 
 
@@ -126,7 +126,7 @@ def test_a_generator_on_cuda_keeps_its_cache_on_the_device(generator_package):
 
     package = generator_package("gpt2")
     generator = load_generator(package, SessionOptions(provider="cuda"))
-    prompts = [generator.encode(text, False)[0] for text in ("Stocks rally as", "Heavy rain floods")]
+    prompts = [generator.tokenize(text, False)[0] for text in ("Stocks rally as", "Heavy rain floods")]
     logits, cache = generator.decoder.prefill(prompts)
     _, cache = generator.decoder.step(cache, logits.argmax(axis=1))
     assert {value.device_name() for value in cache.past.values()} == {"cuda"}

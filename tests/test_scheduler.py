@@ -24,7 +24,7 @@ class Caller:
 
     def __init__(self, generator, prompt: str, request_id: str, tokens: int = 12, watch: Scheduler | None = None):
         settings = generator.settings({"max_new_tokens": tokens, "min_new_tokens": tokens, "do_sample": False})
-        ids, _ = generator.encode(prompt, False)
+        ids, _ = generator.tokenize(prompt, False)
         self.pieces: list[Piece] = []
         self.alive_at_end: bool | None = None
         self.done = threading.Event()
@@ -108,7 +108,7 @@ def test_a_failing_session_run_ends_its_group_and_the_next_request_is_served(gen
 
 
 def test_a_failing_prefill_ends_only_the_prompt_at_fault(generator, scheduler, monkeypatch):
-    bad_ids, _ = generator.encode("Heavy rain floods", False)
+    bad_ids, _ = generator.tokenize("Heavy rain floods", False)
     prefill = generator.decoder.prefill
 
     def picky(prompts):

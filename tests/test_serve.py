@@ -133,7 +133,7 @@ def test_tritonclient_infer_text_and_tokens(server, packages):
     logits = result.as_numpy("logits")
 
     encoder = pipeline(packages["cls"]).encoder
-    batch = encoder.pad(encoder.encode(TEXTS))
+    batch = encoder.pad(encoder.tokenize(TEXTS))
     inputs = []
     for name in ("input_ids", "attention_mask", "token_type_ids"):
         tensor = tc.InferInput(name, list(batch.feeds[name].shape), "INT64")

@@ -38,7 +38,7 @@ def test_the_bound_cache_answers_as_the_plain_one(generator_package, kind):
 def test_steady_steps_keep_the_cache_out_of_numpy(generator_package):
     generator = load_generator(generator_package("gpt2"), SessionOptions(kv_on_device=True))
     decoder = generator.decoder
-    prompts = [generator.encode(text, False)[0] for text in ("Stocks rally as", "Heavy rain floods")]
+    prompts = [generator.tokenize(text, False)[0] for text in ("Stocks rally as", "Heavy rain floods")]
     logits, cache = decoder.prefill(prompts)
     _, cache = decoder.step(cache, logits.argmax(axis=1))
     assert all(isinstance(v, ort.OrtValue) for v in cache.past.values())

@@ -91,7 +91,7 @@ def test_qdq_shares_one_activation_pair_between_q_k_and_v(exported):
     groups = matmul_groups(package / "model.onnx")
     assert sorted(len(members) for members in groups.values()).count(3) == 2  # Q, K, V read one tensor, per layer
     encoder = pipeline(package).encoder
-    feeds = [encoder.pad(encoder.encode(["a first text", "and a second, longer one"])).feeds]
+    feeds = [encoder.pad(encoder.tokenize(["a first text", "and a second, longer one"])).feeds]
     calibration = calibrate(package / "model.onnx", feeds)
     qkv = next(m for m in groups.values() if len(m) == 3)
     out = package.parent / "qkv-only.onnx"

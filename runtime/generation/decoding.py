@@ -29,12 +29,22 @@ FINISH_LENGTH, FINISH_STOP, FINISH_CANCELLED, FINISH_ERROR = "length", "stop", "
 
 @dataclass
 class Piece:
-    """What a step gave one sequence: text completed by it (maybe empty while a character or a
-    stop string is incomplete), how many tokens it covers, and the finish reason on the last."""
+    """Generated text, one idea at three sizes: what a decode step gave a sequence (maybe empty while
+    a character or a stop string is incomplete), a chunk a protocol streams, or a whole answer.
+    `tokens` counts the new tokens its text covers; the last piece of an answer has why it ended and
+    the answer's totals (prompt tokens, new tokens, whether the prompt was cut)."""
 
     text: str
     tokens: int
     finish_reason: str | None = None
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    truncated: bool = False
+
+    @classmethod
+    def whole(cls, text: str, prompt_tokens: int, tokens: int, finish_reason: str, truncated: bool = False) -> Piece:
+        """A whole answer as one piece."""
+        return cls(text, tokens, finish_reason, prompt_tokens, tokens, truncated)
 
 
 @dataclass

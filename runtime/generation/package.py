@@ -47,7 +47,7 @@ class Generator:
     def settings(self, params: Mapping[str, Any]) -> Settings:
         return with_request(self.defaults, params, self.max_positions)
 
-    def encode(self, text: str, truncate: bool, special_tokens: bool = True) -> tuple[list[int], bool]:
+    def tokenize(self, text: str, truncate: bool, special_tokens: bool = True) -> tuple[list[int], bool]:
         """The prompt's ids, refused or cut (keeping its end for a decoder, its start for an
         encoder) when over the model's limit; the flag says whether it was cut. A rendered chat
         template holds its special tokens already (`special_tokens=False`, as apply_chat_template)."""

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.runtime.errors import InvalidInput
-from kiln.runtime.inputs import finite_float
+from kiln.runtime.inputs import typed
 
 # request names accepted besides the transformers ones (Triton's and OpenAI's spellings)
 ALIASES = {
@@ -131,7 +131,8 @@ def with_request(defaults: Settings, request: Mapping[str, Any], max_positions: 
             accepted = ", ".join([*REQUEST_FIELDS, *ALIASES])
             raise InvalidInput(f"unknown generation parameter {raw_name!r}; accepted: {accepted}")
         if value is not None:
-            values[name] = _typed(raw_name, value, REQUEST_FIELDS[name])
+            checked = typed(value, REQUEST_FIELDS[name], f"parameter {raw_name!r}")
+            values[name] = [checked] if isinstance(checked, str) else checked  # one stop string
     if "stop" in values:
         values["stop"] = tuple(values["stop"])
     if values.get("num_beams", 1) > 1 and "do_sample" not in values:
@@ -205,18 +206,3 @@ def _range(name: str, max_positions: int) -> str:
         "seed": " (0 to 2**63 - 1)",
     }
     return ranges.get(name, "")
-
-
-def _typed(name: str, value: Any, kind: type) -> Any:
-    ok = {
-        bool: isinstance(value, bool),
-        int: isinstance(value, int) and not isinstance(value, bool),
-        float: isinstance(value, int | float) and not isinstance(value, bool),
-        list: isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)),
-    }[kind]
-    if not ok:
-        expected = {bool: "a boolean", int: "an integer", float: "a number", list: "a string or a list of strings"}
-        raise InvalidInput(f"parameter {name!r} must be {expected[kind]}, got {type(value).__name__} {value!r}")
-    if kind is list:
-        return [value] if isinstance(value, str) else value
-    return finite_float(name, value) if kind is float else value

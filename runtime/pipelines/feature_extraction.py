@@ -50,4 +50,4 @@ class FeatureExtractionPipeline(Pipeline):
             vectors = np.stack([pool(o["last_hidden_state"].astype(np.float32), mode) for o in outputs])
             return (normalize(vectors) if do_normalize else vectors).astype(np.float32)
 
-        return Prepared(self.encoder.encode(texts, truncation=truncation), finish)
+        return Prepared(self.encoder.tokenize(texts, truncation=truncation), finish)

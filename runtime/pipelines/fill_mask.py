@@ -26,7 +26,7 @@ class FillMaskPipeline(Pipeline):
         tokenizer = self.encoder.tokenizer
         mask_id = tokenizer.token_to_id(self.mask_token)
         target_ids = self._target_ids(targets) if targets is not None else None
-        encodings = self.encoder.encode(texts)
+        encodings = self.encoder.tokenize(texts)
         for index, enc in enumerate(encodings):
             if mask_id not in enc.ids:
                 raise InvalidInput(f"text[{index}] has no {self.mask_token} token")

@@ -27,7 +27,7 @@ class TextClassificationPipeline(Pipeline):
         """A request whose answer is the raw logits [N, C] and, per text, whether it was truncated."""
         texts = check_texts(texts)
         pairs = check_pairs(texts, text_pair) if text_pair is not None else None
-        encodings = self.encoder.encode(texts, pairs, truncation=truncation)
+        encodings = self.encoder.tokenize(texts, pairs, truncation=truncation)
         truncated = [bool(e.overflowing) for e in encodings]
         return Prepared(encodings, lambda outputs: (np.stack([o["logits"] for o in outputs]), truncated))
 

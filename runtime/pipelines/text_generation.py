@@ -5,23 +5,11 @@ text as it is generated."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from kiln.runtime.generation.beam import beam_search
 from kiln.runtime.generation.decoding import FINISH_LENGTH, FINISH_STOP, Decoding, Piece, accept
 from kiln.runtime.generation.package import Generator
-
-
-@dataclass
-class Generated:
-    """One answer: the new text, its token counts, why it ended, whether the prompt was cut."""
-
-    text: str
-    prompt_tokens: int
-    tokens: int
-    finish_reason: str
-    truncated: bool = False
 
 
 class GenerationPipeline:
@@ -41,12 +29,12 @@ class GenerationPipeline:
         results = [[{self.output_key: (t if full else "") + a.text}] for t, a in zip(texts, answers, strict=True)]
         return results[0] if isinstance(inputs, str) else results
 
-    def generate(self, texts: list[str], params: dict[str, Any]) -> list[Generated]:
+    def generate(self, texts: list[str], params: dict[str, Any]) -> list[Piece]:
         params = dict(params)
         truncate = bool(params.pop("truncate", False))
         special = params.pop("add_special_tokens", True) is not False
         settings = self.generator.settings(params)
-        prompts = [self.generator.encode(text, truncate, special) for text in texts]
+        prompts = [self.generator.tokenize(text, truncate, special) for text in texts]
         if settings.num_beams > 1:
             return [self.beam(ids, settings, cut) for ids, cut in prompts]
         sequences = [self.generator.sequence(ids, settings, lambda piece: None) for ids, _ in prompts]
@@ -59,7 +47,7 @@ class GenerationPipeline:
         if failed is not None:
             raise failed
         return [
-            Generated(s.text, len(s.prompt), len(s.generated), s.finish_reason or FINISH_LENGTH, cut)
+            Piece.whole(s.text, len(s.prompt), len(s.generated), s.finish_reason or FINISH_LENGTH, cut)
             for s, (_, cut) in zip(sequences, prompts, strict=True)
         ]
 
@@ -69,7 +57,7 @@ class GenerationPipeline:
         truncate = bool(params.pop("truncate", False))
         special = params.pop("add_special_tokens", True) is not False
         settings = self.generator.settings(params)
-        ids, _ = self.generator.encode(text, truncate, special)
+        ids, _ = self.generator.tokenize(text, truncate, special)
         pieces: list[Piece] = []
         sequence = self.generator.sequence(ids, settings, pieces.append)
         decoding = Decoding(self.generator.decoder, self.generator.start_id)
@@ -83,7 +71,7 @@ class GenerationPipeline:
                 return
             decoding.step()
 
-    def beam(self, ids: list[int], settings: Any, cut: bool, check: Callable[[], None] = lambda: None) -> Generated:
+    def beam(self, ids: list[int], settings: Any, cut: bool, check: Callable[[], None] = lambda: None) -> Piece:
         """One prompt's beam search answer; `check` runs every step and may raise to stop it."""
         sequence = self.generator.sequence(ids, settings, lambda piece: None)
         tokens = beam_search(self.generator.decoder, ids, settings, sequence.allowed, self.generator.start_id, check)
@@ -93,7 +81,7 @@ class GenerationPipeline:
         reason = sequence.finish_reason or (
             FINISH_STOP if tokens and tokens[-1] in settings.eos_token_ids else FINISH_LENGTH
         )
-        return Generated(sequence.text, len(ids), len(tokens), reason, cut)
+        return Piece.whole(sequence.text, len(ids), len(tokens), reason, cut)
 
 
 class TextGenerationPipeline(GenerationPipeline):

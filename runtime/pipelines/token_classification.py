@@ -46,7 +46,7 @@ class TokenClassificationPipeline(Pipeline):
                 f"aggregation_strategy must be one of {', '.join(STRATEGIES)}, got {aggregation_strategy!r}"
             )
         ignore = ["O"] if ignore_labels is None else ignore_labels
-        encodings = self.encoder.encode(texts, truncation=truncation)
+        encodings = self.encoder.tokenize(texts, truncation=truncation)
 
         def finish(outputs: Outputs) -> list[list[dict[str, Any]]]:
             results = []

@@ -21,9 +21,10 @@ from typing import Any
 
 import numpy as np
 from kiln.runtime.errors import Draining, InternalError, InvalidInput, KilnError
+from kiln.runtime.generation.decoding import Piece
 from kiln.runtime.serve import describe
 from kiln.runtime.serve.batcher import RequestState
-from kiln.runtime.serve.generative import Chunk, GenerativeModel
+from kiln.runtime.serve.generative import GenerativeModel
 from kiln.runtime.serve.kserve_codec import CODECS as KSERVE
 from kiln.runtime.serve.metrics import Metrics
 from kiln.runtime.serve.models import ServedModel
@@ -137,12 +138,12 @@ class DataPlane:
 
     # ---- inference ------------------------------------------------------------------------------
 
-    async def infer(self, request: InferRequest, call: Call) -> InferResponse:
-        """Text in BYTES tensors through the task, or token ids through the graph."""
-        model = self.admit(request.model, request.version, call)
+    async def infer(self, model: Served, request: InferRequest, call: Call) -> InferResponse:
+        """Text in BYTES tensors through the task, or token ids through the graph, on the model the
+        protocol found with `model_for`."""
         if model.spec.generative:
             answered = await self._generate(model, read_request(request.inputs, request.parameters), call)
-            outputs = KSERVE[model.spec.task].encode(answered.answers, answered.params)
+            outputs = KSERVE[model.spec.task].to_tensors(answered.answers, answered.params)
         elif any(name in request.inputs for name in TOKEN_INPUTS):
             rows = len(request.inputs.get("input_ids", ()))
             outputs = await self._timed(model, call, rows, lambda state: self._tokens(model, request.inputs, state))
@@ -151,7 +152,7 @@ class DataPlane:
             texts = spec.read_texts(request.inputs)
             params = spec.parse_params(request.parameters)
             answered = await self._answer(model, texts, params, call)
-            outputs = KSERVE[spec.task].encode(answered.answers, params)
+            outputs = KSERVE[spec.task].to_tensors(answered.answers, params)
         outputs = _requested(outputs, request.outputs)
         for name, count in request.classification.items():
             outputs[name] = classification(outputs[name], count, list(model.manifest.labels), name)
@@ -159,12 +160,12 @@ class DataPlane:
 
     async def answer(self, model: Served, texts: Texts, raw_params: Mapping[str, Any], call: Call) -> Answered:
         """A task's answers for texts already named by input (the typed API, OpenAI embeddings), from
-        the model the protocol found with `admit` (one lookup per request)."""
+        the model the protocol found with `model_for` (one lookup per request)."""
         if isinstance(model, GenerativeModel):  # the typed Generate RPC
             return await self._generate(model, GenerateRequest(texts["text_input"], dict(raw_params)), call)
         return await self._answer(model, texts, model.spec.parse_params(raw_params), call)
 
-    def admit(self, name: str, version: str, call: Call) -> Served:
+    def model_for(self, name: str, version: str, call: Call) -> Served:
         """The model a request is for, unless the server is draining or serves no such model."""
         if self.draining:
             raise Draining("server is shutting down; retry on another replica")
@@ -253,9 +254,9 @@ class DataPlane:
 
     # ---- generation -----------------------------------------------------------------------------
 
-    async def generate(self, name: str, version: str, request: GenerateRequest, call: Call) -> Answered:
+    async def generate(self, model: Served, request: GenerateRequest, call: Call) -> Answered:
         """Whole answers for a generator's prompts (unary protocols)."""
-        return await self._generate(self._generator(name, version, call), request, call)
+        return await self._generate(_generator(model), request, call)
 
     async def _generate(self, model: GenerativeModel, request: GenerateRequest, call: Call) -> Answered:
         params = model.spec.parse_params(request.params)
@@ -263,12 +264,10 @@ class DataPlane:
         answers = await self._timed(model, call, len(request.prompts), work)
         return Answered(model, answers, params, sum(a.prompt_tokens for a in answers))
 
-    async def generate_stream(
-        self, name: str, version: str, request: GenerateRequest, call: Call
-    ) -> AsyncIterator[Chunk]:
-        """One prompt's text as it is generated; the last chunk carries the finish reason and counts.
-        Checked before the first chunk, so a bad request fails as a whole."""
-        model = self._generator(name, version, call)
+    async def generate_stream(self, served: Served, request: GenerateRequest, call: Call) -> AsyncIterator[Piece]:
+        """One prompt's text as it is generated; the last piece carries the finish reason and counts.
+        Checked before the first piece, so a bad request fails as a whole."""
+        model = _generator(served)
         if len(request.prompts) != 1:
             raise InvalidInput(
                 f"a stream generates one prompt; got {len(request.prompts)} (send them on separate streams)"
@@ -279,24 +278,18 @@ class DataPlane:
             tokens = 0
             try:
                 if stream.prefix:
-                    yield Chunk(stream.prefix, 0)
+                    yield Piece(stream.prefix, 0)
                 async for piece in model.pieces(stream, state):
                     tokens += piece.tokens
                     if piece.finish_reason is None:
-                        yield Chunk(piece.text, piece.tokens)
+                        yield Piece(piece.text, piece.tokens)
                     else:
-                        yield Chunk(
+                        yield Piece(
                             piece.text, piece.tokens, piece.finish_reason, stream.prompt_tokens, tokens,
                             stream.truncated,
                         )  # fmt: skip
             finally:
                 stream.cancel()  # a caller gone before the first piece was asked for frees its row too
-
-    def _generator(self, name: str, version: str, call: Call) -> GenerativeModel:
-        model = self.admit(name, version, call)
-        if not isinstance(model, GenerativeModel):
-            raise InvalidInput(f"model {model.name!r} is a {model.manifest.task} model, not a generator")
-        return model
 
     async def _tokens(self, model: ServedModel, tensors: dict[str, np.ndarray], state: RequestState) -> Any:
         sequences, rows, width = read_token_rows(model, tensors)
@@ -318,3 +311,9 @@ def _requested(outputs: dict[str, np.ndarray], requested: list[str]) -> dict[str
     if unknown:
         raise InvalidInput(f"unknown output {unknown[0]!r}; this model gives {', '.join(outputs)}")
     return {name: outputs[name] for name in requested}
+
+
+def _generator(model: Served) -> GenerativeModel:
+    if not isinstance(model, GenerativeModel):
+        raise InvalidInput(f"model {model.name!r} is a {model.manifest.task} model, not a generator")
+    return model

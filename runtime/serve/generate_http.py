@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 from kiln.runtime.errors import InvalidInput, KilnError
+from kiln.runtime.generation.decoding import Piece
 from kiln.runtime.serve.bodies import json_body, json_object, model_of
 from kiln.runtime.serve.calls import REQUEST_ID, counted_route
 from kiln.runtime.serve.dataplane import Call, DataPlane
-from kiln.runtime.serve.generative import Chunk
 from kiln.runtime.tasks.generation import GenerateRequest, read_request
 
 
@@ -30,7 +30,7 @@ class GenerateApi:
         """Triton's generate extension: one JSON answer."""
         name, version = model_of(request)
         generate = generate_request(await json_body(request))
-        answered = await self.plane.generate(name, version, generate, call)
+        answered = await self.plane.generate(self.plane.model_for(name, version, call), generate, call)
         answer = answered.answers[0] if len(answered.answers) == 1 else None
         body: dict[str, Any] = {"model_name": answered.model.name, "model_version": answered.model.version}
         if answer is None:
@@ -46,7 +46,7 @@ class GenerateApi:
         an event `{"error": ...}` ends the stream."""
         name, version = model_of(request)
         generate = generate_request(await json_body(request))
-        chunks = aiter(self.plane.generate_stream(name, version, generate, call))
+        chunks = aiter(self.plane.generate_stream(self.plane.model_for(name, version, call), generate, call))
         first = await anext(chunks)  # errors here become the HTTP status, as for any request
         headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", REQUEST_ID: call.request_id}
         response = web.StreamResponse(headers=headers)
@@ -90,7 +90,7 @@ def generate_request(body: dict[str, Any]) -> GenerateRequest:
     return read_request(tensors, parameters)
 
 
-def _chunk_json(chunk: Chunk) -> dict[str, Any]:
+def _chunk_json(chunk: Piece) -> dict[str, Any]:
     body: dict[str, Any] = {"text_output": chunk.text}
     if chunk.finish_reason is not None:
         body.update(finish_reason=chunk.finish_reason, truncated=chunk.truncated)

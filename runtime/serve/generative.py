@@ -17,7 +17,7 @@ from kiln.runtime.errors import Cancelled, DeadlineExceeded, InternalError
 from kiln.runtime.generation.decoding import FINISH_CANCELLED, FINISH_ERROR, Decoding, Piece, Sequence
 from kiln.runtime.generation.package import load_generator
 from kiln.runtime.generation.settings import Settings
-from kiln.runtime.pipelines.text_generation import Generated, GenerationPipeline
+from kiln.runtime.pipelines.text_generation import GenerationPipeline
 from kiln.runtime.serve.aio import all_or_none
 from kiln.runtime.serve.batcher import BatchOptions, RequestState
 from kiln.runtime.serve.metrics import Metrics
@@ -31,18 +31,6 @@ log = logging.getLogger("kiln.serve")
 
 
 @dataclass
-class Chunk:
-    """A piece of a streamed answer as protocols send it; the last has the finish reason and counts."""
-
-    text: str
-    tokens: int
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    truncated: bool = False
-
-
-@dataclass
 class Stream:
     """One prompt being generated for a caller: pieces arrive on `queue` from the decoding thread
     (a beam search's one answer comes from the model's beam thread instead)."""
@@ -51,7 +39,7 @@ class Stream:
     queue: asyncio.Queue
     truncated: bool
     prefix: str = ""  # text-generation's return_full_text: the prompt, sent before the new text
-    search: Future[Generated] | None = None  # a beam search's answer, from the beam thread
+    search: Future[Piece] | None = None  # a beam search's answer, from the beam thread
     opened: float = field(default_factory=time.monotonic)  # when it was admitted (Triton's compute_infer)
 
     @property
@@ -121,7 +109,7 @@ class GenerativeModel(Counted):
         streams = []
         started = time.monotonic()
         for text in texts:
-            ids, truncated = self.generator.encode(text, truncate, params.get("add_special_tokens") is not False)
+            ids, truncated = self.generator.tokenize(text, truncate, params.get("add_special_tokens") is not False)
             queue: asyncio.Queue = asyncio.Queue()
             sequence = self.generator.sequence(ids, settings, _deliver_to(queue, loop))
             sequence.request_id = uuid.uuid4().hex[:12]
@@ -162,7 +150,7 @@ class GenerativeModel(Counted):
             stream.cancel()  # a caller that went away frees its row (or stops its beam search) at the next step
             state.add_stage("compute_infer", stream.opened, time.monotonic())
 
-    async def answer(self, texts: list[str], params: dict[str, Any], state: RequestState) -> list[Generated]:
+    async def answer(self, texts: list[str], params: dict[str, Any], state: RequestState) -> list[Piece]:
         """Whole answers for several prompts, generated side by side; whatever the request opened
         is cancelled on every way out (an error in one prompt, the caller leaving, the deadline)."""
         streams = self.open(texts, params, state)
@@ -172,7 +160,7 @@ class GenerativeModel(Counted):
             for stream in streams:
                 stream.cancel()
 
-    async def _collect(self, stream: Stream, state: RequestState) -> Generated:
+    async def _collect(self, stream: Stream, state: RequestState) -> Piece:
         parts, tokens, reason = [stream.prefix], 0, FINISH_CANCELLED
         async for piece in self.pieces(stream, state):
             parts.append(piece.text)
@@ -180,9 +168,9 @@ class GenerativeModel(Counted):
             reason = piece.finish_reason or reason
         if reason == FINISH_CANCELLED:
             raise Cancelled("request was cancelled")
-        return Generated("".join(parts), stream.prompt_tokens, tokens, reason, stream.truncated)
+        return Piece.whole("".join(parts), stream.prompt_tokens, tokens, reason, stream.truncated)
 
-    def _search(self, stream: Stream, state: RequestState) -> Generated:
+    def _search(self, stream: Stream, state: RequestState) -> Piece:
         """One prompt's beam search, on the beam thread (never the pool that tokenizes for other
         models), checking the caller and the deadline before every step."""
         sequence = stream.sequence

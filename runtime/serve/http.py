@@ -149,7 +149,7 @@ class HttpApi:
         take_kserve_id(call, request, infer.id)
         timeout = infer.parameters.get("timeout")  # Triton: microseconds
         call.timeout = timeout / 1e6 if isinstance(timeout, int) and timeout > 0 else None
-        result = await self.plane.infer(infer, call)
+        result = await self.plane.infer(self.plane.model_for(name, version, call), infer, call)
         body = {"model_name": result.model, "model_version": result.version, "outputs": []}
         if result.id:
             body["id"] = result.id

@@ -16,10 +16,10 @@ from kiln.proto import grpc_service_pb2 as pb
 from kiln.proto import grpc_service_pb2_grpc as pb_grpc
 from kiln.runtime.errors import KilnError
 from kiln.runtime.serve.calls import grpc_call
-from kiln.runtime.serve.dataplane import Call, DataPlane, InferRequest
+from kiln.runtime.serve.dataplane import Call, DataPlane, InferRequest, InferResponse
 from kiln.runtime.serve.interceptors import Undecodable
 from kiln.runtime.serve.status import status_of
-from kiln.runtime.serve.tensors import decode_inputs, encode_outputs, parameters
+from kiln.runtime.serve.tensors import parameters, read_inputs, write_outputs
 from kiln.runtime.tasks.generation import read_request
 from kiln.runtime.wire import bytes_tensor
 
@@ -60,12 +60,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         except KilnError as exc:
             await context.abort(*status_of(exc))
 
-    async def _infer(self, request: pb.ModelInferRequest, call: Call, infer: InferRequest | None = None) -> Any:
-        infer = infer or _infer_request(request)
-        result = await self.plane.infer(infer, call)
-        response = pb.ModelInferResponse(model_name=result.model, model_version=result.version, id=result.id)
-        encode_outputs(response, result.outputs)
-        return response
+    async def _infer(self, request: pb.ModelInferRequest, call: Call) -> pb.ModelInferResponse:
+        infer = _infer_request(request)
+        return _response(await self.plane.infer(self.plane.model_for(infer.model, infer.version, call), infer, call))
 
     async def ModelStreamInfer(self, request_iterator, context) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Triton's streaming: a generator's requests (decoupled) are answered side by side, each with
@@ -106,6 +103,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 task.cancel()
 
     def _decoupled(self, request: Any) -> bool:
+        """Whether a stream's request is a generator's, answered side by side rather than in turn: the
+        reader's routing peek, before the request is counted (its own lookup then checks draining)."""
         if isinstance(request, Undecodable):
             return False
         try:
@@ -151,17 +150,17 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             responses.put_nowait(_END)
 
     async def _stream_responses(self, request: pb.ModelInferRequest, call: Call) -> AsyncIterator[Any]:
-        model = self.plane.model(request.model_name, request.model_version)
         infer = _infer_request(request)  # decoded once, whichever way it is answered
+        model = self.plane.model_for(infer.model, infer.version, call)
         generate = read_request(infer.inputs, infer.parameters) if model.spec.generative else None
         if generate is None or not generate.stream:
-            response = await self._infer(request, call, infer)
+            response = _response(await self.plane.infer(model, infer, call))
             _final(response)
             yield response
             return
-        async for chunk in self.plane.generate_stream(request.model_name, request.model_version, generate, call):
+        async for chunk in self.plane.generate_stream(model, generate, call):
             response = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
-            encode_outputs(response, {"text_output": bytes_tensor([chunk.text])})
+            write_outputs(response, {"text_output": bytes_tensor([chunk.text])})
             if chunk.finish_reason is None:  # said outright: Triton's clients take a response without it as final
                 response.parameters["triton_final_response"].bool_param = False
             else:
@@ -195,7 +194,7 @@ def _infer_request(request: pb.ModelInferRequest) -> InferRequest:
     return InferRequest(
         model=request.model_name,
         version=request.model_version,
-        inputs=decode_inputs(request),
+        inputs=read_inputs(request),
         parameters=parameters(request.parameters),
         outputs=[o.name for o in request.outputs],
         id=request.id,
@@ -205,6 +204,12 @@ def _infer_request(request: pb.ModelInferRequest) -> InferRequest:
             if "classification" in o.parameters
         },
     )
+
+
+def _response(result: InferResponse) -> pb.ModelInferResponse:
+    response = pb.ModelInferResponse(model_name=result.model, model_version=result.version, id=result.id)
+    write_outputs(response, result.outputs)
+    return response
 
 
 def _final(response: pb.ModelInferResponse, finish_reason: str | None = None) -> None:

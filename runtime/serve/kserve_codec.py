@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from kiln.runtime.pipelines.text_generation import Generated
+from kiln.runtime.generation.decoding import Piece
 from kiln.runtime.tasks import SPECS
 from kiln.runtime.tasks.spec import Params, Tensor
 from kiln.runtime.tasks.text_classification import Classified
@@ -20,7 +20,7 @@ from kiln.runtime.wire import bytes_tensor, json_tensor
 @dataclass(frozen=True)
 class KServeCodec:
     outputs: tuple[Tensor, ...]  # what metadata lists and the task answers with
-    encode: Callable[[Any, Params], dict[str, np.ndarray]]  # answers -> output tensors
+    to_tensors: Callable[[Any, Params], dict[str, np.ndarray]]  # answers -> output tensors
 
 
 def _text_classification(answers: Classified, params: Params) -> dict[str, np.ndarray]:
@@ -49,7 +49,7 @@ def _question_answering(answers: list[list[dict[str, Any]]], params: Params) -> 
     return {name: value[:, 0] for name, value in out.items()} if k == 1 else out
 
 
-def _generation(answers: list[Generated], params: Params) -> dict[str, Any]:
+def _generation(answers: list[Piece], params: Params) -> dict[str, Any]:
     return {"text_output": bytes_tensor([a.text for a in answers])}
 
 

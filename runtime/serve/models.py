@@ -309,7 +309,7 @@ class ServedModel(Counted):
 
     def _warm_up(self) -> None:
         """One pass through each session, so the first caller does not pay for lazy initialisation."""
-        sequence = self.package.encoder.encode(["warm up"])[0]
+        sequence = self.package.encoder.tokenize(["warm up"])[0]
         self._run_batch([sequence], alone=True)
         if self.narrow is not None:
             self._run_batch([sequence], alone=False)

@@ -18,12 +18,13 @@ from typing import Any
 
 from aiohttp import web
 from kiln.runtime.errors import KilnError
+from kiln.runtime.generation.decoding import Piece
 from kiln.runtime.serve import openai_codec as codec
 from kiln.runtime.serve.aio import all_or_none
 from kiln.runtime.serve.bodies import json_body
 from kiln.runtime.serve.calls import REQUEST_ID, counted_route
 from kiln.runtime.serve.dataplane import Answered, Call, DataPlane
-from kiln.runtime.serve.generative import Chunk, GenerativeModel
+from kiln.runtime.serve.generative import GenerativeModel
 from kiln.runtime.serve.status import http_status_of
 from kiln.runtime.tasks.generation import GenerateRequest
 
@@ -60,7 +61,7 @@ class OpenAiApi:
         body = await json_body(request)
         name, texts, encoding, dimensions = codec.read_embeddings(body)
         call.model = name
-        model = self.plane.admit(name, "", call)
+        model = self.plane.model_for(name, "", call)
         if model.manifest.task != "feature-extraction":
             raise codec.OpenAiInvalid(
                 f"model {name!r} is a {model.manifest.task} model; embeddings need feature-extraction", "model"
@@ -79,7 +80,7 @@ class OpenAiApi:
         if not isinstance(name, str) or not name:
             raise codec.OpenAiInvalid("'model' must name a served model", "model")
         call.model = name
-        model = self.plane.admit(name, "", call)
+        model = self.plane.model_for(name, "", call)
         if not isinstance(model, GenerativeModel):
             raise codec.OpenAiInvalid(
                 f"model {name!r} is a {model.manifest.task} model; completions need a generator", "model"
@@ -96,7 +97,7 @@ class OpenAiApi:
         return web.json_response(codec.response_body(asked, model.name, copies, answered))
 
     async def _run(self, model: GenerativeModel, copy: codec.Copy, call: Call) -> Answered:
-        return await self.plane.generate(model.name, "", GenerateRequest(copy.prompts, copy.params), call)
+        return await self.plane.generate(model, GenerateRequest(copy.prompts, copy.params), call)
 
     async def _stream(
         self, request: web.Request, model: GenerativeModel, asked: codec.Asked, call: Call
@@ -105,7 +106,7 @@ class OpenAiApi:
         the first piece of each is awaited before the response starts, so a bad request is an HTTP
         error, not an error event."""
         streams = [
-            aiter(self.plane.generate_stream(model.name, "", GenerateRequest([prompt], params), call))
+            aiter(self.plane.generate_stream(model, GenerateRequest([prompt], params), call))
             for prompt, params in codec.stream_choices(asked)
         ]
         try:
@@ -134,12 +135,12 @@ class OpenAiApi:
                     await stream.aclose()
 
 
-async def _merged(streams: list[AsyncIterator[Chunk]], firsts: list[Chunk]) -> AsyncIterator[tuple[int, Chunk]]:
+async def _merged(streams: list[AsyncIterator[Piece]], firsts: list[Piece]) -> AsyncIterator[tuple[int, Piece]]:
     """(choice index, chunk) from every stream as the chunks come; the first of each is given."""
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 
-    async def pump(index: int, stream: AsyncIterator[Chunk]) -> None:
+    async def pump(index: int, stream: AsyncIterator[Piece]) -> None:
         try:
             async for chunk in stream:
                 await queue.put((index, chunk))

@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 from kiln.runtime.errors import InputTooLong, InvalidInput, KilnError, ModelNotServed, QueueFull
 from kiln.runtime.generation.chat import check_messages
-from kiln.runtime.pipelines.text_generation import Generated
+from kiln.runtime.generation.decoding import Piece
+from kiln.runtime.inputs import typed
 
 MAX_CHOICES = 16
 COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -206,19 +207,14 @@ def _known(body: dict[str, Any], fields: set[str], route: str) -> None:
 
 
 def _typed(body: dict[str, Any], name: str, kind: type) -> Any:
+    """A body field by the rule every protocol's parameters follow (kiln.runtime.inputs.typed)."""
     value = body.get(name)
     if value is None:
         return None
-    ok = {
-        bool: isinstance(value, bool),
-        int: isinstance(value, int) and not isinstance(value, bool),
-        float: isinstance(value, int | float) and not isinstance(value, bool),
-        str: isinstance(value, str),
-    }[kind]
-    if not ok:
-        expected = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}[kind]
-        raise OpenAiInvalid(f"'{name}' must be {expected}, got {type(value).__name__} {value!r}", name)
-    return float(value) if kind is float else value
+    try:
+        return typed(value, kind, f"'{name}'")
+    except InvalidInput as exc:
+        raise OpenAiInvalid(str(exc), name) from exc
 
 
 # ---- running -------------------------------------------------------------------------------------
@@ -270,7 +266,7 @@ def response_body(asked: Asked, model: str, copies_made: list[Copy], answered: l
     }
 
 
-def _choice(asked: Asked, index: int, answer: Generated) -> dict[str, Any]:
+def _choice(asked: Asked, index: int, answer: Piece) -> dict[str, Any]:
     reason = _finish(answer.finish_reason)
     if asked.chat:
         message = {"role": "assistant", "content": answer.text}

@@ -26,7 +26,7 @@ CONTENTS_FIELD = {
 }
 
 
-def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
+def read_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
     raw = list(request.raw_input_contents)
     if raw and len(raw) != len(request.inputs):
         raise InvalidInput(f"{len(request.inputs)} inputs but {len(raw)} raw_input_contents")
@@ -74,7 +74,7 @@ def decode_tensor(tensor: Any, raw: bytes | None) -> np.ndarray:
     return np.array(values, dtype=dtype).reshape(shape)
 
 
-def encode_outputs(response: pb.ModelInferResponse, outputs: dict[str, np.ndarray]) -> None:
+def write_outputs(response: pb.ModelInferResponse, outputs: dict[str, np.ndarray]) -> None:
     """Outputs as raw_output_contents (BYTES length-prefixed), as tritonclient reads them."""
     for name, array in outputs.items():
         response.outputs.add(name=name, shape=list(array.shape), datatype=datatype_of(array))

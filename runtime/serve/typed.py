@@ -48,7 +48,7 @@ class KilnService(pb_grpc.KilnServicer):
         call = grpc_call(context, codec.rpc, request.model)
         try:
             async with self.plane.counted(call):
-                model = self.plane.admit(request.model, "", call)
+                model = self.plane.model_for(request.model, "", call)
                 if CODECS[model.manifest.task] is not codec:
                     tasks = " or ".join(task for task, c in CODECS.items() if c is codec)
                     task = model.manifest.task
@@ -66,7 +66,8 @@ class KilnService(pb_grpc.KilnServicer):
             async with self.plane.counted(call):
                 texts, params = GENERATE.read(request)
                 generate = GenerateRequest(texts["text_input"], params)
-                async for chunk in self.plane.generate_stream(request.model, "", generate, call):
+                model = self.plane.model_for(request.model, "", call)
+                async for chunk in self.plane.generate_stream(model, generate, call):
                     yield pb.GenerateChunk(
                         text=chunk.text,
                         tokens=chunk.tokens,

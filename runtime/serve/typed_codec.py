@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 from kiln.proto import kiln_pb2 as pb
+from kiln.runtime.generation.decoding import Piece
 from kiln.runtime.generation.settings import REQUEST_FIELDS
-from kiln.runtime.pipelines.text_generation import Generated
 from kiln.runtime.tasks import SPECS
 from kiln.runtime.tasks.spec import Params, Texts
 from kiln.runtime.tasks.text_classification import Classified
@@ -163,11 +163,11 @@ def _generation_read(request: pb.GenerateRequest) -> tuple[Texts, Params]:
     return {"text_input": list(request.prompts)}, params
 
 
-def _generation_write(answers: list[Generated], params: Params) -> pb.GenerateResponse:
+def _generation_write(answers: list[Piece], params: Params) -> pb.GenerateResponse:
     return pb.GenerateResponse(results=[_generation(a) for a in answers])
 
 
-def _generation(answer: Generated) -> pb.Generation:
+def _generation(answer: Piece) -> pb.Generation:
     return pb.Generation(
         text=answer.text,
         finish_reason=answer.finish_reason,

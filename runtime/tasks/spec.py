@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 from kiln.runtime.errors import InvalidInput
-from kiln.runtime.inputs import finite_float
+from kiln.runtime.inputs import typed
 from kiln.runtime.pipelines.base import Pipeline, Prepared
 
 Texts = dict[str, list[str]]  # input name -> its texts (KServe BYTES tensors, typed repeated fields)
@@ -62,34 +62,21 @@ class Param:
     default: Any = None
     choices: tuple[str, ...] | None = None
     minimum: int | None = None
+    special: tuple[int, str] | None = None  # a value below the minimum that means something: (-1, "all")
     help: str = ""
 
     def parse(self, value: Any) -> Any:
         if value is None:
             return self.default
-        checked = self._typed(value)
+        checked = typed(value, self.kind, f"parameter {self.name!r}")
+        if self.kind is list and isinstance(checked, str):  # a comma-separated string, as a URL or CLI gives it
+            checked = [part.strip() for part in checked.split(",") if part.strip()]
         if self.choices is not None and checked not in self.choices:
             raise InvalidInput(f"parameter {self.name!r} must be one of {', '.join(self.choices)}, got {checked!r}")
-        if self.minimum is not None and checked < self.minimum:
-            raise InvalidInput(f"parameter {self.name!r} must be at least {self.minimum}, got {checked}")
+        if self.minimum is not None and checked < self.minimum and (self.special is None or checked != self.special[0]):
+            also = f" (or {self.special[0]} for {self.special[1]})" if self.special else ""
+            raise InvalidInput(f"parameter {self.name!r} must be at least {self.minimum}{also}, got {checked}")
         return checked
-
-    def _typed(self, value: Any) -> Any:
-        expected = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list of strings"}
-        ok = {
-            bool: isinstance(value, bool),
-            int: isinstance(value, int) and not isinstance(value, bool),
-            float: isinstance(value, int | float) and not isinstance(value, bool),
-            str: isinstance(value, str),
-            list: isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)),
-        }[self.kind]
-        if not ok:
-            raise InvalidInput(
-                f"parameter {self.name!r} must be {expected[self.kind]}, got {type(value).__name__} {value!r}"
-            )
-        if self.kind is list and isinstance(value, str):  # a comma-separated string, as a URL or CLI gives it
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return finite_float(self.name, value) if self.kind is float else value
 
 
 @dataclass(frozen=True)

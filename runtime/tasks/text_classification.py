@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from kiln.runtime.errors import InvalidInput
 from kiln.runtime.pipelines.base import Prepared
 from kiln.runtime.pipelines.text_classification import FUNCTIONS, TextClassificationPipeline
 from kiln.runtime.tasks.spec import Param, Params, TaskSpec, Tensor, Texts
@@ -19,8 +18,6 @@ class Classified:
 
 
 def prepare(pipe: TextClassificationPipeline, texts: Texts, params: Params) -> Prepared:
-    if params["top_k"] == 0:
-        raise InvalidInput("parameter 'top_k' must be a positive number of labels, or -1 for all")
     scores = pipe.prepare_scores(texts["text"], texts.get("text_pair"), params["truncation"])
     function = params["function_to_apply"]
 
@@ -36,7 +33,14 @@ SPEC = TaskSpec(
     pipeline=TextClassificationPipeline,
     inputs=(Tensor("text", "BYTES", (-1,)), Tensor("text_pair", "BYTES", (-1,), optional=True)),
     parameters=(
-        Param("top_k", int, 1, minimum=-1, help="labels per text, -1 for all (KServe: label and score [N, k])"),
+        Param(
+            "top_k",
+            int,
+            1,
+            minimum=1,
+            special=(-1, "all"),
+            help="labels per text, -1 for all (KServe: label and score [N, k])",
+        ),
         Param("function_to_apply", str, None, choices=FUNCTIONS, help="default: the model's (softmax or sigmoid)"),
         Param("truncation", bool, True, help="cut over-long text (false: refuse it)"),
     ),
