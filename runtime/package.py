@@ -35,7 +35,7 @@ class Package:
     directory: Path
     manifest: Manifest
     encoder: TextEncoder
-    session: ort.InferenceSession
+    session: ort.InferenceSession | None  # None: a front-end process's copy, which only tokenizes
 
     binding: CudaBinding | CudaGraphs | None = None
 
@@ -92,6 +92,19 @@ def load_package(directory: str | Path, options: SessionOptions | None = None, v
     if provider == PROVIDERS["cuda"]:
         package.binding = (CudaGraphs if graphed else CudaBinding)(session, manifest.outputs)
     return package
+
+
+def load_tokenizing_package(directory: str | Path) -> Package:
+    """A package as a front-end process of `kiln serve --frontends N` needs it: manifest, tokenizer
+    and pipeline settings, no session (the engine process, which checked the files, runs the graph)."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    _check_task(directory, manifest.task)
+    try:
+        encoder = TextEncoder.from_directory(directory, list(manifest.inputs), manifest.max_sequence_length)
+    except Exception as exc:  # tokenizers raises its own untyped errors on a broken file
+        raise PackageError(f"{directory}: tokenizer.json cannot be loaded ({exc})") from exc
+    return Package(directory, manifest, encoder, None)
 
 
 def _check_outputs(directory: Path, manifest: Manifest, session: ort.InferenceSession) -> None:

@@ -73,6 +73,14 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: one per core)")
     serve.add_argument("--workers", type=int, default=8, help="tokenization/post-processing threads")
     serve.add_argument(
+        "--frontends",
+        type=int,
+        default=0,
+        help="front-end processes sharing the ports, each decoding, tokenizing and encoding, in front of one "
+        "engine process that batches for the device (0: everything in this one process); encoder models, "
+        "fixed model set (see docs/serving.md)",
+    )
+    serve.add_argument(
         "--instances", type=int, default=0, help="batches run at once per model (0: one per core on CPU, 1 on a GPU)"
     )
     serve.add_argument(

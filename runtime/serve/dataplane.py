@@ -131,10 +131,10 @@ class DataPlane:
     def model_config(self, name: str, version: str = "") -> dict[str, Any]:
         return describe.config(self.repository.get(name, version))
 
-    def statistics(self, name: str = "", version: str = "") -> dict[str, Any]:
+    async def statistics(self, name: str = "", version: str = "") -> dict[str, Any]:
         """Triton's model statistics (JSON form) for one model, or every model when no name is given."""
         models = [self.repository.get(name, version)] if name else list(self.repository.models.values())
-        return {"model_stats": [m.statistics() for m in models]}
+        return {"model_stats": [await m.collected_statistics() for m in models]}
 
     # ---- inference ------------------------------------------------------------------------------
 
@@ -293,8 +293,7 @@ class DataPlane:
 
     async def _tokens(self, model: ServedModel, tensors: dict[str, np.ndarray], state: RequestState) -> Any:
         sequences, rows, width = read_token_rows(model, tensors)
-        loop = asyncio.get_running_loop()
-        items = await loop.run_in_executor(self.executor, model.run_tokens, sequences, state)
+        items = await model.run_tokens(sequences, state, self.executor)
         return pad_outputs(model, items, rows, width)
 
     def count(self, call: Call, code: str) -> None:

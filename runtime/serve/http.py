@@ -123,7 +123,7 @@ class HttpApi:
         return web.json_response(self.plane.model_config(*model_of(request)))
 
     async def statistics(self, request: web.Request) -> web.Response:
-        return web.json_response(self.plane.statistics(*model_of(request)))
+        return web.json_response(await self.plane.statistics(*model_of(request)))
 
     # ---- repository ----------------------------------------------------------------------------
 

@@ -49,7 +49,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelConfigResponse(config=ParseDict(config, pb.ModelConfig()))
 
     async def ModelStatistics(self, request, context):
-        stats = await _call(context, self.plane.statistics, request.name, request.version)
+        stats = await _call_async(context, self.plane.statistics, request.name, request.version)
         return ParseDict(stats, pb.ModelStatisticsResponse())
 
     async def ModelInfer(self, request, context):

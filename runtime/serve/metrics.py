@@ -77,6 +77,7 @@ class Metrics:
             "Items accepted and not yet answered (what --max-queue bounds)",
             ["model"],
             registry=self.registry,
+            multiprocess_mode="livesum",  # --frontends N: the engine's, the one process that admits
         )
         # generators: one decoding iteration steps every running sequence (continuous batching)
         self.decoding_rows = Histogram(
@@ -88,7 +89,11 @@ class Metrics:
         )
         self.generated_tokens = Counter("kiln_generated_tokens", "Tokens generated", ["model"], registry=self.registry)
         self.cache_tokens = Gauge(
-            "kiln_kv_cache_tokens", "KV cache tokens held by running sequences", ["model"], registry=self.registry
+            "kiln_kv_cache_tokens",
+            "KV cache tokens held by running sequences",
+            ["model"],
+            registry=self.registry,
+            multiprocess_mode="livesum",
         )
 
     def app(self) -> web.Application:

@@ -7,8 +7,8 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
-from concurrent.futures import Future, InvalidStateError
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor, Future, InvalidStateError
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -122,6 +122,29 @@ class Counted:
                 for stage in ("queue", "compute_input", "compute_infer", "compute_output"):
                     getattr(self.stats, stage).add(stages.get(stage, 0.0))
 
+    def timed_prepare(self, prepare: Callable[[], Prepared], request: RequestState) -> Prepared:
+        """Validate and tokenize, timed as Triton's compute_input."""
+        start = time.monotonic()
+        prepared = prepare()
+        self._observe("tokenize", start, request, "compute_input")
+        return prepared
+
+    def finish(self, prepared: Prepared, outputs: Outputs, request: RequestState) -> Any:
+        start = time.monotonic()
+        answers = prepared.finish(outputs)
+        self._observe("postprocess", start, request, "compute_output")
+        return answers
+
+    def _observe(self, stage: str, start: float, request: RequestState, statistic: str) -> None:
+        """A stage that began at `start` and ends now: in the metrics and in the request's stages."""
+        end = time.monotonic()
+        self.metrics.stage_seconds.labels(model=self.name, stage=stage).observe(end - start)
+        request.add_stage(statistic, start, end)
+
+    async def collected_statistics(self) -> dict[str, Any]:
+        """Triton's statistics of this model over the whole server (a front-end asks the engine)."""
+        return self.statistics()
+
     def statistics(self) -> dict[str, Any]:
         """Triton's per-model statistics, in their JSON form."""
 
@@ -220,24 +243,11 @@ class ServedModel(Counted):
         """On a worker thread: prepare the request, then run it at once if the model is idle and it
         cannot gain from waiting (answers returned), else queue it (futures returned). A worker never
         waits for a batch."""
-        prepared = self._prepare(prepare, request)
+        prepared = self.timed_prepare(prepare, request)
         outputs = self.batcher.run_if_idle(prepared.encodings, request, self.others_in_progress)
         if outputs is None:
             return prepared, None, self.batcher.submit(prepared.encodings, request)
         return prepared, self.finish(prepared, outputs, request), None
-
-    def _prepare(self, prepare: Any, request: RequestState) -> Prepared:
-        """Validate and tokenize, timed as Triton's compute_input."""
-        start = time.monotonic()
-        prepared = prepare()
-        self._observe("tokenize", start, request, "compute_input")
-        return prepared
-
-    def finish(self, prepared: Prepared, outputs: Outputs, request: RequestState) -> Any:
-        start = time.monotonic()
-        answers = prepared.finish(outputs)
-        self._observe("postprocess", start, request, "compute_output")
-        return answers
 
     async def run(self, prepare: Any, request: RequestState, executor: Any, short: bool = False) -> Any:
         """prepare -> the batcher -> finish. A short request (a few short texts) is tokenized on the
@@ -246,7 +256,7 @@ class ServedModel(Counted):
         finished on worker threads; the event loop only awaits."""
         loop = asyncio.get_running_loop()
         if short:
-            prepared = self._prepare(prepare, request)
+            prepared = self.timed_prepare(prepare, request)
             futures = self.batcher.submit(prepared.encodings, request, self.others_in_progress)
             answer = self._finish_when_done(prepared, futures, request)
             try:
@@ -300,8 +310,11 @@ class ServedModel(Counted):
         outputs = self.manifest.outputs
         return dict(zip(outputs, self.narrow.run(outputs, batch.feeds), strict=True))
 
-    def run_tokens(self, sequences: list[Any], request: RequestState) -> Outputs:
-        """Pre-tokenized rows through the batcher, on a worker thread (the token-id path)."""
+    async def run_tokens(self, sequences: list[Any], request: RequestState, executor: Executor) -> Outputs:
+        """Pre-tokenized rows through the batcher (the token-id path)."""
+        return await asyncio.get_running_loop().run_in_executor(executor, self._run_tokens, sequences, request)
+
+    def _run_tokens(self, sequences: list[Any], request: RequestState) -> Outputs:
         outputs = self.batcher.run_if_idle(sequences, request, self.others_in_progress)
         if outputs is not None:
             return outputs
@@ -313,12 +326,6 @@ class ServedModel(Counted):
         self._run_batch([sequence], alone=True)
         if self.narrow is not None:
             self._run_batch([sequence], alone=False)
-
-    def _observe(self, stage: str, start: float, request: RequestState, statistic: str) -> None:
-        """A stage that began at `start` and ends now: in the metrics and in the request's stages."""
-        end = time.monotonic()
-        self.metrics.stage_seconds.labels(model=self.name, stage=stage).observe(end - start)
-        request.add_stage(statistic, start, end)
 
     def _record_batch(self, record: BatchRecord) -> None:
         labels = {"model": self.name}

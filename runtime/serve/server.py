@@ -115,20 +115,29 @@ def repository(options: ServeOptions, metrics: Metrics) -> Repository:
     return Repository(load, sources, "none", None, options.grace)
 
 
-async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> int:
-    metrics = Metrics()
-    models = repository(options, metrics)
-    if models.control_mode == "explicit":
-        await models.load_all(None if "*" in options.load_models else options.load_models)
-    else:
-        await models.load_all()
+async def serve(
+    options: ServeOptions,
+    ready: asyncio.Event | None = None,
+    models: Repository | None = None,
+    metrics: Metrics | None = None,
+    reuse_port: bool = False,
+) -> int:
+    """Serve until SIGTERM, then drain. A front-end process of `--frontends N` passes the models it
+    serves through the engine (loaded) and shares its ports with the other front-ends (`reuse_port`)."""
+    metrics = metrics or Metrics()
+    if models is None:
+        models = repository(options, metrics)
+        if models.control_mode == "explicit":
+            await models.load_all(None if "*" in options.load_models else options.load_models)
+        else:
+            await models.load_all()
     tracing = start_tracing(options.trace_endpoint) if options.trace_endpoint else None
     executor = ThreadPoolExecutor(options.workers, "kiln-worker")
     plane = DataPlane(models, executor, metrics, options.default_deadline, options.access_log, tracing)
-    server, health_servicer, grpc_port = await _grpc_server(options, plane)
+    server, health_servicer, grpc_port = await _grpc_server(options, plane, reuse_port)
     http = HttpApi(plane, options.auth_token, options.max_message_bytes, options.http_body_timeout)
     runners = [
-        await _http_site(http.app(), options, options.http_port),
+        await _http_site(http.app(), options, options.http_port, reuse_port),
         await _http_site(metrics.app(), options, options.metrics_port),
     ]
     await server.start()
@@ -211,14 +220,14 @@ def _api_of(method: str) -> str:
 
 
 async def _grpc_server(
-    options: ServeOptions, plane: DataPlane
+    options: ServeOptions, plane: DataPlane, reuse_port: bool = False
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
     interceptors = [plane.tracing.grpc_interceptor()] if plane.tracing else []
     interceptors += [BearerAuth(options.auth_token)] if options.auth_token else []
     interceptors.append(LenientDecoding(lambda method: plane.count(Call(_api_of(method)), "INVALID_ARGUMENT")))
     server = grpc.aio.server(
         interceptors=interceptors,
-        options=_channel_options(options),
+        options=[*_channel_options(options), ("grpc.so_reuseport", int(reuse_port))],
     )
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(plane), server)
     kiln_pb2_grpc.add_KilnServicer_to_server(KilnService(plane), server)
@@ -268,7 +277,9 @@ def _reflection_pool() -> descriptor_pool.DescriptorPool:
     return pool
 
 
-async def _http_site(app: web.Application, options: ServeOptions, port: int) -> web.AppRunner | None:
+async def _http_site(
+    app: web.Application, options: ServeOptions, port: int, reuse_port: bool = False
+) -> web.AppRunner | None:
     if not port:
         return None
     # aiohttp closes a connection that sends no complete request head within keepalive_timeout of
@@ -283,7 +294,14 @@ async def _http_site(app: web.Application, options: ServeOptions, port: int) -> 
         lingering_time=HTTP_LINGER_SECONDS,
     )
     await runner.setup()
-    site = web.TCPSite(runner, options.host, port, ssl_context=_ssl_context(options), shutdown_timeout=options.grace)
+    site = web.TCPSite(
+        runner,
+        options.host,
+        port,
+        ssl_context=_ssl_context(options),
+        shutdown_timeout=options.grace,
+        reuse_port=reuse_port or None,
+    )
     try:
         await site.start()
     except OSError as exc:

@@ -1,0 +1,171 @@
+"""The engine process of `kiln serve --frontends N`: it owns the sessions and the batchers, and
+batches the rows every front-end sends into one queue per model, so the device sees batches as
+big as the whole server's load. Front-ends do everything else (protocols, tokenization,
+post-processing: kiln.runtime.serve.frontend).
+
+Per connection (one per front-end), frames arrive in order: a `Run` is admitted (`--max-queue`
+counts every front-end's rows, here), its rows queued in the model's batcher, and its outputs
+sent back as a `Ran` by the event loop once its last row has run; a `Cancel` or the connection
+closing drops what is still queued. Sessions run on the batchers' threads, never on the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import threading
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from kiln.runtime import errors
+from kiln.runtime.errors import KilnError
+from kiln.runtime.serve import engine_wire as wire
+from kiln.runtime.serve.batcher import RequestState
+from kiln.runtime.serve.models import ServedModel
+from kiln.runtime.serve.repository import Repository
+from kiln.runtime.serve.tokens import TokenRow
+
+log = logging.getLogger("kiln.serve")
+
+
+def model_info(model: ServedModel) -> wire.ModelInfo:
+    options = model.options
+    return wire.ModelInfo(
+        model.name, model.version, str(model.path), model.provider, model.sizes,
+        options.max_size, options.max_tokens, options.max_delay, model.max_queue, options.instances,
+    )  # fmt: skip
+
+
+class Engine:
+    def __init__(self, repository: Repository):
+        self.repository = repository
+        self.connections = 0
+
+    async def serve(self, path: Path, stop: asyncio.Event) -> None:
+        """Answer front-ends on the Unix socket at `path` until `stop` is set."""
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # left by an engine that died
+        server = await asyncio.start_unix_server(self._connection, path=str(path))
+        try:
+            await stop.wait()
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        held: dict[int, RequestState] = {}  # this front-end's Runs not yet answered
+        send = writer.write
+        send(wire.frame(wire.Hello([model_info(m) for m in self.repository.models.values()])))
+        try:
+            while True:
+                message = await wire.read(reader)
+                if isinstance(message, wire.Run):
+                    self._run(message, held, send)
+                elif isinstance(message, wire.Cancel):
+                    if message.id in held:
+                        held[message.id].cancelled = True
+                elif isinstance(message, wire.Done):
+                    self._done(message)
+                elif isinstance(message, wire.Statistics):
+                    send(wire.frame(wire.StatisticsAre(message.id, self._statistics(message))))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the front-end has gone (stopped, or died): what it left queued is dropped
+        except Exception:
+            log.exception("engine: a front-end connection failed; closing it")
+        finally:
+            self.connections -= 1
+            for state in held.values():
+                state.cancelled = True
+            writer.close()
+
+    def _run(self, run: wire.Run, held: dict[int, RequestState], send: Any) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            model = self._model(run.model, run.version)
+            rows = [
+                TokenRow(np.frombuffer(ids, dtype=np.int64), np.frombuffer(types, dtype=np.int64))
+                for ids, types in zip(run.ids, run.type_ids, strict=True)
+            ]
+            model.admit(len(rows))
+        except Exception as exc:
+            send(wire.frame(wire.Ran(run.id, None, _error(exc), [])))
+            return
+        state = RequestState(deadline=run.deadline, spans=[])
+        held[run.id] = state
+        model.in_flight += 1
+
+        def answer(futures: list[Future]) -> None:  # on the loop, once every row has settled
+            held.pop(run.id, None)
+            model.in_flight -= 1
+            model.release(len(rows))
+            error = next((f.exception() for f in futures if not f.cancelled() and f.exception()), None)
+            if error is None and any(f.cancelled() for f in futures):
+                error = errors.Cancelled("request was cancelled")
+            if error is not None:
+                send(wire.frame(wire.Ran(run.id, None, _error(error), state.spans or [])))
+                return
+            outputs = [{name: wire.Array.of(value) for name, value in f.result().items()} for f in futures]
+            send(wire.frame(wire.Ran(run.id, outputs, None, state.spans or [])))
+
+        try:
+            futures = model.batcher.submit(rows, state, run.company or model.in_flight > 1)
+        except Exception as exc:
+            held.pop(run.id, None)
+            model.in_flight -= 1
+            model.release(len(rows))
+            send(wire.frame(wire.Ran(run.id, None, _error(exc), [])))
+            return
+        _when_all(futures, lambda: loop.call_soon_threadsafe(answer, futures))
+
+    def _model(self, name: str, version: str) -> ServedModel:
+        model = self.repository.get(name, version)
+        if not isinstance(model, ServedModel):
+            raise errors.InvalidInput(f"model {name!r} does not run token rows")
+        return model
+
+    def _done(self, done: wire.Done) -> None:
+        with contextlib.suppress(KilnError):
+            self.repository.get(done.model).record_result(done.ok, done.seconds, done.count, done.stages)
+
+    def _statistics(self, ask: wire.Statistics) -> bytes:
+        try:
+            models = [self.repository.get(ask.name, ask.version)] if ask.name else self.repository.models.values()
+            return json.dumps({"model_stats": [m.statistics() for m in models]}).encode()
+        except KilnError as exc:
+            return json.dumps({"error": list(_error(exc))}).encode()
+
+
+def _when_all(futures: list[Future], then: Any) -> None:
+    """Call `then()` once every future has settled (on whichever thread settles the last)."""
+    remaining = [len(futures)]
+    lock = threading.Lock()  # a request's rows may settle on several batcher threads at once
+
+    def settled(_: Future) -> None:
+        with lock:
+            remaining[0] -= 1
+            last = remaining[0] == 0
+        if last:
+            then()
+
+    for future in futures:
+        future.add_done_callback(settled)
+
+
+def _error(exc: BaseException) -> tuple[str, str]:
+    if isinstance(exc, KilnError):
+        return type(exc).__name__, str(exc)
+    log.error("engine: a run failed", exc_info=exc)
+    return "InternalError", f"{type(exc).__name__}: {exc}"
+
+
+def raise_error(error: tuple[str, str]) -> None:
+    """A `Ran`'s error, raised again on the front-end as the KilnError it was."""
+    kind = getattr(errors, error[0], None)
+    if isinstance(kind, type) and issubclass(kind, KilnError):
+        raise kind(error[1])
+    raise errors.InternalError(error[1])

@@ -1,0 +1,259 @@
+"""`kiln serve --frontends N`: one engine process, N front-end processes, and this process to
+watch over them (as vLLM splits its API servers from its engine core).
+
+- The engine (kiln.runtime.serve.engine) loads every model's session and batcher once and batches
+  the rows of every front-end together.
+- Each front-end (kiln.runtime.serve.frontend) runs the gRPC and HTTP servers on the shared ports
+  (SO_REUSEPORT: the kernel spreads connections over them) and does the protocol and tokenizer work,
+  which in one process is what limits the server (bench/README.md, "The server's own cost").
+- This process serves the metrics port, one page summed over every process (prometheus_client's
+  multiprocess mode), restarts a front-end or an engine that dies, and on SIGTERM drains the
+  front-ends (each as the single process drains: NOT_SERVING, then refusing new calls while
+  finishing what it took) before it stops the engine.
+
+What this layout does not do yet is refused at start with a clear error: generators (their decoding
+loop and detokenizer stay in one process: `--frontends 0`) and load/unload through the repository
+API (`--model-control-mode explicit|poll`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from kiln.runtime.errors import ConfigError
+from kiln.runtime.manifest import read_manifest
+from kiln.runtime.serve.logs import configure_logging
+from kiln.runtime.serve.repository import scan
+from kiln.runtime.serve.server import ServeOptions, model_names, repository, serve
+from kiln.runtime.tasks import spec_for
+
+log = logging.getLogger("kiln.serve")
+WATCH_SECONDS = 0.2
+RESTART_BACKOFF_SECONDS = (0.5, 1, 2, 5)  # a process that keeps dying is restarted ever more slowly
+ENGINE_START_SECONDS = 600.0  # how long a front-end waits for the engine to load its models
+
+
+@dataclass(frozen=True)
+class Logging:
+    structured: bool = False
+    verbose: int = 0
+
+
+def check_layout(options: ServeOptions) -> None:
+    """What the process layout cannot serve yet, refused before anything starts."""
+    if options.model_control_mode != "none":
+        raise ConfigError("--frontends serves a fixed set of models; --model-control-mode explicit|poll needs "
+                          "--frontends 0")  # fmt: skip
+    paths = list(scan(options.model_repository).values()) if options.model_repository else []
+    packages = [source.path for source in paths] or list(options.packages)
+    for path in packages:
+        if spec_for(read_manifest(path).task).generative:
+            raise ConfigError(f"{path}: generators are served with --frontends 0 (their decoding loop runs in one "
+                              "process for now)")  # fmt: skip
+    if options.packages:
+        model_names(options)  # duplicate names refused here, not in every child
+
+
+def run(options: ServeOptions, frontends: int, logging_: Logging) -> int:
+    """The supervisor's life: start the engine and the front-ends, watch them, drain on SIGTERM."""
+    check_layout(options)
+    if options.grpc_port == 0:  # every front-end must bind the same port
+        options = replace(options, grpc_port=_free_port(options.host))
+    with tempfile.TemporaryDirectory(prefix="kiln-") as folder:
+        metrics_dir = Path(folder) / "metrics"
+        metrics_dir.mkdir()
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)  # children inherit it; set before they start
+        try:
+            return asyncio.run(_supervise(options, frontends, logging_, Path(folder) / "engine.sock"))
+        finally:
+            os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+class _Child:
+    """One supervised process and how to start it again."""
+
+    def __init__(self, name: str, target: Any, args: tuple):
+        self.name, self.target, self.args = name, target, args
+        self.process: BaseProcess | None = None
+        self.restarts = 0
+        self.started = 0.0
+
+    def start(self) -> None:
+        self.process = mp.get_context("spawn").Process(target=self.target, args=self.args, name=self.name)
+        self.process.start()
+        self.started = time.monotonic()
+        log.info("process started", extra={"fields": {"process": self.name, "pid": self.process.pid}})
+
+    def died(self) -> bool:
+        return self.process is not None and not self.process.is_alive()
+
+    def restart_after(self) -> float:
+        """Seconds to wait before starting it again: longer while it keeps dying soon after starting."""
+        if time.monotonic() - self.started > 30:
+            self.restarts = 0
+        delay = RESTART_BACKOFF_SECONDS[min(self.restarts, len(RESTART_BACKOFF_SECONDS) - 1)]
+        self.restarts += 1
+        return delay
+
+
+async def _supervise(options: ServeOptions, frontends: int, logging_: Logging, engine_socket: Path) -> int:
+    engine = _Child("kiln-engine", engine_main, (options, engine_socket, logging_))
+    fronts = [
+        _Child(f"kiln-frontend-{i}", frontend_main, (options, engine_socket, logging_, i)) for i in range(frontends)
+    ]
+    engine.start()
+    for front in fronts:
+        front.start()
+    metrics = await _metrics_site(options)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    log.info("supervising", extra={"fields": {"frontends": frontends, "grpc_port": options.grpc_port}})
+    while not stop.is_set():
+        for child in (engine, *fronts):
+            if child.died():
+                await _restart(child, stop)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), WATCH_SECONDS)
+    log.info("draining front-ends", extra={"fields": {"frontends": frontends}})
+    await _stop(fronts, options.drain_seconds + options.grace + 5)
+    await _stop([engine], options.grace + 5)
+    if metrics is not None:
+        await metrics.cleanup()
+    log.info("stopped", extra={"fields": {}})
+    return 0
+
+
+async def _restart(child: _Child, stop: asyncio.Event) -> None:
+    from prometheus_client import multiprocess
+
+    assert child.process is not None
+    code, pid = child.process.exitcode, child.process.pid
+    multiprocess.mark_process_dead(pid)  # its live gauges (queue depth) leave the page
+    delay = child.restart_after()
+    log.error("process died; restarting", extra={"fields": {"process": child.name, "pid": pid, "exit_code": code,
+                                                           "restart_in_s": delay}})  # fmt: skip
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), delay)
+    if not stop.is_set():
+        child.start()
+
+
+async def _stop(children: list[_Child], timeout: float) -> None:
+    """SIGTERM each and wait for them all; what does not stop in time is killed."""
+    for child in children:
+        if child.process is not None and child.process.is_alive():
+            child.process.terminate()
+    end = time.monotonic() + timeout
+    for child in children:
+        if child.process is None:
+            continue
+        while child.process.is_alive() and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+        if child.process.is_alive():
+            log.error("process did not stop in time; killing it", extra={"fields": {"process": child.name}})
+            child.process.kill()
+        child.process.join()
+
+
+async def _metrics_site(options: ServeOptions) -> web.AppRunner | None:
+    """/metrics, summed over every process (the engine's batches, every front-end's requests)."""
+    if not options.metrics_port:
+        return None
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+
+    async def metrics(request: web.Request) -> web.Response:
+        body = await asyncio.to_thread(generate_latest, registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, options.host, options.metrics_port).start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ConfigError(f"cannot listen on {options.host}:{options.metrics_port}: {exc.strerror or exc}") from exc
+    return runner
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+# ---- the children's entry points (spawned: a fresh interpreter each) ----------------------------
+
+
+def _named(name: str) -> None:
+    """The process's name as `ps`, `top` and /proc/PID/comm show it (15 characters at most)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+
+
+def engine_main(options: ServeOptions, engine_socket: Path, logging_: Logging) -> None:
+    _named("kiln-engine")
+    configure_logging(logging_.structured, logging_.verbose)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C reaches the whole group; the supervisor decides
+    asyncio.run(_engine(options, engine_socket))
+
+
+async def _engine(options: ServeOptions, engine_socket: Path) -> None:
+    from kiln.runtime.serve.engine import Engine
+    from kiln.runtime.serve.metrics import Metrics
+
+    models = repository(options, Metrics())
+    await models.load_all()
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    log.info("engine serving", extra={"fields": {"models": list(models.models), "socket": str(engine_socket)}})
+    await Engine(models).serve(engine_socket, stop)
+    await models.stop()
+
+
+def frontend_main(options: ServeOptions, engine_socket: Path, logging_: Logging, index: int = 0) -> None:
+    _named(f"kiln-frontend-{index}")
+    configure_logging(logging_.structured, logging_.verbose)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    asyncio.run(_frontend(options, engine_socket))
+
+
+async def _frontend(options: ServeOptions, engine_socket: Path) -> int:
+    from kiln.runtime.serve.frontend import EngineClient, RemoteModel
+    from kiln.runtime.serve.metrics import Metrics
+    from kiln.runtime.serve.repository import Repository, Source
+
+    client = EngineClient(engine_socket)
+    hello = await client.start(ENGINE_START_SECONDS)
+    metrics = Metrics()
+    infos = {info.name: info for info in hello.models}
+    sources = {info.name: Source(info.name, info.version, Path(info.path)) for info in hello.models}
+    models = Repository(lambda source: RemoteModel(infos[source.name], client, metrics), sources, "none")
+    await models.load_all()
+    try:
+        return await serve(replace(options, metrics_port=0), models=models, metrics=metrics, reuse_port=True)
+    finally:
+        await client.close()
