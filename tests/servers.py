@@ -13,6 +13,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+# the process layouts a module's shared server runs its tests on: one process, and two front-ends before
+# an engine (`kiln serve --frontends N`); use as @pytest.fixture(scope="module", **LAYOUTS) and pass
+# "--frontends", request.param
+LAYOUTS = {"params": ["0", "2"], "ids": ["one-process", "frontends-2"]}
+
 
 def free_port() -> int:
     with socket.socket() as sock:

@@ -15,18 +15,17 @@ import pytest
 from conftest import run_kiln
 from kiln.runtime.client import KilnClient
 from kiln.runtime.errors import PackageError
-from servers import burst, metric, running_server
+from servers import LAYOUTS, burst, metric, running_server
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 TEXTS = ["Alice lives in Seoul.", "The central bank raised rates."]
 
 
-@pytest.fixture(scope="module")
-def server(exported):
-    with running_server(
-        "--max-queue-delay-ms", "30", models={"cls": exported("bert", "text-classification")}
-    ) as running:
+@pytest.fixture(scope="module", **LAYOUTS)
+def server(exported, request):
+    flags = ("--max-queue-delay-ms", "30", "--frontends", request.param)
+    with running_server(*flags, models={"cls": exported("bert", "text-classification")}) as running:
         yield running
 
 

@@ -18,16 +18,17 @@ import numpy as np
 import pytest
 from kiln.proto import kiln_pb2 as pb
 from kiln.proto import kiln_pb2_grpc as pb_grpc
-from servers import metric, running_server
+from servers import LAYOUTS, metric, running_server
 
 DEEP = "[" * 990 + "]" * 990
 BIG = {"text_input": ["서울 증시"] * 80, "max_tokens": 120}  # 80 x (4 + 120) KV cache tokens
 
 
-@pytest.fixture(scope="module")
-def server(generator_package, exported):
+@pytest.fixture(scope="module", **LAYOUTS)
+def server(generator_package, exported, request):
     models = {"gen": generator_package("gpt2"), "cls": exported("bert", "text-classification")}
     flags = ("--max-cache-tokens", "16384", "--http-header-timeout", "1", "--http-body-timeout", "1")
+    flags += ("--frontends", request.param)
     with running_server(*flags, models=models) as running:
         yield running
 

@@ -12,7 +12,7 @@ import urllib.request
 import numpy as np
 import pytest
 from kiln.runtime import pipeline
-from servers import running_server
+from servers import LAYOUTS, running_server
 
 TEXTS = ["Alice lives in Seoul.", "The central bank raised rates.", "한국은행이 금리를 올렸다."]
 
@@ -22,9 +22,9 @@ def packages(exported):
     return {"cls": exported("bert", "text-classification"), "emb": exported("bert", "feature-extraction")}
 
 
-@pytest.fixture(scope="module")
-def server(packages):
-    with running_server(models=packages) as running:
+@pytest.fixture(scope="module", **LAYOUTS)
+def server(packages, request):
+    with running_server("--frontends", request.param, models=packages) as running:
         yield running
 
 

@@ -16,7 +16,7 @@ import pytest
 from kiln.runtime import pipeline
 from kiln.runtime.errors import InvalidInput
 from kiln.runtime.generation.chat import ChatTemplate, load_chat_template
-from servers import metric, running_server
+from servers import LAYOUTS, metric, running_server
 
 # ChatML, with the tokenizer's bos token and a check that refuses a conversation the model cannot take
 TEMPLATE = (
@@ -49,9 +49,10 @@ def template_file(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def server(packages, template_file):
-    flags = ("--chat-template", str(template_file), "--max-cache-tokens", "16384")
+@pytest.fixture(scope="module", **LAYOUTS)
+def server(packages, template_file, request):
+    """One process, and two front-ends before an engine: the OpenAI routes answer alike on both."""
+    flags = ("--chat-template", str(template_file), "--max-cache-tokens", "16384", "--frontends", request.param)
     with running_server(*flags, models=packages) as running:
         yield running
 

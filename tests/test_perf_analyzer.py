@@ -7,15 +7,15 @@ from __future__ import annotations
 import pytest
 import tritonclient.grpc as tc
 from kiln.bench import perf_analyzer as pa
-from servers import running_server
+from servers import LAYOUTS, running_server
 
 pytestmark = pytest.mark.skipif(pa.unusable() is not None, reason=str(pa.unusable()))
 
 
-@pytest.fixture(scope="module")
-def served(task_packages, generator_package):
+@pytest.fixture(scope="module", **LAYOUTS)
+def served(task_packages, generator_package, request):
     models = {**task_packages, "gen": generator_package("gpt2")}
-    with running_server(models=models) as running:
+    with running_server("--frontends", request.param, models=models) as running:
         yield running
 
 

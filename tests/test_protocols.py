@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from kiln.runtime import pipeline
 from kiln.runtime.client import KilnClient
-from servers import metric, running_server
+from servers import LAYOUTS, metric, running_server
 
 TEXTS = ["Alice lives in Seoul.", "The central bank raised rates.", "한국은행이 금리를 올렸다.", "Great service."]
 MASKED = ["The central [MASK] raised rates.", "Alice lives in [MASK]."]
@@ -28,9 +28,9 @@ def packages(task_packages, exported):
     return {**task_packages, "cls8": exported("bert", "text-classification", "int8")}
 
 
-@pytest.fixture(scope="module")
-def server(packages):
-    with running_server(models=packages) as running:
+@pytest.fixture(scope="module", **LAYOUTS)
+def server(packages, request):
+    with running_server("--frontends", request.param, models=packages) as running:
         yield running
 
 

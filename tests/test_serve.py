@@ -23,7 +23,7 @@ import pytest
 from kiln.proto import kiln_pb2
 from kiln.runtime import pipeline
 from kiln.runtime.client import KilnClient
-from servers import burst, metric, running_server
+from servers import LAYOUTS, burst, metric, running_server
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
@@ -33,9 +33,10 @@ def packages(task_packages, exported):
     return {**task_packages, "cls8": exported("bert", "text-classification", "int8")}
 
 
-@pytest.fixture(scope="module")
-def server(packages):
-    with running_server("--max-queue-delay-ms", "20", models=packages) as running:
+@pytest.fixture(scope="module", **LAYOUTS)
+def server(packages, request):
+    """One process, and two front-ends before an engine (`--frontends 2`): every test on both."""
+    with running_server("--max-queue-delay-ms", "20", "--frontends", request.param, models=packages) as running:
         yield running
 
 

@@ -17,7 +17,7 @@ import pytest
 from kiln.proto import kiln_pb2 as pb
 from kiln.proto import kiln_pb2_grpc as pb_grpc
 from kiln.runtime import pipeline
-from servers import metric, running_server
+from servers import LAYOUTS, metric, running_server
 
 GREEDY = {"max_new_tokens": 24, "do_sample": False}
 PROMPT = "Seoul stocks"
@@ -28,9 +28,11 @@ def packages(generator_package):
     return {"gpt": generator_package("gpt2"), "sum": generator_package("bart")}
 
 
-@pytest.fixture(scope="module")
-def server(packages):
-    with running_server("--max-cache-tokens", "2048", models=packages) as running:
+@pytest.fixture(scope="module", **LAYOUTS)
+def server(packages, request):
+    """The same server as one process, and as two front-ends before an engine (`--frontends 2`):
+    every test must pass on both."""
+    with running_server("--max-cache-tokens", "2048", "--frontends", request.param, models=packages) as running:
         yield running
 
 

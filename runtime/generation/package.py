@@ -13,7 +13,7 @@ from kiln.runtime.errors import InputTooLong, InvalidInput, PackageError
 from kiln.runtime.generation.chat import ChatTemplate, load_chat_template
 from kiln.runtime.generation.decoding import Piece, Sequence
 from kiln.runtime.generation.detokenize import Detokenizer, StreamDecoder
-from kiln.runtime.generation.sessions import Decoder, DecoderOnly, load_decoder
+from kiln.runtime.generation.sessions import Decoder, load_decoder
 from kiln.runtime.generation.settings import Settings, from_generation_config, prompt_prefix, with_request
 from kiln.runtime.manifest import Manifest, inside, read_manifest, verify_files
 from kiln.runtime.package import read_json
@@ -27,7 +27,9 @@ class Generator:
     manifest: Manifest
     tokenizer: Tokenizer
     detokenizer: Detokenizer
-    decoder: Decoder
+    decoder: (
+        Decoder | None
+    )  # None: a front-end process's copy (`load_generator(sessions=False)`), which decodes nothing
     defaults: Settings
     max_positions: int  # decoder positions (decoder-only: prompt and output together)
     max_source: int  # the encoder's limit (seq2seq); the prompt's otherwise
@@ -38,7 +40,7 @@ class Generator:
 
     @property
     def decoder_only(self) -> bool:
-        return isinstance(self.decoder, DecoderOnly)
+        return self.manifest.generation["layout"] == "decoder-only"
 
     @property
     def start_id(self) -> int | None:
@@ -80,8 +82,11 @@ def load_generator(
     options: SessionOptions | None = None,
     verify_hashes: bool = True,
     chat_template: Path | None = None,
+    sessions: bool = True,
 ) -> Generator:
-    """A generation package, ready to decode; `chat_template` serves when the package carries none."""
+    """A generation package, ready to decode; `chat_template` serves when the package carries none.
+    Without `sessions`: tokenizer, settings and chat template only, as a front-end process of
+    `kiln serve --frontends N` needs them (the engine process decodes)."""
     directory = Path(directory)
     manifest = read_manifest(directory)
     verify_files(directory, manifest, check_hashes=verify_hashes)
@@ -89,12 +94,13 @@ def load_generator(
     if not layout:
         raise PackageError(f"{directory}: kiln.json has no generation layout; is this a {manifest.task} package?")
     options = options or SessionOptions()
-    sessions = {}
+    runs = {}
     for role, name in layout["sessions"].items():
         path = inside(directory, name)
         if not path.is_file():
             raise PackageError(f"{directory}: missing {name} (the {role} session)")
-        sessions[role] = create_session(path, options)
+        if sessions:
+            runs[role] = create_session(path, options)
     tokenizer = Tokenizer.from_file(str(inside(directory, "tokenizer.json")))
     tokenizer.no_padding()
     tokenizer.no_truncation()
@@ -102,7 +108,7 @@ def load_generator(
     tokenizer_config = read_json(directory / "tokenizer_config.json")
     defaults = from_generation_config(directory, config, manifest.task)
     pad = defaults.pad_token_id if defaults.pad_token_id is not None else (defaults.eos_token_ids or (0,))[0]
-    decoder = load_decoder(directory, layout, sessions, pad, cache_device(options))
+    decoder = load_decoder(directory, layout, runs, pad, cache_device(options)) if sessions else None
     detokenizer = Detokenizer(tokenizer, bool(tokenizer_config.get("clean_up_tokenization_spaces", False)))
     positions = layout["max_positions"]
     defaults = replace(defaults, pad_token_id=pad)
@@ -112,6 +118,6 @@ def load_generator(
     bos = (read_json(generation_config) if generation_config.is_file() else config).get("bos_token_id")
     template = load_chat_template(directory, chat_template)
     return Generator(
-        directory, manifest, tokenizer, detokenizer, decoder, defaults, positions, source, sessions, prefix, bos,
+        directory, manifest, tokenizer, detokenizer, decoder, defaults, positions, source, runs, prefix, bos,
         template,
     )  # fmt: skip

@@ -24,7 +24,7 @@ from kiln.runtime.errors import Draining, InternalError, InvalidInput, KilnError
 from kiln.runtime.generation.decoding import Piece
 from kiln.runtime.serve import describe
 from kiln.runtime.serve.batcher import RequestState
-from kiln.runtime.serve.generative import GenerativeModel
+from kiln.runtime.serve.generative import Generative
 from kiln.runtime.serve.kserve_codec import CODECS as KSERVE
 from kiln.runtime.serve.metrics import Metrics
 from kiln.runtime.serve.models import ServedModel
@@ -35,7 +35,7 @@ from kiln.runtime.serve.tracing import Tracing
 from kiln.runtime.tasks import Texts
 from kiln.runtime.tasks.generation import GenerateRequest, read_request
 
-Served = ServedModel | GenerativeModel
+Served = ServedModel | Generative  # what a repository holds (a front-end's: frontend.RemoteModel too)
 
 log = logging.getLogger("kiln.serve")
 VERSION = "0.2.0"
@@ -161,7 +161,7 @@ class DataPlane:
     async def answer(self, model: Served, texts: Texts, raw_params: Mapping[str, Any], call: Call) -> Answered:
         """A task's answers for texts already named by input (the typed API, OpenAI embeddings), from
         the model the protocol found with `model_for` (one lookup per request)."""
-        if isinstance(model, GenerativeModel):  # the typed Generate RPC
+        if model.spec.generative:  # the typed Generate RPC
             return await self._generate(model, GenerateRequest(texts["text_input"], dict(raw_params)), call)
         return await self._answer(model, texts, model.spec.parse_params(raw_params), call)
 
@@ -258,7 +258,7 @@ class DataPlane:
         """Whole answers for a generator's prompts (unary protocols)."""
         return await self._generate(_generator(model), request, call)
 
-    async def _generate(self, model: GenerativeModel, request: GenerateRequest, call: Call) -> Answered:
+    async def _generate(self, model: Generative, request: GenerateRequest, call: Call) -> Answered:
         params = model.spec.parse_params(request.params)
         work = lambda state: model.answer(request.prompts, params, state)  # noqa: E731
         answers = await self._timed(model, call, len(request.prompts), work)
@@ -274,7 +274,7 @@ class DataPlane:
             )
         params = model.spec.parse_params(request.params)
         async with self._request(model, call, 1) as state:
-            [stream] = model.open(request.prompts, params, state)
+            [stream] = await model.open(request.prompts, params, state)
             tokens = 0
             try:
                 if stream.prefix:
@@ -312,7 +312,7 @@ def _requested(outputs: dict[str, np.ndarray], requested: list[str]) -> dict[str
     return {name: outputs[name] for name in requested}
 
 
-def _generator(model: Served) -> GenerativeModel:
-    if not isinstance(model, GenerativeModel):
+def _generator(model: Served) -> Generative:
+    if not model.spec.generative:
         raise InvalidInput(f"model {model.name!r} is a {model.manifest.task} model, not a generator")
     return model

@@ -7,6 +7,8 @@ Per connection (one per front-end), frames arrive in order: a `Run` is admitted 
 counts every front-end's rows, here), its rows queued in the model's batcher, and its outputs
 sent back as a `Ran` by the event loop once its last row has run; a `Cancel` or the connection
 closing drops what is still queued. Sessions run on the batchers' threads, never on the loop.
+A `Generate` opens a stream per prompt in the generator's decoding loop (continuous batching over
+every front-end's sequences) and sends each stream's text as it comes (`Pieces`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from kiln.runtime import errors
 from kiln.runtime.errors import KilnError
 from kiln.runtime.serve import engine_wire as wire
 from kiln.runtime.serve.batcher import RequestState
+from kiln.runtime.serve.generative import GenerativeModel, Stream
 from kiln.runtime.serve.models import ServedModel
 from kiln.runtime.serve.repository import Repository
 from kiln.runtime.serve.tokens import TokenRow
@@ -32,7 +35,7 @@ from kiln.runtime.serve.tokens import TokenRow
 log = logging.getLogger("kiln.serve")
 
 
-def model_info(model: ServedModel) -> wire.ModelInfo:
+def model_info(model: ServedModel | GenerativeModel) -> wire.ModelInfo:
     options = model.options
     return wire.ModelInfo(
         model.name, model.version, str(model.path), model.provider, model.sizes,
@@ -58,7 +61,8 @@ class Engine:
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
-        held: dict[int, RequestState] = {}  # this front-end's Runs not yet answered
+        held: dict[int, RequestState] = {}  # this front-end's Runs and Generates not yet answered
+        generating: dict[int, list[Stream]] = {}  # the open streams of its Generates
         send = writer.write
         send(wire.frame(wire.Hello([model_info(m) for m in self.repository.models.values()])))
         try:
@@ -66,9 +70,13 @@ class Engine:
                 message = await wire.read(reader)
                 if isinstance(message, wire.Run):
                     self._run(message, held, send)
+                elif isinstance(message, wire.Generate):
+                    self._generate(message, held, generating, send)
                 elif isinstance(message, wire.Cancel):
                     if message.id in held:
                         held[message.id].cancelled = True
+                    for stream in generating.get(message.id, ()):
+                        stream.cancel()
                 elif isinstance(message, wire.Done):
                     self._done(message)
                 elif isinstance(message, wire.Statistics):
@@ -81,6 +89,9 @@ class Engine:
             self.connections -= 1
             for state in held.values():
                 state.cancelled = True
+            for streams in generating.values():
+                for stream in streams:
+                    stream.cancel()
             writer.close()
 
     def _run(self, run: wire.Run, held: dict[int, RequestState], send: Any) -> None:
@@ -122,10 +133,64 @@ class Engine:
             return
         _when_all(futures, lambda: loop.call_soon_threadsafe(answer, futures))
 
+    def _generate(
+        self, ask: wire.Generate, held: dict[int, RequestState], generating: dict[int, list[Stream]], send: Any
+    ) -> None:
+        """Open a stream per prompt, then send each stream's pieces as they come; every way out of
+        the request (done, failed, cancelled, the front-end gone) gives back what it held."""
+        try:
+            model = self.repository.get(ask.model, ask.version)
+            if not model.spec.generative:
+                raise errors.InvalidInput(f"model {ask.model!r} is a {model.manifest.task} model, not a generator")
+            model.admit(len(ask.prompts))
+        except Exception as exc:
+            send(wire.frame(wire.Opened(ask.id, [], _error(exc))))
+            return
+        state = RequestState(deadline=ask.deadline)
+        held[ask.id] = state
+        model.in_flight += 1
+        asyncio.get_running_loop().create_task(self._stream(model, ask, state, held, generating, send))
+
+    async def _stream(
+        self,
+        model: GenerativeModel,
+        ask: wire.Generate,
+        state: RequestState,
+        held: dict[int, RequestState],
+        generating: dict[int, list[Stream]],
+        send: Any,
+    ) -> None:
+        try:
+            try:
+                streams = await model.open(ask.prompts, ask.params, state)
+            except Exception as exc:
+                send(wire.frame(wire.Opened(ask.id, [], _error(exc))))
+                return
+            generating[ask.id] = streams
+            opened = [(s.prefix, s.prompt_tokens, s.truncated) for s in streams]
+            send(wire.frame(wire.Opened(ask.id, opened, None)))
+            await asyncio.gather(*(self._pump(model, ask.id, i, s, state, send) for i, s in enumerate(streams)))
+        finally:
+            for stream in generating.pop(ask.id, ()):
+                stream.cancel()
+            held.pop(ask.id, None)
+            model.in_flight -= 1
+            model.release(len(ask.prompts))
+
+    @staticmethod
+    async def _pump(
+        model: GenerativeModel, ask: int, index: int, stream: Stream, state: RequestState, send: Any
+    ) -> None:
+        try:
+            async for piece in model.pieces(stream, state):
+                send(wire.frame(wire.Pieces(ask, index, [(piece.text, piece.tokens, piece.finish_reason)])))
+        except Exception as exc:
+            send(wire.frame(wire.Pieces(ask, index, [], _error(exc))))
+
     def _model(self, name: str, version: str) -> ServedModel:
         model = self.repository.get(name, version)
-        if not isinstance(model, ServedModel):
-            raise errors.InvalidInput(f"model {name!r} does not run token rows")
+        if model.spec.generative:
+            raise errors.InvalidInput(f"model {name!r} is a generator; it does not run token rows")
         return model
 
     def _done(self, done: wire.Done) -> None:

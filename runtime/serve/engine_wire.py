@@ -8,23 +8,26 @@ through ZeroMQ's ipc transport (its I/O thread adds two thread hops each way) an
 A front-end tokenizes and sends rows of token ids (`Run`); the engine batches them with every other
 front-end's rows and answers each `Run` with its rows' outputs (`Ran`); the front-end finishes the
 answers and, once the request is over, reports its outcome (`Done`) so the engine holds one set of
-Triton statistics for the whole server. Times are `time.monotonic()` seconds, which every process
-on a host shares (CLOCK_MONOTONIC).
+Triton statistics for the whole server. A generator's prompts go as text (`Generate`): the engine
+opens a stream per prompt (`Opened`) and sends each stream's text as it is decoded (`Pieces`).
+Times are `time.monotonic()` seconds, which every process on a host shares (CLOCK_MONOTONIC).
 """
 
 from __future__ import annotations
 
 import asyncio
 import struct
+from typing import Any
 
 import msgspec
 import numpy as np
+from msgspec import Struct
 
 HEADER = struct.Struct("<I")  # frame length
 MAX_FRAME = 1 << 30
 
 
-class Array(msgspec.Struct, array_like=True):
+class Array(Struct, array_like=True):
     dtype: str
     shape: tuple[int, ...]
     data: bytes
@@ -38,7 +41,7 @@ class Array(msgspec.Struct, array_like=True):
         return np.frombuffer(self.data, dtype=np.dtype(self.dtype)).reshape(self.shape)
 
 
-class ModelInfo(msgspec.Struct, array_like=True):
+class ModelInfo(Struct, array_like=True):
     """A model the engine serves, as front-ends need to know it."""
 
     name: str
@@ -53,13 +56,13 @@ class ModelInfo(msgspec.Struct, array_like=True):
     instances: int
 
 
-class Hello(msgspec.Struct, tag=True, array_like=True):
+class Hello(Struct, tag=True, array_like=True):
     """The engine's first frame on a connection: what it serves."""
 
     models: list[ModelInfo]
 
 
-class Run(msgspec.Struct, tag=True, array_like=True):
+class Run(Struct, tag=True, array_like=True):
     """Rows of token ids to run through a model, batched with whatever else is queued."""
 
     id: int
@@ -71,13 +74,13 @@ class Run(msgspec.Struct, tag=True, array_like=True):
     type_ids: list[bytes]
 
 
-class Cancel(msgspec.Struct, tag=True, array_like=True):
+class Cancel(Struct, tag=True, array_like=True):
     """The caller of a Run went away: what is still queued is dropped."""
 
     id: int
 
 
-class Ran(msgspec.Struct, tag=True, array_like=True):
+class Ran(Struct, tag=True, array_like=True):
     """A Run's outcome: every row's outputs, or the error that ended it (a KilnError's class name
     and message, raised again at the front-end), with the stages its rows went through."""
 
@@ -87,7 +90,7 @@ class Ran(msgspec.Struct, tag=True, array_like=True):
     stages: list[tuple[str, float, float]]  # (stage, start, end)
 
 
-class Done(msgspec.Struct, tag=True, array_like=True):
+class Done(Struct, tag=True, array_like=True):
     """A request's outcome, for Triton's statistics (counted once, in the engine)."""
 
     model: str
@@ -97,7 +100,7 @@ class Done(msgspec.Struct, tag=True, array_like=True):
     stages: dict[str, float]
 
 
-class Statistics(msgspec.Struct, tag=True, array_like=True):
+class Statistics(Struct, tag=True, array_like=True):
     """Asks for Triton's statistics of one model (or every model: name "")."""
 
     id: int
@@ -105,12 +108,40 @@ class Statistics(msgspec.Struct, tag=True, array_like=True):
     version: str
 
 
-class StatisticsAre(msgspec.Struct, tag=True, array_like=True):
+class StatisticsAre(Struct, tag=True, array_like=True):
     id: int
     body: bytes  # the JSON form, as msgpack cannot hold every key type of it
 
 
-Message = Hello | Run | Cancel | Ran | Done | Statistics | StatisticsAre
+class Generate(Struct, tag=True, array_like=True):
+    """A generator's prompts (parameters already checked by the front-end), one stream each."""
+
+    id: int
+    model: str
+    version: str
+    deadline: float | None
+    prompts: list[str]
+    params: dict[str, Any]
+
+
+class Opened(Struct, tag=True, array_like=True):
+    """A Generate taken (per prompt: prefix, prompt tokens, whether it was cut) or refused whole."""
+
+    id: int
+    streams: list[tuple[str, int, bool]]
+    error: tuple[str, str] | None
+
+
+class Pieces(Struct, tag=True, array_like=True):
+    """Text of one stream of a Generate (text, new tokens, finish reason); `error` ends the stream."""
+
+    id: int
+    index: int
+    pieces: list[tuple[str, int, str | None]]
+    error: tuple[str, str] | None = None
+
+
+Message = Hello | Run | Cancel | Ran | Done | Statistics | StatisticsAre | Generate | Opened | Pieces
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
 

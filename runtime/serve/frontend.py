@@ -13,18 +13,24 @@ import contextlib
 import itertools
 import json
 import logging
+import time
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from kiln.runtime.errors import InvalidInput, ModelUnavailable
+from kiln.runtime.errors import DeadlineExceeded, InvalidInput, ModelUnavailable
+from kiln.runtime.generation.decoding import Piece
+from kiln.runtime.generation.package import load_generator
 from kiln.runtime.package import load_tokenizing_package
 from kiln.runtime.pipelines import Pipeline
 from kiln.runtime.pipelines.base import Outputs
 from kiln.runtime.serve import engine_wire as wire
 from kiln.runtime.serve.batcher import BatchOptions, RequestState
 from kiln.runtime.serve.engine import raise_error
+from kiln.runtime.serve.generative import Generative
 from kiln.runtime.serve.metrics import Metrics
 from kiln.runtime.serve.models import Counted
 from kiln.runtime.tasks import TaskSpec, spec_for
@@ -45,6 +51,7 @@ class EngineClient:
         self.connected = asyncio.Event()
         self._writer: asyncio.StreamWriter | None = None
         self._waiting: dict[int, asyncio.Future] = {}
+        self._streams: dict[int, list[asyncio.Queue]] = {}  # a Generate's id -> each prompt's pieces
         self._ids = itertools.count()
         self._task: asyncio.Task | None = None
 
@@ -80,7 +87,12 @@ class EngineClient:
             await asyncio.sleep(RECONNECT_SECONDS)
 
     def _settle(self, message: wire.Message) -> None:
-        if isinstance(message, wire.Ran | wire.StatisticsAre):
+        if isinstance(message, wire.Pieces):
+            queues = self._streams.get(message.id)
+            if queues is not None:
+                queues[message.index].put_nowait(message)
+            return
+        if isinstance(message, wire.Ran | wire.StatisticsAre | wire.Opened):
             future = self._waiting.pop(message.id, None)
             if future is not None and not future.done():
                 future.set_result(message)
@@ -92,13 +104,17 @@ class EngineClient:
         for future in waiting.values():
             if not future.done():
                 future.set_exception(ModelUnavailable("the engine process stopped; retry"))
+        streams, self._streams = self._streams, {}
+        for queues in streams.values():
+            for queue in queues:
+                queue.put_nowait(wire.Pieces(-1, 0, [], ("ModelUnavailable", "the engine process stopped; retry")))
 
     def _send(self, message: wire.Message) -> None:
         if self._writer is None or not self.connected.is_set():
             raise ModelUnavailable("the engine process is not running; retry")
         self._writer.write(wire.frame(message))
 
-    async def _ask(self, message: wire.Run | wire.Statistics) -> Any:
+    async def _ask(self, message: wire.Run | wire.Statistics | wire.Generate) -> Any:
         future = asyncio.get_running_loop().create_future()
         self._waiting[message.id] = future
         try:
@@ -125,6 +141,32 @@ class EngineClient:
             raise_error(ran.error)
         assert ran.outputs is not None
         return [{name: array.numpy() for name, array in row.items()} for row in ran.outputs]
+
+    async def generate(
+        self, model: RemoteGenerator, prompts: list[str], params: dict[str, Any], state: RequestState
+    ) -> list[RemoteStream]:
+        ask = wire.Generate(next(self._ids), model.name, model.version, state.deadline, prompts, params)
+        queues: list[asyncio.Queue] = [asyncio.Queue() for _ in prompts]
+        self._streams[ask.id] = queues
+        try:
+            opened: wire.Opened = await self._ask(ask)
+            if opened.error is not None:
+                raise_error(opened.error)
+        except BaseException:
+            self._streams.pop(ask.id, None)
+            raise
+        ended = set[int]()
+
+        def cancel(index: int) -> None:  # the request is over once every stream is: then it is forgotten
+            ended.add(index)
+            if len(ended) == len(queues) and self._streams.pop(ask.id, None) is not None:
+                with contextlib.suppress(ModelUnavailable):
+                    self._send(wire.Cancel(ask.id))  # whatever still decodes stops (a no-op once all ended)
+
+        return [
+            RemoteStream(queue, prefix, prompt_tokens, truncated, lambda i=i: cancel(i))
+            for i, (queue, (prefix, prompt_tokens, truncated)) in enumerate(zip(queues, opened.streams, strict=True))
+        ]
 
     def done(self, done: wire.Done) -> None:
         with contextlib.suppress(ModelUnavailable):  # statistics lost with an engine that went away
@@ -165,11 +207,7 @@ class RemoteModel(Counted):
         return self.client.connected.is_set()
 
     def admit(self, items: int) -> None:
-        if items > self.max_queue:
-            raise InvalidInput(
-                f"request has {items} items; model {self.name} takes at most {self.max_queue} in one request "
-                "(--max-queue)"
-            )
+        _refuse_oversized(self, items)
 
     def release(self, items: int) -> None:
         pass
@@ -197,3 +235,88 @@ class RemoteModel(Counted):
 
     def stop(self) -> None:
         pass
+
+
+@dataclass
+class RemoteStream:
+    """One prompt decoding in the engine: its pieces arrive on `queue` from the client's reader."""
+
+    queue: asyncio.Queue
+    prefix: str
+    prompt_tokens: int
+    truncated: bool
+    on_cancel: Callable[[], None]
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        if not self.cancelled:
+            self.cancelled = True
+            self.on_cancel()
+
+
+class RemoteGenerator(Generative):
+    """A generator as a front-end serves it: tokenizer, settings and chat template here (requests
+    are checked before they leave), the decoding loop in the engine, which sends the text back."""
+
+    def __init__(self, info: wire.ModelInfo, client: EngineClient, metrics: Metrics, chat_template: Path | None):
+        super().__init__()
+        self.name, self.version, self.path = info.name, info.version, Path(info.path)
+        self.generator = load_generator(self.path, verify_hashes=False, chat_template=chat_template, sessions=False)
+        self.manifest = self.generator.manifest
+        self.spec = spec_for(self.manifest.task)
+        self.provider = info.provider
+        self.metrics = metrics
+        self.max_queue = info.max_queue
+        self.options = BatchOptions(max_size=info.max_size, max_queue=info.max_queue, instances=info.instances)
+        self.sizes = dict(info.sizes)
+        self.client = client
+
+    @property
+    def healthy(self) -> bool:
+        return self.client.connected.is_set()
+
+    def admit(self, items: int) -> None:
+        _refuse_oversized(self, items)
+
+    def release(self, items: int) -> None:
+        pass
+
+    def record_result(self, ok: bool, seconds: float, count: int, stages: dict[str, float]) -> None:
+        self.client.done(wire.Done(self.name, ok, seconds, count, dict(stages)))
+
+    async def collected_statistics(self) -> dict[str, Any]:
+        return (await self.client.statistics(self.name, self.version))["model_stats"][0]
+
+    async def open(self, texts: list[str], params: dict[str, Any], state: RequestState) -> list[RemoteStream]:
+        self.settings_for(params)  # a bad setting is refused here, before the engine is asked
+        return await self.client.generate(self, texts, params, state)
+
+    async def pieces(self, stream: RemoteStream, state: RequestState) -> AsyncIterator[Piece]:
+        try:
+            while True:
+                remaining = None if state.deadline is None else max(state.deadline - time.monotonic(), 0)
+                try:
+                    message: wire.Pieces = await asyncio.wait_for(stream.queue.get(), remaining)
+                except TimeoutError as exc:
+                    raise DeadlineExceeded("deadline passed while generating; the sequence was stopped") from exc
+                if message.error is not None:
+                    raise_error(message.error)
+                for text, tokens, finish_reason in message.pieces:
+                    yield Piece(text, tokens, finish_reason)
+                    if finish_reason is not None:
+                        return
+        finally:
+            stream.cancel()
+
+    def stop(self) -> None:
+        pass
+
+
+def _refuse_oversized(model: Counted, items: int) -> None:
+    """The front-end's part of admission control: a request larger than --max-queue could ever take is
+    refused here; the engine counts what every front-end holds against the limit."""
+    if items > model.max_queue:
+        raise InvalidInput(
+            f"request has {items} items; model {model.name} takes at most {model.max_queue} in one request "
+            "(--max-queue)"
+        )

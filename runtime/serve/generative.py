@@ -7,6 +7,7 @@ import asyncio
 import logging
 import time
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -15,7 +16,7 @@ from typing import Any
 
 from kiln.runtime.errors import Cancelled, DeadlineExceeded, InternalError
 from kiln.runtime.generation.decoding import FINISH_CANCELLED, FINISH_ERROR, Decoding, Piece, Sequence
-from kiln.runtime.generation.package import load_generator
+from kiln.runtime.generation.package import Generator, load_generator
 from kiln.runtime.generation.settings import Settings
 from kiln.runtime.pipelines.text_generation import GenerationPipeline
 from kiln.runtime.serve.aio import all_or_none
@@ -54,7 +55,49 @@ class Stream:
         self.sequence.cancelled = True
 
 
-class GenerativeModel(Counted):
+class Generative(Counted, ABC):
+    """What the data plane asks of a generator, wherever it decodes: in this process
+    (`GenerativeModel`) or in the engine process of `--frontends N` (`frontend.RemoteGenerator`).
+    A request opens one stream per prompt (taken whole or refused whole) and reads each stream's
+    pieces; whole answers are the pieces collected."""
+
+    spec: TaskSpec
+    generator: Generator  # its tokenizer, default settings and chat template
+
+    @abstractmethod
+    async def open(self, texts: list[str], params: dict[str, Any], state: RequestState) -> list[Any]:
+        """A stream per prompt (each with `prefix`, `prompt_tokens`, `truncated` and `cancel()`)."""
+
+    @abstractmethod
+    def pieces(self, stream: Any, state: RequestState) -> AsyncIterator[Piece]:
+        """The stream's pieces until the last (which has the finish reason)."""
+
+    def settings_for(self, raw_params: dict[str, Any]) -> Settings:
+        """What a request's parameters mean for this model (its defaults filled in), checked."""
+        return self.generator.settings(settings_of(self.spec.parse_params(raw_params)))
+
+    async def answer(self, texts: list[str], params: dict[str, Any], state: RequestState) -> list[Piece]:
+        """Whole answers for several prompts, generated side by side; whatever the request opened
+        is cancelled on every way out (an error in one prompt, the caller leaving, the deadline)."""
+        streams = await self.open(texts, params, state)
+        try:
+            return await all_or_none(*(self._collect(stream, state) for stream in streams))
+        finally:
+            for stream in streams:
+                stream.cancel()
+
+    async def _collect(self, stream: Any, state: RequestState) -> Piece:
+        parts, tokens, reason = [stream.prefix], 0, FINISH_CANCELLED
+        async for piece in self.pieces(stream, state):
+            parts.append(piece.text)
+            tokens += piece.tokens
+            reason = piece.finish_reason or reason
+        if reason == FINISH_CANCELLED:
+            raise Cancelled("request was cancelled")
+        return Piece.whole("".join(parts), stream.prompt_tokens, tokens, reason, stream.truncated)
+
+
+class GenerativeModel(Generative):
     def __init__(
         self,
         name: str,
@@ -98,7 +141,7 @@ class GenerativeModel(Counted):
     def sizes(self) -> dict[str, int]:
         return {}
 
-    def open(self, texts: list[str], params: dict[str, Any], state: RequestState) -> list[Stream]:
+    async def open(self, texts: list[str], params: dict[str, Any], state: RequestState) -> list[Stream]:
         """Tokenize and check every prompt, then admit them all at once: a request is taken whole or
         refused whole, so nothing of a refused request is left generating or holding the KV cache.
         Beam searches are queued on the model's beam thread here too, each holding its share of the
@@ -150,26 +193,6 @@ class GenerativeModel(Counted):
             stream.cancel()  # a caller that went away frees its row (or stops its beam search) at the next step
             state.add_stage("compute_infer", stream.opened, time.monotonic())
 
-    async def answer(self, texts: list[str], params: dict[str, Any], state: RequestState) -> list[Piece]:
-        """Whole answers for several prompts, generated side by side; whatever the request opened
-        is cancelled on every way out (an error in one prompt, the caller leaving, the deadline)."""
-        streams = self.open(texts, params, state)
-        try:
-            return await all_or_none(*(self._collect(stream, state) for stream in streams))
-        finally:
-            for stream in streams:
-                stream.cancel()
-
-    async def _collect(self, stream: Stream, state: RequestState) -> Piece:
-        parts, tokens, reason = [stream.prefix], 0, FINISH_CANCELLED
-        async for piece in self.pieces(stream, state):
-            parts.append(piece.text)
-            tokens += piece.tokens
-            reason = piece.finish_reason or reason
-        if reason == FINISH_CANCELLED:
-            raise Cancelled("request was cancelled")
-        return Piece.whole("".join(parts), stream.prompt_tokens, tokens, reason, stream.truncated)
-
     def _search(self, stream: Stream, state: RequestState) -> Piece:
         """One prompt's beam search, on the beam thread (never the pool that tokenizes for other
         models), checking the caller and the deadline before every step."""
@@ -193,10 +216,6 @@ class GenerativeModel(Counted):
         self.metrics.stage_seconds.labels(model=self.name, stage="decode_step").observe(record.seconds)
         with self.stats.lock:
             self.stats.execution_count += 1
-
-    def settings_for(self, raw_params: dict[str, Any]) -> Settings:
-        """What a request's parameters mean for this model (its defaults filled in), checked."""
-        return self.generator.settings(settings_of(self.spec.parse_params(raw_params)))
 
     @property
     def healthy(self) -> bool:

@@ -24,7 +24,7 @@ from kiln.runtime.serve.aio import all_or_none
 from kiln.runtime.serve.bodies import json_body
 from kiln.runtime.serve.calls import REQUEST_ID, counted_route
 from kiln.runtime.serve.dataplane import Answered, Call, DataPlane
-from kiln.runtime.serve.generative import GenerativeModel
+from kiln.runtime.serve.generative import Generative
 from kiln.runtime.serve.status import http_status_of
 from kiln.runtime.tasks.generation import GenerateRequest
 
@@ -75,20 +75,20 @@ class OpenAiApi:
 
     # ---- generation ----------------------------------------------------------------------------
 
-    def _generator(self, body: dict[str, Any], call: Call) -> GenerativeModel:
+    def _generator(self, body: dict[str, Any], call: Call) -> Generative:
         name = body.get("model")
         if not isinstance(name, str) or not name:
             raise codec.OpenAiInvalid("'model' must name a served model", "model")
         call.model = name
         model = self.plane.model_for(name, "", call)
-        if not isinstance(model, GenerativeModel):
+        if not model.spec.generative:
             raise codec.OpenAiInvalid(
                 f"model {name!r} is a {model.manifest.task} model; completions need a generator", "model"
             )
         return model
 
     async def _generate(
-        self, request: web.Request, model: GenerativeModel, asked: codec.Asked, call: Call
+        self, request: web.Request, model: Generative, asked: codec.Asked, call: Call
     ) -> web.StreamResponse:
         if asked.stream:
             return await self._stream(request, model, asked, call)
@@ -96,11 +96,11 @@ class OpenAiApi:
         answered = await all_or_none(*(self._run(model, copy, call) for copy in copies))
         return web.json_response(codec.response_body(asked, model.name, copies, answered))
 
-    async def _run(self, model: GenerativeModel, copy: codec.Copy, call: Call) -> Answered:
+    async def _run(self, model: Generative, copy: codec.Copy, call: Call) -> Answered:
         return await self.plane.generate(model, GenerateRequest(copy.prompts, copy.params), call)
 
     async def _stream(
-        self, request: web.Request, model: GenerativeModel, asked: codec.Asked, call: Call
+        self, request: web.Request, model: Generative, asked: codec.Asked, call: Call
     ) -> web.StreamResponse:
         """Every choice's pieces as OpenAI chunks in one SSE response. Each choice is its own stream;
         the first piece of each is awaited before the response starts, so a bad request is an HTTP

@@ -11,8 +11,9 @@ watch over them (as vLLM splits its API servers from its engine core).
   front-ends (each as the single process drains: NOT_SERVING, then refusing new calls while
   finishing what it took) before it stops the engine.
 
-What this layout does not do yet is refused at start with a clear error: generators (their decoding
-loop and detokenizer stay in one process: `--frontends 0`) and load/unload through the repository
+Generators decode in the engine (one continuous batch over every front-end's sequences), which
+sends their text back as it comes; front-ends check requests and render chat templates. What this
+layout does not do yet is refused at start with a clear error: load/unload through the repository
 API (`--model-control-mode explicit|poll`).
 """
 
@@ -36,10 +37,15 @@ from typing import Any
 from aiohttp import web
 from kiln.runtime.errors import ConfigError
 from kiln.runtime.manifest import read_manifest
+from kiln.runtime.serve.engine import Engine
+from kiln.runtime.serve.frontend import EngineClient, RemoteGenerator, RemoteModel
 from kiln.runtime.serve.logs import configure_logging
-from kiln.runtime.serve.repository import scan
+from kiln.runtime.serve.metrics import Metrics
+from kiln.runtime.serve.repository import Repository, Source
 from kiln.runtime.serve.server import ServeOptions, model_names, repository, serve
 from kiln.runtime.tasks import spec_for
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 log = logging.getLogger("kiln.serve")
 WATCH_SECONDS = 0.2
@@ -58,12 +64,6 @@ def check_layout(options: ServeOptions) -> None:
     if options.model_control_mode != "none":
         raise ConfigError("--frontends serves a fixed set of models; --model-control-mode explicit|poll needs "
                           "--frontends 0")  # fmt: skip
-    paths = list(scan(options.model_repository).values()) if options.model_repository else []
-    packages = [source.path for source in paths] or list(options.packages)
-    for path in packages:
-        if spec_for(read_manifest(path).task).generative:
-            raise ConfigError(f"{path}: generators are served with --frontends 0 (their decoding loop runs in one "
-                              "process for now)")  # fmt: skip
     if options.packages:
         model_names(options)  # duplicate names refused here, not in every child
 
@@ -119,7 +119,7 @@ async def _supervise(options: ServeOptions, frontends: int, logging_: Logging, e
     engine.start()
     for front in fronts:
         front.start()
-    metrics = await _metrics_site(options)
+    metrics = await _metrics_site(options, [engine, *fronts])
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -141,8 +141,6 @@ async def _supervise(options: ServeOptions, frontends: int, logging_: Logging, e
 
 
 async def _restart(child: _Child, stop: asyncio.Event) -> None:
-    from prometheus_client import multiprocess
-
     assert child.process is not None
     code, pid = child.process.exitcode, child.process.pid
     multiprocess.mark_process_dead(pid)  # its live gauges (queue depth) leave the page
@@ -172,14 +170,13 @@ async def _stop(children: list[_Child], timeout: float) -> None:
         child.process.join()
 
 
-async def _metrics_site(options: ServeOptions) -> web.AppRunner | None:
+async def _metrics_site(options: ServeOptions, children: list[_Child]) -> web.AppRunner | None:
     """/metrics, summed over every process (the engine's batches, every front-end's requests)."""
     if not options.metrics_port:
         return None
-    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
-
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)
+    registry.register(_ProcessesCollector(children))
 
     async def metrics(request: web.Request) -> web.Response:
         body = await asyncio.to_thread(generate_latest, registry)
@@ -195,6 +192,28 @@ async def _metrics_site(options: ServeOptions) -> web.AppRunner | None:
         await runner.cleanup()
         raise ConfigError(f"cannot listen on {options.host}:{options.metrics_port}: {exc.strerror or exc}") from exc
     return runner
+
+
+class _ProcessesCollector:
+    """The standard process metrics, one sample per process of the layout (label `process`: the
+    supervisor, kiln-engine, kiln-frontend-<i>), read from /proc when the page is asked for."""
+
+    def __init__(self, children: list[_Child]):
+        self.children = children
+
+    def collect(self) -> Any:
+        memory = GaugeMetricFamily("process_resident_memory_bytes", "Resident memory size in bytes", labels=["process"])
+        cpu = CounterMetricFamily("process_cpu_seconds", "User and system CPU time in seconds", labels=["process"])
+        processes = [("kiln-supervisor", os.getpid())]
+        processes += [(c.name, c.process.pid) for c in self.children if c.process is not None and c.process.is_alive()]
+        ticks, page = os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE")
+        for name, pid in processes:
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                cpu.add_metric([name], (int(fields[11]) + int(fields[12])) / ticks)
+                memory.add_metric([name], int(fields[21]) * page)
+        yield memory
+        yield cpu
 
 
 def _free_port(host: str) -> int:
@@ -222,9 +241,6 @@ def engine_main(options: ServeOptions, engine_socket: Path, logging_: Logging) -
 
 
 async def _engine(options: ServeOptions, engine_socket: Path) -> None:
-    from kiln.runtime.serve.engine import Engine
-    from kiln.runtime.serve.metrics import Metrics
-
     models = repository(options, Metrics())
     await models.load_all()
     stop = asyncio.Event()
@@ -242,16 +258,19 @@ def frontend_main(options: ServeOptions, engine_socket: Path, logging_: Logging,
 
 
 async def _frontend(options: ServeOptions, engine_socket: Path) -> int:
-    from kiln.runtime.serve.frontend import EngineClient, RemoteModel
-    from kiln.runtime.serve.metrics import Metrics
-    from kiln.runtime.serve.repository import Repository, Source
-
     client = EngineClient(engine_socket)
     hello = await client.start(ENGINE_START_SECONDS)
     metrics = Metrics()
     infos = {info.name: info for info in hello.models}
     sources = {info.name: Source(info.name, info.version, Path(info.path)) for info in hello.models}
-    models = Repository(lambda source: RemoteModel(infos[source.name], client, metrics), sources, "none")
+
+    def load(source: Source) -> RemoteModel | RemoteGenerator:
+        info = infos[source.name]
+        if spec_for(read_manifest(source.path).task).generative:
+            return RemoteGenerator(info, client, metrics, options.chat_template)
+        return RemoteModel(info, client, metrics)
+
+    models = Repository(load, sources, "none")
     await models.load_all()
     try:
         return await serve(replace(options, metrics_port=0), models=models, metrics=metrics, reuse_port=True)
