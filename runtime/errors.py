@@ -134,6 +134,12 @@ class Draining(KilnError):
     grpc_status = "UNAVAILABLE"
 
 
+class RepositoryRefused(KilnError):
+    """A load or unload the control mode does not allow, or of a model the repository lacks."""
+
+    grpc_status = "FAILED_PRECONDITION"
+
+
 class ModelUnavailable(KilnError):
     """A model cannot take work for a moment (its decoding loop is restarting after a failure)."""
 

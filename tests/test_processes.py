@@ -5,6 +5,7 @@ clients users run; faults are injected with kill -9."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -187,13 +188,38 @@ def test_sigterm_under_load_loses_nothing(task_packages):
     assert "OK" in results
 
 
-def test_what_the_layout_cannot_serve_is_refused_at_start(task_packages, tmp_path):
+def test_what_cannot_start_ends_the_server_with_an_error(task_packages, tmp_path):
+    """Options the single process refuses are refused before any child starts; a package the engine
+    cannot load ends the server with exit code 1 (not an engine restarted for ever)."""
+    broken = tmp_path / "broken"
+    shutil.copytree(task_packages["cls"], broken)
+    (broken / "model.onnx").write_bytes(b"not an onnx graph")
     cases = [
-        (["--model-repository", str(tmp_path), "--model-control-mode", "explicit"], "--model-control-mode"),
-        ([str(task_packages["cls"]), "--frontends", "-1"], "--frontends must be 0 or more"),
+        ([str(tmp_path / "missing-repository")], ["--model-repository"], "is not a directory"),
+        ([str(task_packages["cls"]), str(task_packages["emb"])], ["--name", "a", "--name", "a"], "two packages"),
+        ([str(task_packages["cls"])], ["--frontends", "-1"], "--frontends must be 0 or more"),
+        ([str(broken)], [], "engine could not start"),
     ]
-    for args, message in cases:
-        command = [sys.executable, "-m", "kiln.runtime.cli", "serve", *args]
-        command += [] if "-1" in args else ["--frontends", "2"]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=60)
-        assert done.returncode != 0 and message in done.stderr, done.stderr[-2000:]
+    for packages, flags, message in cases:
+        if flags == ["--model-repository"]:
+            packages, flags = [], ["--model-repository", packages[0]]
+        command = [sys.executable, "-m", "kiln.runtime.cli", "serve", *packages, *flags, "--grpc-port", "0"]
+        command += [] if "--frontends" in flags else ["--frontends", "2"]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert done.returncode != 0 and message in done.stderr, done.stderr[-3000:]
+
+
+def test_children_stop_when_the_supervisor_is_killed(task_packages):
+    with running_server("--frontends", "1", models={"cls": task_packages["cls"]}) as running:
+        _wait_for(lambda: len(_children(running.process.pid, "kiln-")) == 2)
+        children = _children(running.process.pid, "kiln-")
+        running.process.kill()
+        running.process.wait(10)
+
+        def alive(pid: int) -> bool:
+            try:
+                return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+            except OSError:
+                return False
+
+        _wait_for(lambda: not any(alive(pid) for pid in children), timeout=60)  # none left orphaned

@@ -11,11 +11,17 @@ import time
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
-from servers import running_server
+from servers import LAYOUTS, running_server
 from test_http import http
 from tritonclient.utils import InferenceServerException
 
 TEXTS = ["Alice lives in Seoul.", "The central bank raised rates."]
+
+
+@pytest.fixture(**LAYOUTS)
+def layout(request) -> tuple[str, str]:
+    """Every test on one process and on two front-ends before an engine (which owns the repository)."""
+    return ("--frontends", request.param)
 
 
 @pytest.fixture
@@ -33,9 +39,9 @@ def _infer(client: tc.InferenceServerClient, model: str = "cls"):
     return client.infer(model, [tensor])
 
 
-def test_index_unload_and_load(repository):
+def test_index_unload_and_load(repository, layout):
     with running_server(
-        "--model-repository", str(repository), "--model-control-mode", "explicit", "--load-model", "*"
+        "--model-repository", str(repository), "--model-control-mode", "explicit", "--load-model", "*", *layout
     ) as server:
         client = tc.InferenceServerClient(server.address)
         index = {m.name: (m.version, m.state) for m in client.get_model_repository_index().models}
@@ -53,9 +59,9 @@ def test_index_unload_and_load(repository):
         assert client.is_model_ready("cls") and _infer(client).as_numpy("label").shape == (2,)
 
 
-def test_explicit_mode_loads_only_what_it_is_told(repository):
+def test_explicit_mode_loads_only_what_it_is_told(repository, layout):
     with running_server(
-        "--model-repository", str(repository), "--model-control-mode", "explicit", "--load-model", "emb"
+        "--model-repository", str(repository), "--model-control-mode", "explicit", "--load-model", "emb", *layout
     ) as server:
         client = tc.InferenceServerClient(server.address)
         assert client.is_model_ready("emb") and not client.is_model_ready("cls")
@@ -65,8 +71,8 @@ def test_explicit_mode_loads_only_what_it_is_told(repository):
             client.load_model("nope")
 
 
-def test_mode_none_refuses_load_and_unload(repository):
-    with running_server("--model-repository", str(repository)) as server:
+def test_mode_none_refuses_load_and_unload(repository, layout):
+    with running_server("--model-repository", str(repository), *layout) as server:
         client = tc.InferenceServerClient(server.address)
         assert client.is_model_ready("cls") and client.is_model_ready("emb")
         with pytest.raises(InferenceServerException, match="not allowed in model control mode 'none'"):
@@ -75,9 +81,9 @@ def test_mode_none_refuses_load_and_unload(repository):
         assert client.is_model_ready("cls")
 
 
-def test_version_swap_under_load_fails_no_request(repository, exported):
+def test_version_swap_under_load_fails_no_request(repository, exported, layout):
     flags = ("--model-repository", str(repository), "--model-control-mode", "explicit", "--load-model", "*")
-    with running_server(*flags) as server:
+    with running_server(*flags, *layout) as server:
         client = tc.InferenceServerClient(server.address)
         stop, outcomes, lock = threading.Event(), [], threading.Lock()
 
@@ -108,9 +114,9 @@ def test_version_swap_under_load_fails_no_request(repository, exported):
         assert config.parameters["precision"].string_value == "int8-dynamic"
 
 
-def test_poll_mode_picks_up_new_models(repository, exported):
+def test_poll_mode_picks_up_new_models(repository, exported, layout):
     flags = ("--model-repository", str(repository), "--model-control-mode", "poll", "--repository-poll-secs", "0.3")
-    with running_server(*flags) as server:
+    with running_server(*flags, *layout) as server:
         client = tc.InferenceServerClient(server.address)
         assert not client.is_model_ready("ner")
         shutil.copytree(exported("bert", "token-classification"), repository / "ner" / "1")
@@ -127,11 +133,11 @@ def test_poll_mode_picks_up_new_models(repository, exported):
             client.load_model("ner")
 
 
-def test_poll_mode_survives_a_broken_package(repository, exported):
+def test_poll_mode_survives_a_broken_package(repository, exported, layout):
     """A package that cannot load is shown UNAVAILABLE with its reason; the poller goes on and loads
     the next model that appears."""
     flags = ("--model-repository", str(repository), "--model-control-mode", "poll", "--repository-poll-secs", "0.3")
-    with running_server(*flags) as server:
+    with running_server(*flags, *layout) as server:
         client = tc.InferenceServerClient(server.address)
         broken = repository / "broken" / "1"
         shutil.copytree(exported("bert", "text-classification"), broken)

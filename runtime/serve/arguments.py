@@ -77,8 +77,8 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
         type=int,
         default=0,
         help="front-end processes sharing the ports, each decoding, tokenizing and encoding, in front of one "
-        "engine process that batches for the device (0: everything in this one process); encoder models, "
-        "fixed model set (see docs/serving.md)",
+        "engine process that batches and decodes for the device (0: everything in this one process; "
+        "see docs/serving.md)",
     )
     serve.add_argument(
         "--instances", type=int, default=0, help="batches run at once per model (0: one per core on CPU, 1 on a GPU)"

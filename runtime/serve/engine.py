@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -47,24 +48,57 @@ class Engine:
     def __init__(self, repository: Repository):
         self.repository = repository
         self.connections = 0
+        self.generation = 0  # repository changes so far
+        self._mirrored: dict[Any, int] = {}  # each front-end connection's write -> the generation it mirrored
+        self._handlers: set[asyncio.Task] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+        repository.on_change = self._changed
+        repository.change_seen = self._change_seen
 
-    async def serve(self, path: Path, stop: asyncio.Event) -> None:
+    def snapshot(self) -> wire.Models:
+        index = [wire.IndexRow(e.name, e.version, e.state, e.reason) for e in self.repository.index()]
+        infos = [model_info(m) for m in self.repository.models.values()]
+        return wire.Models(self.generation, self.repository.control_mode, infos, index)
+
+    def _changed(self) -> None:
+        """The repository changed: every front-end is told (before any Changed that follows)."""
+        self.generation += 1
+        frame = wire.frame(self.snapshot())
+        for send in self._mirrored:
+            send(frame)
+
+    def _change_seen(self) -> Callable[[], bool]:
+        """Whether every front-end connected now has mirrored the latest change (one that goes
+        away counts as having seen it)."""
+        generation, connections = self.generation, list(self._mirrored)
+        return lambda: all(self._mirrored.get(c, generation) >= generation for c in connections)
+
+    async def serve(self, path: Path, stop: asyncio.Event, started: Callable[[], None] = lambda: None) -> None:
         """Answer front-ends on the Unix socket at `path` until `stop` is set."""
         with contextlib.suppress(FileNotFoundError):
             path.unlink()  # left by an engine that died
         server = await asyncio.start_unix_server(self._connection, path=str(path))
+        started()
         try:
             await stop.wait()
         finally:
             server.close()
             await server.wait_closed()
+            for writer in self._writers:  # each connection's task then ends as a front-end gone would
+                writer.close()
+            await asyncio.gather(*self._handlers, return_exceptions=True)
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        handler = asyncio.current_task()
+        assert handler is not None
+        self._handlers.add(handler)
+        self._writers.add(writer)
         held: dict[int, RequestState] = {}  # this front-end's Runs and Generates not yet answered
         generating: dict[int, list[Stream]] = {}  # the open streams of its Generates
         send = writer.write
-        send(wire.frame(wire.Hello([model_info(m) for m in self.repository.models.values()])))
+        send(wire.frame(self.snapshot()))
+        self._mirrored[send] = -1
         try:
             while True:
                 message = await wire.read(reader)
@@ -81,12 +115,19 @@ class Engine:
                     self._done(message)
                 elif isinstance(message, wire.Statistics):
                     send(wire.frame(wire.StatisticsAre(message.id, self._statistics(message))))
+                elif isinstance(message, wire.Mirrored):
+                    self._mirrored[send] = message.generation
+                elif isinstance(message, wire.Change):
+                    asyncio.get_running_loop().create_task(self._change(message, send))
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the front-end has gone (stopped, or died): what it left queued is dropped
         except Exception:
             log.exception("engine: a front-end connection failed; closing it")
         finally:
             self.connections -= 1
+            self._handlers.discard(handler)
+            self._writers.discard(writer)
+            self._mirrored.pop(send, None)
             for state in held.values():
                 state.cancelled = True
             for streams in generating.values():
@@ -139,7 +180,7 @@ class Engine:
         """Open a stream per prompt, then send each stream's pieces as they come; every way out of
         the request (done, failed, cancelled, the front-end gone) gives back what it held."""
         try:
-            model = self.repository.get(ask.model, ask.version)
+            model = self.repository.serving(ask.model, ask.version)
             if not model.spec.generative:
                 raise errors.InvalidInput(f"model {ask.model!r} is a {model.manifest.task} model, not a generator")
             model.admit(len(ask.prompts))
@@ -187,8 +228,18 @@ class Engine:
         except Exception as exc:
             send(wire.frame(wire.Pieces(ask, index, [], _error(exc))))
 
+    async def _change(self, change: wire.Change, send: Any) -> None:
+        try:
+            if change.action == "load":
+                await self.repository.load(change.name)
+            else:
+                await self.repository.unload(change.name)
+            send(wire.frame(wire.Changed(change.id, self.generation, None)))
+        except Exception as exc:
+            send(wire.frame(wire.Changed(change.id, self.generation, _error(exc))))
+
     def _model(self, name: str, version: str) -> ServedModel:
-        model = self.repository.get(name, version)
+        model = self.repository.serving(name, version)
         if model.spec.generative:
             raise errors.InvalidInput(f"model {name!r} is a generator; it does not run token rows")
         return model

@@ -56,10 +56,43 @@ class ModelInfo(Struct, array_like=True):
     instances: int
 
 
-class Hello(Struct, tag=True, array_like=True):
-    """The engine's first frame on a connection: what it serves."""
+class IndexRow(Struct, array_like=True):
+    name: str
+    version: str
+    state: str  # READY | UNAVAILABLE | LOADING
+    reason: str
 
+
+class Models(Struct, tag=True, array_like=True):
+    """What the engine serves and its repository's index: the first frame on a connection, and sent to
+    every front-end again after each change (a load, an unload, a version swap, a poll)."""
+
+    generation: int  # counts the changes; a front-end that has mirrored generation g has seen them all
+    control_mode: str
     models: list[ModelInfo]
+    index: list[IndexRow]
+
+
+class Mirrored(Struct, tag=True, array_like=True):
+    """A front-end has mirrored the Models of this generation: versions it replaced may be freed."""
+
+    generation: int
+
+
+class Change(Struct, tag=True, array_like=True):
+    """A repository load or unload asked through a front-end (the engine's control mode decides)."""
+
+    id: int
+    action: str  # load | unload
+    name: str
+
+
+class Changed(Struct, tag=True, array_like=True):
+    """A Change done (the Models frame that shows it was sent first), or why not."""
+
+    id: int
+    generation: int
+    error: tuple[str, str] | None
 
 
 class Run(Struct, tag=True, array_like=True):
@@ -141,7 +174,21 @@ class Pieces(Struct, tag=True, array_like=True):
     error: tuple[str, str] | None = None
 
 
-Message = Hello | Run | Cancel | Ran | Done | Statistics | StatisticsAre | Generate | Opened | Pieces
+Message = (
+    Models
+    | Mirrored
+    | Change
+    | Changed
+    | Run
+    | Cancel
+    | Ran
+    | Done
+    | Statistics
+    | StatisticsAre
+    | Generate
+    | Opened
+    | Pieces
+)
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
 

@@ -14,7 +14,7 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +33,7 @@ from kiln.runtime.serve.engine import raise_error
 from kiln.runtime.serve.generative import Generative
 from kiln.runtime.serve.metrics import Metrics
 from kiln.runtime.serve.models import Counted
+from kiln.runtime.serve.repository import IndexEntry, ModelTable, Source
 from kiln.runtime.tasks import TaskSpec, spec_for
 
 log = logging.getLogger("kiln.serve")
@@ -47,20 +48,23 @@ class EngineClient:
 
     def __init__(self, path: Path):
         self.path = path
-        self.hello: wire.Hello | None = None
+        self.models: wire.Models | None = None  # the engine's latest snapshot
+        # a MirroredRepository's: takes a snapshot, returns the models it replaced
+        self.on_models: Callable[[wire.Models], Awaitable[list[Counted]]] | None = None
         self.connected = asyncio.Event()
         self._writer: asyncio.StreamWriter | None = None
         self._waiting: dict[int, asyncio.Future] = {}
         self._streams: dict[int, list[asyncio.Queue]] = {}  # a Generate's id -> each prompt's pieces
         self._ids = itertools.count()
         self._task: asyncio.Task | None = None
+        self._acks: set[asyncio.Task] = set()
 
-    async def start(self, timeout: float) -> wire.Hello:
+    async def start(self, timeout: float) -> wire.Models:
         """Connect (retrying while the engine starts) and return what it serves."""
         self._task = asyncio.create_task(self._keep_connected())
         await asyncio.wait_for(self.connected.wait(), timeout)
-        assert self.hello is not None
-        return self.hello
+        assert self.models is not None
+        return self.models
 
     async def close(self) -> None:
         if self._task is not None:
@@ -72,19 +76,38 @@ class EngineClient:
         while True:
             try:
                 reader, self._writer = await asyncio.open_unix_connection(str(self.path))
-                hello = await wire.read(reader)
-                if not isinstance(hello, wire.Hello):
-                    raise ConnectionError(f"the engine opened with {type(hello).__name__}, not Hello")
-                self.hello = hello
+                models = await wire.read(reader)
+                if not isinstance(models, wire.Models):
+                    raise ConnectionError(f"the engine opened with {type(models).__name__}, not Models")
+                await self._mirror(models)  # an engine restarted may serve another set
                 self.connected.set()
-                log.info("engine connected", extra={"fields": {"models": [m.name for m in hello.models]}})
+                log.info("engine connected", extra={"fields": {"models": [m.name for m in models.models]}})
                 while True:
-                    self._settle(await wire.read(reader))
+                    message = await wire.read(reader)
+                    if isinstance(message, wire.Models):
+                        await self._mirror(message)  # in order: before the Changed that follows it
+                    else:
+                        self._settle(message)
             except (OSError, ConnectionError, asyncio.IncompleteReadError) as exc:
                 if self.connected.is_set():
                     log.error("engine connection lost (%s); failing %d calls", exc, len(self._waiting))
                 self._lost()
             await asyncio.sleep(RECONNECT_SECONDS)
+
+    async def _mirror(self, models: wire.Models) -> None:
+        """Take the engine's snapshot, and once the requests that hold a replaced model here are done,
+        say so: the engine frees a replaced version only when no front-end can send work for it."""
+        self.models = models
+        replaced = await self.on_models(models) if self.on_models is not None else []
+        task = asyncio.get_running_loop().create_task(self._mirrored(models.generation, replaced))
+        self._acks.add(task)
+        task.add_done_callback(self._acks.discard)
+
+    async def _mirrored(self, generation: int, replaced: list[Counted]) -> None:
+        while any(model.in_flight for model in replaced):
+            await asyncio.sleep(0.01)
+        with contextlib.suppress(ModelUnavailable):
+            self._send(wire.Mirrored(generation))
 
     def _settle(self, message: wire.Message) -> None:
         if isinstance(message, wire.Pieces):
@@ -92,7 +115,7 @@ class EngineClient:
             if queues is not None:
                 queues[message.index].put_nowait(message)
             return
-        if isinstance(message, wire.Ran | wire.StatisticsAre | wire.Opened):
+        if isinstance(message, wire.Ran | wire.StatisticsAre | wire.Opened | wire.Changed):
             future = self._waiting.pop(message.id, None)
             if future is not None and not future.done():
                 future.set_result(message)
@@ -114,7 +137,7 @@ class EngineClient:
             raise ModelUnavailable("the engine process is not running; retry")
         self._writer.write(wire.frame(message))
 
-    async def _ask(self, message: wire.Run | wire.Statistics | wire.Generate) -> Any:
+    async def _ask(self, message: wire.Run | wire.Statistics | wire.Generate | wire.Change) -> Any:
         future = asyncio.get_running_loop().create_future()
         self._waiting[message.id] = future
         try:
@@ -167,6 +190,12 @@ class EngineClient:
             RemoteStream(queue, prefix, prompt_tokens, truncated, lambda i=i: cancel(i))
             for i, (queue, (prefix, prompt_tokens, truncated)) in enumerate(zip(queues, opened.streams, strict=True))
         ]
+
+    async def change(self, action: str, name: str) -> None:
+        """A repository load or unload, done by the engine and mirrored here before it returns."""
+        changed: wire.Changed = await self._ask(wire.Change(next(self._ids), action, name))
+        if changed.error is not None:
+            raise_error(changed.error)
 
     def done(self, done: wire.Done) -> None:
         with contextlib.suppress(ModelUnavailable):  # statistics lost with an engine that went away
@@ -320,3 +349,48 @@ def _refuse_oversized(model: Counted, items: int) -> None:
             f"request has {items} items; model {model.name} takes at most {model.max_queue} in one request "
             "(--max-queue)"
         )
+
+
+class MirroredRepository(ModelTable):
+    """A front-end's copy of the engine's model table, kept by the engine's snapshots (sent on
+    connecting and after every change, in order, before the reply to the change): a model here is
+    its tokenizer side (RemoteModel / RemoteGenerator), built when a name or a version is new.
+    Load and unload are asked of the engine, so every front-end sees them; the one that asked
+    returns once it has mirrored the change, so its caller finds the model on the next call."""
+
+    def __init__(self, client: EngineClient, build: Callable[[wire.ModelInfo], Any], snapshot: wire.Models):
+        super().__init__(snapshot.control_mode)
+        self.client = client
+        self._build = build
+        self.generation = -1
+        client.on_models = self.mirror
+
+    async def mirror(self, snapshot: wire.Models) -> list[Counted]:
+        """Take a snapshot; the models it replaced or removed are returned (requests may still hold them)."""
+        models = {}
+        for info in snapshot.models:
+            current = self.models.get(info.name)
+            same = current is not None and (current.version, str(current.path)) == (info.version, info.path)
+            models[info.name] = current if same else await asyncio.to_thread(self._build, info)
+        replaced = [model for name, model in self.models.items() if models.get(name) is not model]
+        self.models = models
+        self.states = {row.name: IndexEntry(row.name, row.version, row.state, row.reason) for row in snapshot.index}
+        self.sources = {row.name: Source(row.name, row.version, Path()) for row in snapshot.index}
+        self.generation = snapshot.generation
+        return replaced
+
+    def index(self, ready_only: bool = False) -> list[IndexEntry]:
+        entries = sorted(self.states.values(), key=lambda entry: entry.name)
+        return [e for e in entries if e.state == "READY"] if ready_only else entries
+
+    async def load(self, name: str) -> None:
+        await self.client.change("load", name)
+
+    async def unload(self, name: str) -> None:
+        await self.client.change("unload", name)
+
+    async def poll(self, interval: float, stop: asyncio.Event) -> None:
+        """Nothing to do: the engine polls the repository, and its snapshots bring the changes here."""
+
+    async def stop(self) -> None:
+        self.models.clear()

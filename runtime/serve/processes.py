@@ -12,9 +12,11 @@ watch over them (as vLLM splits its API servers from its engine core).
   finishing what it took) before it stops the engine.
 
 Generators decode in the engine (one continuous batch over every front-end's sequences), which
-sends their text back as it comes; front-ends check requests and render chat templates. What this
-layout does not do yet is refused at start with a clear error: load/unload through the repository
-API (`--model-control-mode explicit|poll`).
+sends their text back as it comes; front-ends check requests and render chat templates. The model
+repository is the engine's (load, unload, version swaps, polling); each front-end mirrors it from
+the engine's snapshots (frontend.MirroredRepository). Options the single process would refuse are
+refused here, before any child starts; an engine that cannot start its models ends the server with
+exit code 1 rather than being restarted for ever.
 """
 
 from __future__ import annotations
@@ -35,14 +37,14 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from kiln.runtime.errors import ConfigError
+from kiln.runtime.errors import ConfigError, KilnError
 from kiln.runtime.manifest import read_manifest
 from kiln.runtime.serve.engine import Engine
-from kiln.runtime.serve.frontend import EngineClient, RemoteGenerator, RemoteModel
+from kiln.runtime.serve.engine_wire import ModelInfo
+from kiln.runtime.serve.frontend import EngineClient, MirroredRepository, RemoteGenerator, RemoteModel
 from kiln.runtime.serve.logs import configure_logging
 from kiln.runtime.serve.metrics import Metrics
-from kiln.runtime.serve.repository import Repository, Source
-from kiln.runtime.serve.server import ServeOptions, model_names, repository, serve
+from kiln.runtime.serve.server import ServeOptions, loaded, repository, serve
 from kiln.runtime.tasks import spec_for
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -59,18 +61,15 @@ class Logging:
     verbose: int = 0
 
 
-def check_layout(options: ServeOptions) -> None:
-    """What the process layout cannot serve yet, refused before anything starts."""
-    if options.model_control_mode != "none":
-        raise ConfigError("--frontends serves a fixed set of models; --model-control-mode explicit|poll needs "
-                          "--frontends 0")  # fmt: skip
-    if options.packages:
-        model_names(options)  # duplicate names refused here, not in every child
+def check_options(options: ServeOptions) -> None:
+    """What the single process would refuse at start, refused here before any child starts (names,
+    the repository directory, the control mode): a child that cannot start would only be restarted."""
+    repository(options, Metrics())
 
 
 def run(options: ServeOptions, frontends: int, logging_: Logging) -> int:
     """The supervisor's life: start the engine and the front-ends, watch them, drain on SIGTERM."""
-    check_layout(options)
+    check_options(options)
     if options.grpc_port == 0:  # every front-end must bind the same port
         options = replace(options, grpc_port=_free_port(options.host))
     with tempfile.TemporaryDirectory(prefix="kiln-") as folder:
@@ -112,7 +111,8 @@ class _Child:
 
 
 async def _supervise(options: ServeOptions, frontends: int, logging_: Logging, engine_socket: Path) -> int:
-    engine = _Child("kiln-engine", engine_main, (options, engine_socket, logging_))
+    engine_started = mp.get_context("spawn").Event()
+    engine = _Child("kiln-engine", engine_main, (options, engine_socket, logging_, engine_started))
     fronts = [
         _Child(f"kiln-frontend-{i}", frontend_main, (options, engine_socket, logging_, i)) for i in range(frontends)
     ]
@@ -125,7 +125,12 @@ async def _supervise(options: ServeOptions, frontends: int, logging_: Logging, e
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     log.info("supervising", extra={"fields": {"frontends": frontends, "grpc_port": options.grpc_port}})
+    code = 0
     while not stop.is_set():
+        if engine.died() and not engine_started.is_set():
+            log.error("the engine could not start its models (its log says why); stopping")
+            code = 1
+            break
         for child in (engine, *fronts):
             if child.died():
                 await _restart(child, stop)
@@ -136,8 +141,8 @@ async def _supervise(options: ServeOptions, frontends: int, logging_: Logging, e
     await _stop([engine], options.grace + 5)
     if metrics is not None:
         await metrics.cleanup()
-    log.info("stopped", extra={"fields": {}})
-    return 0
+    log.info("stopped", extra={"fields": {"exit_code": code}})
+    return code
 
 
 async def _restart(child: _Child, stop: asyncio.Event) -> None:
@@ -225,33 +230,46 @@ def _free_port(host: str) -> int:
 # ---- the children's entry points (spawned: a fresh interpreter each) ----------------------------
 
 
-def _named(name: str) -> None:
-    """The process's name as `ps`, `top` and /proc/PID/comm show it (15 characters at most)."""
+def _child(name: str) -> None:
+    """A child's first step: its name as `ps`, `top` and /proc/PID/comm show it (15 characters at
+    most), and SIGTERM (a drain) when the supervisor dies, killed or not, so no child is orphaned."""
     import ctypes
 
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+        libc = ctypes.CDLL(None)
+        libc.prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the supervisor died before the line above: nothing would tell us
+        raise SystemExit(1)
 
 
-def engine_main(options: ServeOptions, engine_socket: Path, logging_: Logging) -> None:
-    _named("kiln-engine")
+def engine_main(options: ServeOptions, engine_socket: Path, logging_: Logging, started: Any) -> None:
+    _child("kiln-engine")
     configure_logging(logging_.structured, logging_.verbose)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C reaches the whole group; the supervisor decides
-    asyncio.run(_engine(options, engine_socket))
+    try:
+        asyncio.run(_engine(options, engine_socket, started))
+    except KilnError as exc:
+        log.error("engine cannot start: %s", exc)
+        raise SystemExit(1) from exc
 
 
-async def _engine(options: ServeOptions, engine_socket: Path) -> None:
-    models = repository(options, Metrics())
-    await models.load_all()
+async def _engine(options: ServeOptions, engine_socket: Path, started: Any) -> None:
+    models = await loaded(options, Metrics())
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    poller = None
+    if models.control_mode == "poll":
+        poller = asyncio.create_task(models.poll(options.repository_poll_seconds, stop))
     log.info("engine serving", extra={"fields": {"models": list(models.models), "socket": str(engine_socket)}})
-    await Engine(models).serve(engine_socket, stop)
+    await Engine(models).serve(engine_socket, stop, started.set)
+    if poller is not None:
+        await poller
     await models.stop()
 
 
 def frontend_main(options: ServeOptions, engine_socket: Path, logging_: Logging, index: int = 0) -> None:
-    _named(f"kiln-frontend-{index}")
+    _child(f"kiln-frontend-{index}")
     configure_logging(logging_.structured, logging_.verbose)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     asyncio.run(_frontend(options, engine_socket))
@@ -259,19 +277,16 @@ def frontend_main(options: ServeOptions, engine_socket: Path, logging_: Logging,
 
 async def _frontend(options: ServeOptions, engine_socket: Path) -> int:
     client = EngineClient(engine_socket)
-    hello = await client.start(ENGINE_START_SECONDS)
     metrics = Metrics()
-    infos = {info.name: info for info in hello.models}
-    sources = {info.name: Source(info.name, info.version, Path(info.path)) for info in hello.models}
 
-    def load(source: Source) -> RemoteModel | RemoteGenerator:
-        info = infos[source.name]
-        if spec_for(read_manifest(source.path).task).generative:
+    def build(info: ModelInfo) -> RemoteModel | RemoteGenerator:
+        if spec_for(read_manifest(Path(info.path)).task).generative:
             return RemoteGenerator(info, client, metrics, options.chat_template)
         return RemoteModel(info, client, metrics)
 
-    models = Repository(load, sources, "none")
-    await models.load_all()
+    snapshot = await client.start(ENGINE_START_SECONDS)
+    models = MirroredRepository(client, build, snapshot)
+    await models.mirror(snapshot)
     try:
         return await serve(replace(options, metrics_port=0), models=models, metrics=metrics, reuse_port=True)
     finally:

@@ -23,18 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kiln.runtime.errors import ConfigError, KilnError, ModelNotServed, PackageError
+from kiln.runtime.errors import ConfigError, KilnError, ModelNotServed, PackageError, RepositoryRefused
 from kiln.runtime.manifest import MANIFEST_NAME
 from kiln.runtime.serve.arguments import CONTROL_MODES
 from kiln.runtime.serve.models import ServedModel
 
 log = logging.getLogger("kiln.serve")
-
-
-class RepositoryRefused(KilnError):
-    """A load or unload the control mode does not allow, or of a model the repository lacks."""
-
-    grpc_status = "FAILED_PRECONDITION"
 
 
 @dataclass(frozen=True)
@@ -75,27 +69,18 @@ def scan(root: Path) -> dict[str, Source]:
     return found
 
 
-class Repository:
-    def __init__(
-        self,
-        load: Callable[[Source], ServedModel],
-        sources: dict[str, Source],
-        control_mode: str = "none",
-        root: Path | None = None,
-        drain_seconds: float = 30.0,
-    ):
+class ModelTable:
+    """The models served now, by name, and the index of every model known: what requests look up.
+    A `Repository` fills it by loading packages; a front-end of `--frontends N` mirrors the engine's
+    (kiln.runtime.serve.frontend.MirroredRepository)."""
+
+    def __init__(self, control_mode: str = "none"):
         if control_mode not in CONTROL_MODES:
             raise ConfigError(f"--model-control-mode must be one of {', '.join(CONTROL_MODES)}")
-        self._load = load
-        self.sources = sources
         self.control_mode = control_mode
-        self.root = root
-        self.drain_seconds = drain_seconds
         self.models: dict[str, ServedModel] = {}
         self.states: dict[str, IndexEntry] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
-
-    # ---- lookups (event loop) ------------------------------------------------------------------
+        self.sources: dict[str, Source] = {}
 
     def get(self, name: str, version: str = "") -> ServedModel:
         model = self.models.get(name)
@@ -121,6 +106,40 @@ class Repository:
                    for name, source in sorted(self.sources.items())]  # fmt: skip
         return [e for e in entries if e.state == "READY"] if ready_only else entries
 
+
+class Repository(ModelTable):
+    """Models loaded from packages (`kiln serve PKG...` or `--model-repository`), swapped in warm and
+    retired once the requests that hold them are done. `on_change` is called after every change of
+    what is served or of the index (the engine of `--frontends N` tells its front-ends)."""
+
+    def __init__(
+        self,
+        load: Callable[[Source], ServedModel],
+        sources: dict[str, Source],
+        control_mode: str = "none",
+        root: Path | None = None,
+        drain_seconds: float = 30.0,
+    ):
+        super().__init__(control_mode)
+        self._load = load
+        self.sources = sources
+        self.root = root
+        self.drain_seconds = drain_seconds
+        self.retiring: dict[tuple[str, str], ServedModel] = {}  # replaced versions still finishing requests
+        self.on_change: Callable[[], None] = lambda: None
+        # after a change, whether everyone who looks models up has seen it: a replaced version is
+        # freed only then (the engine of `--frontends N`: every front-end has mirrored the change)
+        self.change_seen: Callable[[], Callable[[], bool]] = lambda: lambda: True
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def serving(self, name: str, version: str) -> ServedModel:
+        """The model of that version: the current one, else a swapped-out one still finishing the
+        requests prepared for it (a front-end that has not seen the swap yet)."""
+        current = self.models.get(name)
+        if current is not None and version in ("", current.version):
+            return current
+        return self.retiring.get((name, version)) or self.get(name, version)
+
     # ---- loading -------------------------------------------------------------------------------
 
     async def load_all(self, names: list[str] | None = None) -> None:
@@ -141,6 +160,7 @@ class Repository:
         async with self._lock(name):
             model = self.models.pop(name)
             self.states[name] = IndexEntry(name, model.version, "UNAVAILABLE", "unloaded")
+            self.on_change()
             await self._retire(model)
 
     async def poll(self, interval: float, stop: asyncio.Event) -> None:
@@ -167,8 +187,10 @@ class Repository:
         for name in [n for n in self.models if n not in current]:
             self.sources.pop(name, None)
             async with self._lock(name):
-                await self._retire(self.models.pop(name))
+                model = self.models.pop(name)
                 self.states.pop(name, None)
+                self.on_change()
+                await self._retire(model)
 
     async def stop(self) -> None:
         for name in list(self.models):
@@ -203,6 +225,7 @@ class Repository:
                     exc = PackageError(f"{source.path}: {type(exc).__name__}: {exc}")
                 reason = str(exc)
                 self.states[source.name] = IndexEntry(source.name, source.version, "UNAVAILABLE", reason)
+                self.on_change()
                 log.error("model load failed", extra={"fields": {"model": source.name, "reason": reason}})
                 if isinstance(exc, PackageError | ConfigError):
                     raise RepositoryRefused(f"model {source.name!r} cannot be loaded: {reason}") from exc
@@ -210,6 +233,7 @@ class Repository:
             old = self.models.get(source.name)
             self.models[source.name] = model  # from here new requests reach the new version
             self.states[source.name] = IndexEntry(source.name, source.version, "READY")
+            self.on_change()
             log.info(
                 "model serving",
                 extra={"fields": {"model": source.name, "version": source.version,
@@ -220,7 +244,12 @@ class Repository:
 
     async def _retire(self, model: ServedModel) -> None:
         """Wait (up to drain_seconds) for the requests that hold the model, then free it."""
+        key = (model.name, model.version)
+        if self.models.get(model.name) is not model:
+            self.retiring[key] = model
+        seen = self.change_seen()
         deadline = time.monotonic() + self.drain_seconds
-        while model.in_flight and time.monotonic() < deadline:
+        while (model.in_flight or not seen()) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
+        self.retiring.pop(key, None)
         await asyncio.to_thread(model.stop)

@@ -29,7 +29,7 @@ from kiln.runtime.serve.interceptors import BearerAuth, LenientDecoding
 from kiln.runtime.serve.kserve import InferenceService
 from kiln.runtime.serve.metrics import Metrics
 from kiln.runtime.serve.models import ServedModel
-from kiln.runtime.serve.repository import Repository, Source, scan
+from kiln.runtime.serve.repository import ModelTable, Repository, Source, scan
 from kiln.runtime.serve.tracing import start_tracing
 from kiln.runtime.serve.typed import KilnService
 from kiln.runtime.session import SessionOptions
@@ -115,10 +115,20 @@ def repository(options: ServeOptions, metrics: Metrics) -> Repository:
     return Repository(load, sources, "none", None, options.grace)
 
 
+async def loaded(options: ServeOptions, metrics: Metrics) -> Repository:
+    """The repository with what it serves at start loaded (all, or `--load-model` in explicit mode)."""
+    models = repository(options, metrics)
+    if models.control_mode == "explicit":
+        await models.load_all(None if "*" in options.load_models else options.load_models)
+    else:
+        await models.load_all()
+    return models
+
+
 async def serve(
     options: ServeOptions,
     ready: asyncio.Event | None = None,
-    models: Repository | None = None,
+    models: ModelTable | None = None,
     metrics: Metrics | None = None,
     reuse_port: bool = False,
 ) -> int:
@@ -126,11 +136,7 @@ async def serve(
     serves through the engine (loaded) and shares its ports with the other front-ends (`reuse_port`)."""
     metrics = metrics or Metrics()
     if models is None:
-        models = repository(options, metrics)
-        if models.control_mode == "explicit":
-            await models.load_all(None if "*" in options.load_models else options.load_models)
-        else:
-            await models.load_all()
+        models = await loaded(options, metrics)
     tracing = start_tracing(options.trace_endpoint) if options.trace_endpoint else None
     executor = ThreadPoolExecutor(options.workers, "kiln-worker")
     plane = DataPlane(models, executor, metrics, options.default_deadline, options.access_log, tracing)
