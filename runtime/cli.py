@@ -10,7 +10,7 @@ import sys
 from typing import Any
 
 from kiln.export.arguments import add_export_arguments
-from kiln.runtime.errors import ConfigError, InvalidInput, KilnError, MissingDependency
+from kiln.runtime.errors import InvalidInput, KilnError, MissingDependency
 from kiln.runtime.serve.arguments import ENVIRONMENT_HELP, add_serve_arguments, take_environment
 
 
@@ -49,8 +49,6 @@ def _serve(args: argparse.Namespace) -> int:
     from kiln.runtime.serve.server import serve
 
     configure_logging(args.log_format == "json", args.log_verbose)
-    if args.frontends < 0:
-        raise ConfigError(f"--frontends must be 0 or more, got {args.frontends}")
     if args.frontends:
         from kiln.runtime.serve.processes import Logging, run
 

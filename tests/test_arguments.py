@@ -58,3 +58,14 @@ def test_help_has_a_line_and_the_default_for_every_flag():
     flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
     assert flags and all(a.help for a in flags), [a.dest for a in flags if not a.help]
     assert "(default: 8001)" in parser.format_help()
+
+
+def test_frontends_take_a_count_or_auto_from_the_cpu_quota():
+    from kiln.runtime.serve.arguments import frontend_count
+    from kiln.runtime.session import cpu_count
+
+    assert frontend_count("3") == 3 and frontend_count("0") == 0
+    assert frontend_count("auto") == max(1, cpu_count() // 2)
+    for bad in ("-1", "two"):
+        with pytest.raises(argparse.ArgumentTypeError, match="must be"):
+            frontend_count(bad)

@@ -197,7 +197,7 @@ def test_what_cannot_start_ends_the_server_with_an_error(task_packages, tmp_path
     cases = [
         ([str(tmp_path / "missing-repository")], ["--model-repository"], "is not a directory"),
         ([str(task_packages["cls"]), str(task_packages["emb"])], ["--name", "a", "--name", "a"], "two packages"),
-        ([str(task_packages["cls"])], ["--frontends", "-1"], "--frontends must be 0 or more"),
+        ([str(task_packages["cls"])], ["--frontends", "-1"], "argument --frontends: must be 0 or more"),
         ([str(broken)], [], "engine could not start"),
     ]
     for packages, flags, message in cases:

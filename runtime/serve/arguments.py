@@ -74,11 +74,11 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--workers", type=int, default=8, help="tokenization/post-processing threads")
     serve.add_argument(
         "--frontends",
-        type=int,
+        type=frontend_count,
         default=0,
         help="front-end processes sharing the ports, each decoding, tokenizing and encoding, in front of one "
-        "engine process that batches and decodes for the device (0: everything in this one process; "
-        "see docs/serving.md)",
+        "engine process that batches and decodes for the device (0: everything in this one process; auto: "
+        "half the cores the CPU quota allows, at least 1; see docs/serving.md)",
     )
     serve.add_argument(
         "--instances", type=int, default=0, help="batches run at once per model (0: one per core on CPU, 1 on a GPU)"
@@ -132,6 +132,22 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     # Triton's names, in Triton's units (milliseconds)
     serve.add_argument("--grpc-keepalive-time", type=int, default=60000, help="ms between keepalive pings, as Triton's")
     serve.add_argument("--grpc-keepalive-timeout", type=int, default=20000, help="ms to wait for a ping's ack")
+
+
+def frontend_count(value: str) -> int:
+    """--frontends: a count, or `auto`. The engine's sessions want cores as much as the front-ends do,
+    so auto gives the front-ends half of what the CPU quota (cgroup) or affinity allows."""
+    if value == "auto":
+        from kiln.runtime.session import cpu_count
+
+        return max(1, cpu_count() // 2)
+    try:
+        count = int(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"must be a number or auto, got {value!r}") from exc
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {count}")
+    return count
 
 
 def take_environment(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
