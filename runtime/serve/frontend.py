@@ -209,10 +209,39 @@ class EngineClient:
         return body
 
 
-class RemoteModel(Counted):
-    """A model as a front-end serves it: its tokenizer and pipeline here, its session in the engine.
-    Admission control is the engine's (`--max-queue` counts every front-end's rows), and so are
-    Triton's statistics (each request's outcome is sent there)."""
+class EngineSide:
+    """What a front-end's model leaves to the engine, encoder or generator: health (the engine is
+    connected), admission control (counted there over every front-end; only a request larger than
+    --max-queue could ever take is refused here) and Triton's statistics (kept there)."""
+
+    name: str
+    version: str
+    max_queue: int
+    client: EngineClient
+
+    @property
+    def healthy(self) -> bool:
+        return self.client.connected.is_set()
+
+    def admit(self, items: int) -> None:
+        if items > self.max_queue:
+            raise InvalidInput(
+                f"request has {items} items; model {self.name} takes at most {self.max_queue} in one request "
+                "(--max-queue)"
+            )
+
+    def release(self, items: int) -> None:
+        """Nothing to give back here: the engine released the items when it answered."""
+
+    def record_result(self, ok: bool, seconds: float, count: int, stages: dict[str, float]) -> None:
+        self.client.done(wire.Done(self.name, ok, seconds, count, dict(stages)))
+
+    async def collected_statistics(self) -> dict[str, Any]:
+        return (await self.client.statistics(self.name, self.version))["model_stats"][0]
+
+
+class RemoteModel(EngineSide, Counted):
+    """A model as a front-end serves it: its tokenizer and pipeline here, its session in the engine."""
 
     def __init__(self, info: wire.ModelInfo, client: EngineClient, metrics: Metrics):
         self.name, self.version, self.path = info.name, info.version, Path(info.path)
@@ -230,22 +259,6 @@ class RemoteModel(Counted):
         )  # fmt: skip
         self.sizes = dict(info.sizes)
         self.client = client
-
-    @property
-    def healthy(self) -> bool:
-        return self.client.connected.is_set()
-
-    def admit(self, items: int) -> None:
-        _refuse_oversized(self, items)
-
-    def release(self, items: int) -> None:
-        pass
-
-    def record_result(self, ok: bool, seconds: float, count: int, stages: dict[str, float]) -> None:
-        self.client.done(wire.Done(self.name, ok, seconds, count, dict(stages)))
-
-    async def collected_statistics(self) -> dict[str, Any]:
-        return (await self.client.statistics(self.name, self.version))["model_stats"][0]
 
     async def run(self, prepare: Any, request: RequestState, executor: Executor, short: bool = False) -> Any:
         """prepare -> the engine -> finish; a short request is prepared and finished on the loop."""
@@ -283,7 +296,7 @@ class RemoteStream:
             self.on_cancel()
 
 
-class RemoteGenerator(Generative):
+class RemoteGenerator(EngineSide, Generative):
     """A generator as a front-end serves it: tokenizer, settings and chat template here (requests
     are checked before they leave), the decoding loop in the engine, which sends the text back."""
 
@@ -299,22 +312,6 @@ class RemoteGenerator(Generative):
         self.options = BatchOptions(max_size=info.max_size, max_queue=info.max_queue, instances=info.instances)
         self.sizes = dict(info.sizes)
         self.client = client
-
-    @property
-    def healthy(self) -> bool:
-        return self.client.connected.is_set()
-
-    def admit(self, items: int) -> None:
-        _refuse_oversized(self, items)
-
-    def release(self, items: int) -> None:
-        pass
-
-    def record_result(self, ok: bool, seconds: float, count: int, stages: dict[str, float]) -> None:
-        self.client.done(wire.Done(self.name, ok, seconds, count, dict(stages)))
-
-    async def collected_statistics(self) -> dict[str, Any]:
-        return (await self.client.statistics(self.name, self.version))["model_stats"][0]
 
     async def open(self, texts: list[str], params: dict[str, Any], state: RequestState) -> list[RemoteStream]:
         self.settings_for(params)  # a bad setting is refused here, before the engine is asked
@@ -339,16 +336,6 @@ class RemoteGenerator(Generative):
 
     def stop(self) -> None:
         pass
-
-
-def _refuse_oversized(model: Counted, items: int) -> None:
-    """The front-end's part of admission control: a request larger than --max-queue could ever take is
-    refused here; the engine counts what every front-end holds against the limit."""
-    if items > model.max_queue:
-        raise InvalidInput(
-            f"request has {items} items; model {model.name} takes at most {model.max_queue} in one request "
-            "(--max-queue)"
-        )
 
 
 class MirroredRepository(ModelTable):
