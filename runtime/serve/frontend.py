@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 from kiln.runtime.errors import DeadlineExceeded, InvalidInput, ModelUnavailable
 from kiln.runtime.generation.decoding import Piece
@@ -88,9 +89,11 @@ class EngineClient:
                         await self._mirror(message)  # in order: before the Changed that follows it
                     else:
                         self._settle(message)
-            except (OSError, ConnectionError, asyncio.IncompleteReadError) as exc:
+            except (OSError, ConnectionError, asyncio.IncompleteReadError, msgspec.DecodeError) as exc:
                 if self.connected.is_set():
                     log.error("engine connection lost (%s); failing %d calls", exc, len(self._waiting))
+                if self._writer is not None:
+                    self._writer.close()
                 self._lost()
             await asyncio.sleep(RECONNECT_SECONDS)
 

@@ -146,9 +146,11 @@ async def serve(
         await _http_site(http.app(), options, options.http_port, reuse_port),
         await _http_site(metrics.app(), options, options.metrics_port),
     ]
-    await server.start()
+    # SERVING is said before the port answers, so a client that health-checks its connection (kiln's
+    # does) is served at once, not refused UNAVAILABLE for the moment between (a restarted front-end)
     for name in [*models.models, ""]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await server.start()
     log.info(
         "serving",
         extra={
