@@ -313,3 +313,25 @@ def _settle(future: Future, result: Any = None, error: BaseException | None = No
             future.set_result(result)
     except InvalidStateError:  # cancelled between the check and the call
         pass
+
+
+def when_all(futures: list[Future], then: Callable[[], None]) -> None:
+    """Call `then()` once every one of a request's row futures has settled, on whichever thread
+    settles the last (its rows may run on several batcher threads at once)."""
+    remaining = [len(futures)]
+    lock = threading.Lock()
+
+    def settled(_: Future) -> None:
+        with lock:
+            remaining[0] -= 1
+            last = remaining[0] == 0
+        if last:
+            then()
+
+    for future in futures:
+        future.add_done_callback(settled)
+
+
+def row_error(futures: list[Future]) -> BaseException | None:
+    """The first error a request's settled rows ended with, if any (cancelled rows are not errors)."""
+    return next((f.exception() for f in futures if not f.cancelled() and f.exception()), None)

@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
@@ -27,7 +26,7 @@ import numpy as np
 from kiln.runtime import errors
 from kiln.runtime.errors import KilnError
 from kiln.runtime.serve import engine_wire as wire
-from kiln.runtime.serve.batcher import RequestState
+from kiln.runtime.serve.batcher import RequestState, row_error, when_all
 from kiln.runtime.serve.generative import GenerativeModel, Stream
 from kiln.runtime.serve.models import ServedModel
 from kiln.runtime.serve.repository import Repository
@@ -151,11 +150,14 @@ class Engine:
         held[run.id] = state
         model.in_flight += 1
 
-        def answer(futures: list[Future]) -> None:  # on the loop, once every row has settled
+        def over() -> None:
             held.pop(run.id, None)
             model.in_flight -= 1
             model.release(len(rows))
-            error = next((f.exception() for f in futures if not f.cancelled() and f.exception()), None)
+
+        def answer(futures: list[Future]) -> None:  # on the loop, once every row has settled
+            over()
+            error = row_error(futures)
             if error is None and any(f.cancelled() for f in futures):
                 error = errors.Cancelled("request was cancelled")
             if error is not None:
@@ -167,12 +169,10 @@ class Engine:
         try:
             futures = model.batcher.submit(rows, state, run.company or model.in_flight > 1)
         except Exception as exc:
-            held.pop(run.id, None)
-            model.in_flight -= 1
-            model.release(len(rows))
+            over()
             send(wire.frame(wire.Ran(run.id, None, _error(exc), [])))
             return
-        _when_all(futures, lambda: loop.call_soon_threadsafe(answer, futures))
+        when_all(futures, lambda: loop.call_soon_threadsafe(answer, futures))
 
     def _generate(
         self, ask: wire.Generate, held: dict[int, RequestState], generating: dict[int, list[Stream]], send: Any
@@ -254,22 +254,6 @@ class Engine:
             return json.dumps({"model_stats": [m.statistics() for m in models]}).encode()
         except KilnError as exc:
             return json.dumps({"error": list(_error(exc))}).encode()
-
-
-def _when_all(futures: list[Future], then: Any) -> None:
-    """Call `then()` once every future has settled (on whichever thread settles the last)."""
-    remaining = [len(futures)]
-    lock = threading.Lock()  # a request's rows may settle on several batcher threads at once
-
-    def settled(_: Future) -> None:
-        with lock:
-            remaining[0] -= 1
-            last = remaining[0] == 0
-        if last:
-            then()
-
-    for future in futures:
-        future.add_done_callback(settled)
 
 
 def _error(exc: BaseException) -> tuple[str, str]:

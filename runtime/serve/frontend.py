@@ -352,7 +352,6 @@ class MirroredRepository(ModelTable):
         super().__init__(snapshot.control_mode)
         self.client = client
         self._build = build
-        self.generation = -1
         client.on_models = self.mirror
 
     async def mirror(self, snapshot: wire.Models) -> list[Counted]:
@@ -366,7 +365,6 @@ class MirroredRepository(ModelTable):
         self.models = models
         self.states = {row.name: IndexEntry(row.name, row.version, row.state, row.reason) for row in snapshot.index}
         self.sources = {row.name: Source(row.name, row.version, Path()) for row in snapshot.index}
-        self.generation = snapshot.generation
         return replaced
 
     def index(self, ready_only: bool = False) -> list[IndexEntry]:

@@ -26,6 +26,8 @@ from kiln.runtime.serve.batcher import (
     BatchOptions,
     BatchRecord,
     RequestState,
+    row_error,
+    when_all,
 )
 from kiln.runtime.serve.metrics import Metrics
 from kiln.runtime.session import PROVIDERS, SessionOptions, cpu_count, create_session
@@ -274,18 +276,12 @@ class ServedModel(Counted):
     def _finish_when_done(self, prepared: Prepared, futures: list[Future], request: RequestState) -> Future:
         """The request's answers, finished by whichever thread settles its last sequence."""
         answer: Future = Future()
-        remaining = [len(futures)]
-        lock = threading.Lock()
 
-        def settled(_: Future) -> None:
-            with lock:
-                remaining[0] -= 1
-                if remaining[0]:
-                    return
+        def settled() -> None:
             if answer.cancelled():
                 return
             try:
-                error = next((f.exception() for f in futures if not f.cancelled() and f.exception()), None)
+                error = row_error(futures)
                 if error is not None:
                     answer.set_exception(error)
                 elif any(f.cancelled() for f in futures):
@@ -296,8 +292,7 @@ class ServedModel(Counted):
                 with contextlib.suppress(InvalidStateError):
                     answer.set_exception(exc)
 
-        for future in futures:
-            future.add_done_callback(settled)
+        when_all(futures, settled)
         return answer
 
     def _split(self, outputs: dict[str, np.ndarray], row: int, length: int) -> dict[str, np.ndarray]:
