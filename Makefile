@@ -12,14 +12,15 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-# torch is installed first as the CPU build, from PyTorch's CPU index, so nothing later pulls the
-# multi-GB CUDA build PyPI's torch is on Linux; the stamp makes `make test` skip the install when
-# pyproject.toml has not changed since the last one
+# torch is installed first as the CPU build (2.13.0+cpu: from a local wheel or pip's configured
+# indexes when they have it, else from PyTorch's CPU index), so nothing later pulls the multi-GB CUDA
+# build PyPI's torch is on Linux; the stamp makes `make test` skip the install when pyproject.toml
+# has not changed since the last one
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet torch==2.13.0 --index-url $(TORCH_INDEX)
+	$(BIN)/pip install --quiet torch==2.13.0+cpu 2>/dev/null || $(BIN)/pip install --quiet torch==2.13.0+cpu --index-url $(TORCH_INDEX)
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
