@@ -12,6 +12,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from kiln.export.rowwise_int8 import LEVELS, quantize_rows
+from kiln.runtime.errors import UnsupportedModel
 from onnx import TensorProto, helper, numpy_helper
 
 K, N = 96, 48
@@ -38,11 +39,11 @@ def _run(path: Path, x: np.ndarray) -> list[np.ndarray]:
 
 def _scheme(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """The scheme in numpy: per-row activation scale, per-column weight scale, exact integer sums."""
-    peak = np.abs(x).max(axis=-1, keepdims=True) + np.float32(1e-12)
-    q = np.floor(x * (np.float32(LEVELS) / peak) + np.float32(0.5)).astype(np.int32)
+    scale = np.abs(x).max(axis=-1, keepdims=True) * np.float32(1 / LEVELS) + np.float32(1e-30)
+    q = np.round(x / scale).astype(np.int32)  # numpy rounds half to even, as QuantizeLinear does
     column = (np.abs(w).max(axis=0) / 127).astype(np.float32)
     w8 = np.clip(np.round(w / column), -127, 127).astype(np.int32)
-    return (q @ w8).astype(np.float32) * column * (peak * np.float32(1 / LEVELS))
+    return (q @ w8).astype(np.float32) * column * scale
 
 
 def test_the_graph_computes_the_per_row_scheme(tmp_path):
@@ -88,17 +89,41 @@ def test_int32_sums_are_exact_at_the_largest_values(tmp_path):
     np.testing.assert_allclose(got, x @ w, rtol=1e-6, atol=1e-5)
 
 
-def test_readers_of_one_activation_share_its_quantisation_and_kept_matmuls_stay_float(tmp_path):
+def test_readers_of_one_activation_share_its_quantisation_and_one_gemm_and_kept_matmuls_stay_float(tmp_path):
     rng = np.random.default_rng(2)
     weights = {name: rng.normal(size=(K, K)).astype(np.float32) for name in ("q", "k", "v", "head")}
     reads = {"q": "x", "k": "x", "v": "x", "head": "q"}
     quantized = tmp_path / "int8.onnx"
     assert quantize_rows(_graph(tmp_path, weights, reads), quantized, {"head"}) == (["k", "q", "v"], ["head"])
     ops = Counter(node.op_type for node in onnx.load(str(quantized)).graph.node)
-    assert ops["Abs"] == 1 and ops["MatMulIntegerToFloat"] == 3 and ops["MatMul"] == 1
+    assert ops["Abs"] == 1 and ops["MatMulIntegerToFloat"] == 1 and ops["Split"] == 1 and ops["MatMul"] == 1
     x = rng.normal(size=(1, 4, K)).astype(np.float32)
     for got, name in zip(_run(quantized, x)[:3], ("q", "k", "v"), strict=True):
         np.testing.assert_allclose(got, _scheme(x, weights[name]), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("opset", [13, 17, 18, 21])
+def test_every_opset_from_13_gets_the_same_bits(tmp_path, opset):
+    """ReduceMax took its axes as an attribute until opset 18 and as an input since."""
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(K, N)).astype(np.float32)
+    source = _graph(tmp_path, {"proj": w}, {"proj": "x"})
+    model = onnx.load(str(source))
+    model.opset_import[0].version = opset
+    onnx.save(model, str(source))
+    quantized = tmp_path / "int8.onnx"
+    quantize_rows(source, quantized, set())
+    x = rng.normal(size=(1, 6, K)).astype(np.float32)
+    np.testing.assert_allclose(_run(quantized, x)[0], _scheme(x, w), rtol=1e-6, atol=1e-6)
+
+
+def test_a_graph_older_than_opset_13_is_refused_by_name(tmp_path):
+    source = _graph(tmp_path, {"proj": np.ones((K, N), np.float32)}, {"proj": "x"})
+    model = onnx.load(str(source))
+    model.opset_import[0].version = 12
+    onnx.save(model, str(source))
+    with pytest.raises(UnsupportedModel, match="opset 13"):
+        quantize_rows(source, tmp_path / "int8.onnx", set())
 
 
 @pytest.mark.parametrize("depth", [8, 15])
