@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from kiln.export.rowwise_int8 import LEVELS, quantize_rows
+from kiln.export.rowwise_int8 import LEVELS, WEIGHT_LEVELS, quantize_rows
 from kiln.runtime.errors import UnsupportedModel
 from onnx import TensorProto, helper, numpy_helper
 
@@ -41,8 +41,8 @@ def _scheme(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """The scheme in numpy: per-row activation scale, per-column weight scale, exact integer sums."""
     scale = np.abs(x).max(axis=-1, keepdims=True) * np.float32(1 / LEVELS) + np.float32(1e-30)
     q = np.round(x / scale).astype(np.int32)  # numpy rounds half to even, as QuantizeLinear does
-    column = (np.abs(w).max(axis=0) / 127).astype(np.float32)
-    w8 = np.clip(np.round(w / column), -127, 127).astype(np.int32)
+    column = (np.abs(w).max(axis=0) / WEIGHT_LEVELS).astype(np.float32)
+    w8 = np.clip(np.round(w / column), -WEIGHT_LEVELS, WEIGHT_LEVELS).astype(np.int32)
     return (q @ w8).astype(np.float32) * column * scale
 
 
@@ -77,8 +77,8 @@ def test_a_row_gets_the_same_bits_alone_and_next_to_any_rows(tmp_path):
 
 
 def test_int32_sums_are_exact_at_the_largest_values(tmp_path):
-    """u8 x s8 kernels without VNNI add product pairs in int16; 63 activation levels keep them below
-    its saturation, so the extreme case still equals the exact integer result."""
+    """u8 x s8 kernels without VNNI add product pairs in int16; 63 weight levels keep them below its
+    saturation (255 * 63 * 2 = 32130), so the extreme case still equals the exact integer result."""
     w = np.where(np.arange(K)[:, None] % 2 == 0, 1.0, -1.0) * np.ones((K, N), np.float32)
     w[:, 1] = 1.0
     x = np.ones((1, 2, K), np.float32)
