@@ -51,8 +51,8 @@ def run_gate(
     manifest = package.manifest
     task, encoder, outputs = manifest.task, package.encoder, manifest.outputs
     mode = manifest.pooling.mode if manifest.pooling else "mean"
-    alone = run_onnx(package.session, encoder, inputs, outputs, alone=True)
-    batched = run_onnx(package.session, encoder, inputs, outputs, alone=False)
+    alone = run_onnx(package.session, encoder, inputs, outputs, inputs.alone())
+    batched = run_onnx(package.session, encoder, inputs, outputs, inputs.batches())
     one_at_a_time = manifest.max_batch_size == 1
     fig_alone = compare(task, reference, alone, mode)
     fig_graph_batched = compare(task, reference, batched, mode)

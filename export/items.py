@@ -3,7 +3,7 @@ side: the ONNX graph (one at a time, or in unsorted padded batches) and the PyTo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -30,6 +30,22 @@ class Inputs:
         n = len(self.encodings)
         return [list(range(i, min(i + BATCH, n))) for i in range(0, n, BATCH)]
 
+    def alone(self) -> list[list[int]]:
+        """Each item in its own call, as a package serves one text."""
+        return [[i] for i in range(len(self.encodings))]
+
+    def by_length(self) -> list[list[int]]:
+        """Batches of items of about one length: the least padding, where speed matters more than
+        exercising it (the work of a long text is most of a padded batch's)."""
+        order = sorted(range(len(self.encodings)), key=lambda i: len(self.encodings[i].ids))
+        return [order[i : i + BATCH] for i in range(0, len(order), BATCH)]
+
+    def first(self, tokens: int) -> Inputs:
+        """The leading items that fit a budget of tokens (at least one), for measurements that rank."""
+        lengths = np.cumsum([len(e.ids) for e in self.encodings])
+        count = max(1, int(np.searchsorted(lengths, tokens, side="right")))
+        return replace(self, items={k: v[:count] for k, v in self.items.items()}, encodings=self.encodings[:count])
+
 
 def make_inputs(pipe: Pipeline, texts: list[str], mask_token: str | None) -> Inputs:
     spec = spec_for(pipe.task)
@@ -38,8 +54,8 @@ def make_inputs(pipe: Pipeline, texts: list[str], mask_token: str | None) -> Inp
     return Inputs(items, prepared.encodings, pipe.sequence_outputs)
 
 
-def run_onnx(session: Any, encoder: TextEncoder, inputs: Inputs, outputs: list[str], alone: bool) -> Items:
-    groups = [[i] for i in range(len(inputs.encodings))] if alone else inputs.batches()
+def run_onnx(session: Any, encoder: TextEncoder, inputs: Inputs, outputs: list[str], groups: list[list[int]]) -> Items:
+    """Outputs per item, run in the given groups of item indices (Inputs.alone, .batches, .by_length)."""
     items: Items = [{} for _ in inputs.encodings]
     for group in groups:
         batch = encoder.pad([inputs.encodings[i] for i in group])

@@ -139,31 +139,6 @@ def matmul_groups(model_path: Path) -> dict[str, list[str]]:
     return dict(groups)
 
 
-def choose_float_layers(
-    model_path: Path,
-    work_dir: Path,
-    evaluate: Callable[[Path], Fidelity],
-    target: float,
-    always_float: list[str],
-    by_projection: bool = False,
-) -> tuple[list[str], list[dict[str, object]]]:
-    """kiln's int8 with the fewest groups in float that reach the target (the task head and
-    `always_float` stay in float throughout): whole encoder layers, or (`by_projection`) a layer's
-    MatMuls that read one tensor (Q/K/V together, the attention output, each FFN projection)."""
-    weighted = [n for n in matmul_weights(model_path) if n not in always_float]
-    if by_projection:
-        groups = {g: [n for n in members if n in weighted] for g, members in matmul_groups(model_path).items()}
-        groups = {g: members for g, members in groups.items() if members and g != "other"}
-    else:
-        groups = layer_groups(weighted)
-
-    def write(floating: list[str], path: Path) -> None:
-        quantize_int8(model_path, path, floating + always_float)
-
-    kept, trials = keep_sensitive_in_float(groups, write, evaluate, target, work_dir / "probe.onnx")
-    return list(always_float) + kept, trials
-
-
 def convert_fp16(model_path: Path, out_path: Path, fused: bool = False) -> QuantInfo:
     """fp16 weights and compute, float32 inputs and outputs. In a standard-ops graph the
     overflow-prone ops stay in float32; a fused graph's contrib ops (SkipLayerNormalization,

@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 LEVELS = 127  # activation levels a side, zero point 128 (see the module docstring)
 WEIGHT_LEVELS = 63  # so that 255 * 63 * 2 fits int16: exact on every x86 kernel
 MIN_K = 16  # narrower MatMuls gain nothing from int8
+SWITCH = "kiln_int8:"  # a switched graph's bool inputs: SWITCH + the activation its group reads
 
 
 def constant_matmuls(graph: GraphProto) -> dict[str, tuple[int, int]]:
@@ -62,9 +63,16 @@ def constant_matmuls(graph: GraphProto) -> dict[str, tuple[int, int]]:
     }
 
 
-def quantize_rows(model_path: Path, out_path: Path, keep_float: set[str]) -> tuple[list[str], list[str]]:
+def quantize_rows(
+    model_path: Path, out_path: Path, keep_float: set[str], switched: bool = False
+) -> tuple[list[str], list[str]]:
     """Rewrite every constant-weight MatMul not in keep_float (and at least MIN_K deep); returns
-    the names of the MatMuls now in int8 and of those left in float."""
+    the names of the MatMuls now in int8 and of those left in float.
+
+    `switched` keeps both forms of each group of MatMuls that read one activation, chosen by a bool
+    input named `SWITCH + activation` (int8 where true): one session then measures any mix of int8
+    and float groups, which is how the export finds what to keep in float in seconds.
+    """
     import onnx
 
     model = onnx.load(str(model_path))
@@ -80,15 +88,19 @@ def quantize_rows(model_path: Path, out_path: Path, keep_float: set[str]) -> tup
     if opset < 13:
         raise UnsupportedModel(f"kiln's int8 needs ONNX opset 13 or newer (--opset; this graph: {opset})")
     before: dict[str, list[NodeProto]] = defaultdict(list)  # new nodes, keyed by the MatMul they go in front of
+    after: dict[str, list[NodeProto]] = defaultdict(list)
     for index, (activation, matmuls) in enumerate(readers.items()):
         prefix = f"kiln_rows_{index}"
-        before[matmuls[0].name] += _quantize_activation(graph, activation, prefix, opset)
-        before[matmuls[0].name] += _integer_matmuls(graph, matmuls, [weights[m.input[1]] for m in matmuls], prefix)
+        made = _quantize_activation(graph, activation, prefix, opset)
+        made += _integer_matmuls(graph, matmuls, [weights[m.input[1]] for m in matmuls], prefix)
+        before[matmuls[0].name] += made
+        if switched:
+            after.update(_switch(graph, matmuls, made, SWITCH + activation))
     nodes = [
         new
         for node in graph.node
-        for new in (*before[node.name], node)
-        if not (new.op_type == "MatMul" and new.name in chosen)
+        for new in (*before[node.name], node, *after[node.name])
+        if switched or not (new.op_type == "MatMul" and new.name in chosen)
     ]
     del graph.node[:]
     graph.node.extend(nodes)
@@ -165,6 +177,24 @@ def _integer_matmuls(
             )
         )
     return nodes
+
+
+def _switch(
+    graph: GraphProto, matmuls: list[NodeProto], made: list[NodeProto], flag: str
+) -> dict[str, list[NodeProto]]:
+    """Both forms of the MatMuls side by side, and a Where after each that the bool input `flag` steers."""
+    from onnx import TensorProto, helper
+
+    graph.input.append(helper.make_tensor_value_info(flag, TensorProto.BOOL, []))
+    outputs = {matmul.name: matmul.output[0] for matmul in matmuls}
+    for node in made:
+        node.output[:] = [f"{name}.int8" if name in outputs.values() else name for name in node.output]
+    for matmul in matmuls:
+        matmul.output[0] = f"{outputs[matmul.name]}.float"
+    return {
+        name: [helper.make_node("Where", [flag, f"{out}.int8", f"{out}.float"], [out], name=f"{out}.switch")]
+        for name, out in outputs.items()
+    }
 
 
 def _constants(graph: GraphProto, values: dict[str, np.generic | np.ndarray]) -> None:

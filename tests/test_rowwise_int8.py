@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from kiln.export.rowwise_int8 import LEVELS, WEIGHT_LEVELS, quantize_rows
+from kiln.export.rowwise_int8 import LEVELS, SWITCH, WEIGHT_LEVELS, quantize_rows
 from kiln.runtime.errors import UnsupportedModel
 from onnx import TensorProto, helper, numpy_helper
 
@@ -135,3 +135,29 @@ def test_too_narrow_matmuls_stay_float(tmp_path, depth):
     model.graph.input[0].type.tensor_type.shape.dim[2].dim_value = depth
     onnx.save(model, str(source))
     assert quantize_rows(source, quantized, set()) == ([], ["proj"])
+
+
+def test_a_switched_graph_runs_each_group_in_int8_or_float_as_its_input_says(tmp_path):
+    """The export's ladder measures any mix of int8 and float groups in one session."""
+    rng = np.random.default_rng(4)
+    weights = {name: rng.normal(size=(K, K)).astype(np.float32) for name in ("q", "k", "v", "out")}
+    reads = {"q": "x", "k": "x", "v": "x", "out": "q"}
+    source = _graph(tmp_path, weights, reads)
+    int8, switched = tmp_path / "int8.onnx", tmp_path / "switched.onnx"
+    quantize_rows(source, int8, set())
+    quantize_rows(source, switched, set(), switched=True)
+    session = ort.InferenceSession(str(switched), providers=["CPUExecutionProvider"])
+    flags = sorted(i.name for i in session.get_inputs() if i.name.startswith(SWITCH))
+    assert flags == [SWITCH + "q", SWITCH + "x"]
+    x = rng.normal(size=(1, 4, K)).astype(np.float32)
+
+    def run(int8: set[str]) -> list[np.ndarray]:
+        return session.run(None, {"x": x, **{f: np.array(f in int8) for f in flags}})
+
+    for got, want in zip(run(set(flags)), _run(int8, x), strict=True):
+        assert np.array_equal(got, want)
+    for got, want in zip(run(set()), _run(source, x), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    q, _, _, out = run({SWITCH + "q"})  # Q/K/V in float, the MatMul reading q in int8
+    np.testing.assert_allclose(q, x @ weights["q"], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(out, _scheme(q, weights["out"]), rtol=1e-6, atol=1e-6)
