@@ -1,15 +1,19 @@
 """Models for measurements, built offline.
 
-- `minilm-topics`: the real all-MiniLM-L6-v2 fine-tuned into a 7-way topic classifier on a text
-  corpus. The labels are k-means clusters of the model's own sentence embeddings, so the classifier
-  learns real, semantic decision boundaries (a random head would not: its near-tied logits flip under
-  any rounding and say nothing about quantisation accuracy). A held-out part is written beside it.
+- `minilm-topics`: the real all-MiniLM-L6-v2 fine-tuned into a topic classifier (7 labels, or
+  `--labels K`) on a text corpus. The labels are k-means clusters of the model's own sentence
+  embeddings, so the classifier learns real, semantic decision boundaries (a random head would not:
+  its near-tied logits flip under any rounding and say nothing about quantisation accuracy).
+  `--seed` draws another clustering, split and training order: another fine-tuned model. The
+  training texts (train.txt, for calibration) and a held-out part (heldout.txt, never trained or
+  calibrated on) are written beside it.
 - `roberta-base-ynat`: a classifier the shape of klue/roberta-base (12 layers, 768 wide, 7 labels
   like YNAT) with random weights, for speed only.
 - `tiny-bert`: a 2-layer, 64-wide BERT classifier on a real 30k WordPiece tokenizer, random weights:
   a model that costs almost nothing, so what a serving bench measures is the server.
 
     python bench/models.py minilm-topics OUT --corpus ../shared/data/sentences.txt
+    python bench/models.py minilm-topics OUT --corpus ../shared/data/sentences.txt --labels 4 --seed 1
     python bench/models.py roberta-base-ynat OUT
     python bench/models.py tiny-bert OUT
 """
@@ -44,7 +48,9 @@ def _kmeans(vectors: np.ndarray, k: int, seed: int = 0, steps: int = 50) -> np.n
     return np.argmax(vectors @ centers.T, axis=1)
 
 
-def minilm_topics(out: Path, corpus: Path, epochs: int = 5, holdout: float = 0.3, seed: int = 0) -> None:
+def minilm_topics(
+    out: Path, corpus: Path, epochs: int = 5, holdout: float = 0.3, seed: int = 0, labels_count: int = len(YNAT)
+) -> None:
     import torch
     from sentence_transformers import SentenceTransformer
     from transformers import AutoTokenizer, BertForSequenceClassification
@@ -52,15 +58,17 @@ def minilm_topics(out: Path, corpus: Path, epochs: int = 5, holdout: float = 0.3
     device = "cuda" if torch.cuda.is_available() else "cpu"  # on a GPU machine this takes seconds
     texts = read_corpus(corpus)
     embeddings = SentenceTransformer(str(_minilm_dir()), device=device).encode(texts, normalize_embeddings=True)
-    labels = _kmeans(embeddings, len(YNAT), seed)
+    names = YNAT if labels_count == len(YNAT) else [f"topic-{i}" for i in range(labels_count)]
+    labels = _kmeans(embeddings, labels_count, seed)
     order = np.random.default_rng(seed).permutation(len(texts))
     cut = int(len(texts) * (1 - holdout))
     train, held = order[:cut], order[cut:]
 
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(_minilm_dir())
+    ids = dict(enumerate(names))
     model = BertForSequenceClassification.from_pretrained(
-        _minilm_dir(), num_labels=len(YNAT), id2label=dict(enumerate(YNAT)), label2id={n: i for i, n in enumerate(YNAT)}
+        _minilm_dir(), num_labels=len(names), id2label=ids, label2id={n: i for i, n in ids.items()}
     ).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1.5e-4)
     model.train()
@@ -79,8 +87,9 @@ def minilm_topics(out: Path, corpus: Path, epochs: int = 5, holdout: float = 0.3
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    (out / "train.txt").write_text("\n".join(texts[i] for i in train) + "\n", encoding="utf-8")
     (out / "heldout.txt").write_text("\n".join(texts[i] for i in held) + "\n", encoding="utf-8")
-    print(f"wrote {out} ({len(train)} training texts, {len(held)} held out in heldout.txt)")
+    print(f"wrote {out} ({len(train)} training texts in train.txt, {len(held)} held out in heldout.txt)")
 
 
 def roberta_base_ynat(out: Path, seed: int = 0) -> None:
@@ -123,15 +132,17 @@ def main() -> None:
     parser.add_argument("model", choices=["minilm-topics", "roberta-base-ynat", "tiny-bert"])
     parser.add_argument("out", type=Path)
     parser.add_argument("--corpus", type=Path, help="text file, one text a line (minilm-topics)")
+    parser.add_argument("--labels", type=int, default=len(YNAT), help="how many topics (minilm-topics)")
+    parser.add_argument("--seed", type=int, default=0, help="another draw of clusters, split and training")
     args = parser.parse_args()
     if args.model == "minilm-topics":
         if args.corpus is None:
             parser.error("minilm-topics needs --corpus")
-        minilm_topics(args.out, args.corpus)
+        minilm_topics(args.out, args.corpus, seed=args.seed, labels_count=args.labels)
     elif args.model == "tiny-bert":
-        tiny_bert(args.out)
+        tiny_bert(args.out, args.seed)
     else:
-        roberta_base_ynat(args.out)
+        roberta_base_ynat(args.out, args.seed)
 
 
 if __name__ == "__main__":

@@ -11,16 +11,11 @@ from typing import Any
 def machine() -> str:
     import os
 
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from kiln.runtime.cpu import cpu_name, int8_kernel
+
     return (
-        f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, Python {platform.python_version()}"
+        f"{cpu_name()} ({int8_kernel()} int8), {os.cpu_count()} cores, {platform.system()} {platform.machine()}, "
+        f"Python {platform.python_version()}"
     )
 
 

@@ -121,7 +121,7 @@ def _export(
 
     tolerance = tolerance_for(form.precision, options.min_agreement or 0.99)
     scorer = Scorer(raw_dir, draft, encoder, tuning) if tuning else None
-    model_path, info = lower_precision(form, fp32_path, work, scorer, tolerance, texts.calibration)
+    model_path, info = lower_precision(form, fp32_path, work, scorer, tolerance)
     stages.done("quantize", info.scheme if info else "kept fp32")
 
     package_dir = work / "package"

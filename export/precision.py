@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+from kiln.export.activation_peaks import activation_peaks
 from kiln.export.figures import Fidelity, Items, Tolerance, compare
 from kiln.export.gate import our_answers
 from kiln.export.items import Inputs, run_onnx
@@ -26,7 +27,7 @@ from kiln.runtime.session import SessionOptions, create_session
 from kiln.runtime.tasks import spec_for
 from kiln.runtime.tokenize import TextEncoder
 
-PROBE_TOKENS = 1024  # the calibration tokens each group is measured alone on: enough to rank
+PROBE_TOKENS = 512  # the calibration tokens each group is measured alone on: enough to rank
 # what the ladder aims for on the calibration items, as a share of the way from the target to a
 # perfect score: the worst of 64 calibration items flatters the worst of hundreds held out (all-MiniLM
 # reached cosine 0.992 on calibration items and 0.9885 held out), so aiming at the target itself fails
@@ -72,12 +73,16 @@ class Scorer:
         alone, batched = self._run(session, inputs, inputs.alone()), self._run(session, inputs, inputs.batches())
         return all(np.array_equal(a[k], b[k]) for a, b in zip(alone, batched, strict=True) for k in a)
 
+    def alone_feeds(self) -> list[dict[str, Any]]:
+        """Each calibration item as its own unpadded batch."""
+        return [self.encoder.pad([e]).feeds for e in self.tuning.inputs.encodings]
+
     def _run(self, session: Any, inputs: Inputs, groups: list[list[int]]) -> Items:
         return run_onnx(session, self.encoder, inputs, self.draft.outputs, groups)
 
 
 def lower_precision(
-    form: GraphForm, fp32_path: Path, work: Path, scorer: Scorer | None, tolerance: Tolerance, texts: list[str]
+    form: GraphForm, fp32_path: Path, work: Path, scorer: Scorer | None, tolerance: Tolerance
 ) -> tuple[Path, QuantInfo | None]:
     out = work / "lowered.onnx"
     if form.precision == "fp32":
@@ -86,13 +91,14 @@ def lower_precision(
         return out, convert_fp16(fp32_path, out, fused=form.fusions is not None)
     target = tolerance.min_cosine if scorer.task == "feature-extraction" else tolerance.min_agreement
     if form.precision == "int8-static":
-        return out, quantize_qdq(fp32_path, out, one_text_feeds(scorer.encoder, texts), scorer.evaluate, target)
+        return out, quantize_qdq(fp32_path, out, scorer.alone_feeds(), scorer.evaluate, target)
     heads = head_matmuls(fp32_path)  # the task head decides the answer directly and costs little: float
-    info = quantize_int8(fp32_path, out, heads)
+    peaks = activation_peaks(fp32_path, scorer.alone_feeds())
+    info = quantize_int8(fp32_path, out, heads, peaks)
     reached = scorer.evaluate(out).score
     aim = target + (1 - target) * AIM_SHARE
     if reached < aim:  # the projections that cost answers go back to float, most damaging first
-        info, reached = choose_float_groups(fp32_path, out, scorer, aim, heads)
+        info, reached = choose_float_groups(fp32_path, out, scorer, aim, heads, peaks)
     info.details.update(score_on_calibration_items=reached, aimed_at=aim)
     if info.quantized == 0:
         raise ParityError(
@@ -105,13 +111,13 @@ def lower_precision(
 
 
 def choose_float_groups(
-    fp32_path: Path, out: Path, scorer: Scorer, aim: float, always_float: list[str]
+    fp32_path: Path, out: Path, scorer: Scorer, aim: float, always_float: list[str], peaks: dict[str, np.ndarray]
 ) -> tuple[QuantInfo, float]:
     """Write to `out` kiln's int8 with the fewest groups of MatMuls (those reading one activation)
     in float that bring the calibration items to `aim`: ranked and sized in one switched session
     (kiln.export.sensitivity), then checked as served and widened while it falls short."""
     switched = out.with_name("switched.onnx")
-    quantize_rows(fp32_path, switched, set(always_float), switched=True)
+    quantize_rows(fp32_path, switched, set(always_float), switched=True, peaks=peaks)
     board = Switchboard(create_session(switched, SessionOptions()), {})
     board = replace(board, groups=switch_groups(board.session, _readers(fp32_path)))
     switched.unlink()
@@ -122,9 +128,8 @@ def choose_float_groups(
     ranked = rank_groups(board, lambda b: scorer.quick(b, PROBE_TOKENS), label)
     count = fewest_in_float(board, ranked, scorer.quick, aim)
     while True:
-        info = quantize_int8(
-            fp32_path, out, always_float + [m for t in ranked[:count] for m in board.groups[t["switch"]]]
-        )
+        kept = [m for t in ranked[:count] for m in board.groups[t["switch"]]]
+        info = quantize_int8(fp32_path, out, always_float + kept, peaks)
         reached = scorer.evaluate(out).score
         if reached >= aim or count == len(ranked):
             break
@@ -143,8 +148,3 @@ def _readers(path: Path) -> dict[str, list[str]]:
         if node.op_type == "MatMul":
             readers.setdefault(node.input[0], []).append(node.name)
     return readers
-
-
-def one_text_feeds(encoder: TextEncoder, texts: list[str]) -> list[dict[str, Any]]:
-    """Each calibration text as its own unpadded batch, for the calibration of explicit int8."""
-    return [encoder.pad([e]).feeds for e in encoder.tokenize(texts)]

@@ -11,8 +11,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from kiln.export.figures import Fidelity
-from kiln.export.rowwise_int8 import LEVELS, constant_matmuls, quantize_rows
+from kiln.export.rowwise_int8 import LEVELS, SMOOTHING_ALPHA, WEIGHT_LEVELS, constant_matmuls, quantize_rows
+from kiln.runtime.cpu import cpu_name, int8_kernel
 
 # overflow-prone or precision-critical ops that stay in float32 inside an fp16 graph
 FP16_KEEP_FLOAT = [
@@ -83,16 +85,28 @@ def layer_groups(nodes: list[str]) -> dict[str, list[str]]:
     return dict(groups)
 
 
-def quantize_int8(model_path: Path, out_path: Path, keep_float: list[str]) -> QuantInfo:
-    """kiln's int8 (kiln.export.rowwise_int8) on every MatMul but those kept in float."""
-    int8, floating = quantize_rows(model_path, out_path, set(keep_float))
+def quantize_int8(
+    model_path: Path, out_path: Path, keep_float: list[str], peaks: dict[str, np.ndarray] | None = None
+) -> QuantInfo:
+    """kiln's int8 (kiln.export.rowwise_int8) on every MatMul but those kept in float, smoothing
+    the uneven activations where calibration `peaks` are given."""
+    done = quantize_rows(model_path, out_path, set(keep_float), peaks=peaks)
+    smoothing = f", {len(done.smoothed)} inputs smoothed per channel" if done.smoothed else ""
     return QuantInfo(
         scheme=f"int8: per-row activations ({LEVELS} levels a side, scale computed per token at run time) x "
-        f"per-column int8 weights, exact int32 sums (MatMulIntegerToFloat) on {len(int8)} MatMuls; "
+        f"per-column int8 weights, exact int32 sums (MatMulIntegerToFloat) on {len(done.int8)} MatMuls{smoothing}; "
         "answers do not depend on batch-mates",
-        quantized=len(int8),
-        kept_float=floating,
-        details={"int8_matmuls": len(int8), "activation_levels": LEVELS, "calibrated": False},
+        quantized=len(done.int8),
+        kept_float=done.floating,
+        details={
+            "int8_matmuls": len(done.int8),
+            "activation_levels": LEVELS,
+            "weight_levels": WEIGHT_LEVELS,
+            "smoothed_inputs": len(done.smoothed),
+            "smoothing_alpha": SMOOTHING_ALPHA,
+            "calibrated": "smoothing factors per channel" if done.smoothed else False,
+            "measured_on": {"cpu": cpu_name(), "int8_kernel": int8_kernel()},  # levels exact on every kernel
+        },
     )
 
 

@@ -38,6 +38,7 @@ kernels, where the first form used eight (its Add of 0.5 and Cast now inside Qua
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -45,11 +46,13 @@ import numpy as np
 from kiln.runtime.errors import UnsupportedModel
 
 if TYPE_CHECKING:
-    from onnx import GraphProto, NodeProto, TensorProto
+    from onnx import GraphProto, NodeProto
 
 LEVELS = 127  # activation levels a side, zero point 128 (see the module docstring)
 WEIGHT_LEVELS = 63  # so that 255 * 63 * 2 fits int16: exact on every x86 kernel
 MIN_K = 16  # narrower MatMuls gain nothing from int8
+SMOOTHING_ALPHA = 0.5  # how much of a channel's outlier moves into the weight (see smoothing_factors)
+UNEVEN = 3.0  # channels are smoothed where the largest peak is over this many times the median
 SWITCH = "kiln_int8:"  # a switched graph's bool inputs: SWITCH + the activation its group reads
 
 
@@ -63,17 +66,33 @@ def constant_matmuls(graph: GraphProto) -> dict[str, tuple[int, int]]:
     }
 
 
+@dataclass
+class Rewrite:
+    """What quantize_rows did: MatMul names now in int8 and left in float, and the activations smoothed."""
+
+    int8: list[str]
+    floating: list[str]
+    smoothed: list[str] = field(default_factory=list)
+
+
 def quantize_rows(
-    model_path: Path, out_path: Path, keep_float: set[str], switched: bool = False
-) -> tuple[list[str], list[str]]:
-    """Rewrite every constant-weight MatMul not in keep_float (and at least MIN_K deep); returns
-    the names of the MatMuls now in int8 and of those left in float.
+    model_path: Path,
+    out_path: Path,
+    keep_float: set[str],
+    switched: bool = False,
+    peaks: dict[str, np.ndarray] | None = None,
+) -> Rewrite:
+    """Rewrite every constant-weight MatMul not in keep_float (and at least MIN_K deep).
+
+    `peaks` (an activation's largest |value| per channel on calibration text) smooths the
+    activations whose channels are uneven (see `smoothing_factors`).
 
     `switched` keeps both forms of each group of MatMuls that read one activation, chosen by a bool
     input named `SWITCH + activation` (int8 where true): one session then measures any mix of int8
     and float groups, which is how the export finds what to keep in float in seconds.
     """
     import onnx
+    from onnx import numpy_helper
 
     model = onnx.load(str(model_path))
     graph = model.graph
@@ -89,10 +108,15 @@ def quantize_rows(
         raise UnsupportedModel(f"kiln's int8 needs ONNX opset 13 or newer (--opset; this graph: {opset})")
     before: dict[str, list[NodeProto]] = defaultdict(list)  # new nodes, keyed by the MatMul they go in front of
     after: dict[str, list[NodeProto]] = defaultdict(list)
+    smoothed = []
     for index, (activation, matmuls) in enumerate(readers.items()):
         prefix = f"kiln_rows_{index}"
-        made = _quantize_activation(graph, activation, prefix, opset)
-        made += _integer_matmuls(graph, matmuls, [weights[m.input[1]] for m in matmuls], prefix)
+        columns = [numpy_helper.to_array(weights[m.input[1]]).astype(np.float32) for m in matmuls]
+        factors = smoothing_factors((peaks or {}).get(activation), np.concatenate(columns, axis=1))
+        if factors is not None:
+            smoothed.append(activation)
+        made = _quantize_activation(graph, activation, prefix, opset, factors)
+        made += _integer_matmuls(graph, matmuls, columns, prefix, factors)
         before[matmuls[0].name] += made
         if switched:
             after.update(_switch(graph, matmuls, made, SWITCH + activation))
@@ -111,11 +135,31 @@ def quantize_rows(
     if not any(op.domain == "com.microsoft" for op in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     onnx.save(model, str(out_path))
-    return sorted(chosen), sorted(set(weighted) - chosen)
+    return Rewrite(sorted(chosen), sorted(set(weighted) - chosen), smoothed)
 
 
-def _quantize_activation(graph: GraphProto, activation: str, prefix: str, opset: int) -> list[NodeProto]:
-    """Nodes that turn the float activation into `{prefix}.q` (uint8) and its row scale `{prefix}.scale`."""
+def smoothing_factors(peaks: np.ndarray | None, weight: np.ndarray) -> np.ndarray | None:
+    """Per-channel factors s that move an activation's outlier channels into the weight
+    (x / s times s * W is the same product), or None where the channels are even enough.
+
+    A row's int8 scale is set by its largest value; after LayerNorm and GELU a few channels run
+    10-24x the median on every token (all-MiniLM-L6-v2), so the rest of the row gets a few levels.
+    s = peak^ALPHA / weight_row_peak^(1 - ALPHA) (SmoothQuant's rule, at its default 0.5) evens them
+    out. The per-row scale is still computed at run time, so a row's answer still ignores its
+    batch-mates; only the per-channel factors come from calibration text.
+    """
+    if peaks is None or peaks.max() < UNEVEN * np.median(peaks):
+        return None
+    rows = np.abs(weight).max(axis=1)
+    factors = np.maximum(peaks, 1e-5) ** SMOOTHING_ALPHA / np.maximum(rows, 1e-5) ** (1 - SMOOTHING_ALPHA)
+    return np.clip(factors, 1e-2, 1e2).astype(np.float32)
+
+
+def _quantize_activation(
+    graph: GraphProto, activation: str, prefix: str, opset: int, factors: np.ndarray | None
+) -> list[NodeProto]:
+    """Nodes that turn the float activation (divided by the smoothing factors, if any) into
+    `{prefix}.q` (uint8) and its row scale `{prefix}.scale`."""
     from onnx import helper
 
     last_axis: tuple[list[str], dict] = ([], {"axes": [-1]})  # ReduceMax takes its axes as an input from opset 18
@@ -131,7 +175,12 @@ def _quantize_activation(graph: GraphProto, activation: str, prefix: str, opset:
             f"{prefix}.one": np.float32(1.0),
         },
     )
-    made = [
+    made = []
+    if factors is not None:
+        _constants(graph, {f"{prefix}.unsmooth": 1 / factors})
+        made.append(("Mul", [activation, f"{prefix}.unsmooth"], "smoothed", {}))
+        activation = f"{prefix}.smoothed"
+    made += [
         ("Abs", [activation], "abs", {}),
         ("ReduceMax", [f"{prefix}.abs", *last_axis[0]], "peak", {**last_axis[1], "keepdims": 1}),
         ("Mul", [f"{prefix}.peak", f"{prefix}.per_level"], "exact_scale", {}),
@@ -146,14 +195,16 @@ def _quantize_activation(graph: GraphProto, activation: str, prefix: str, opset:
 
 
 def _integer_matmuls(
-    graph: GraphProto, matmuls: list[NodeProto], weights: list[TensorProto], prefix: str
+    graph: GraphProto, matmuls: list[NodeProto], columns: list[np.ndarray], prefix: str, factors: np.ndarray | None
 ) -> list[NodeProto]:
     """One MatMulIntegerToFloat on the quantised activation for all the MatMuls that read it (their
-    weights side by side), the row scale, then a Split into each MatMul's output."""
-    from onnx import helper, numpy_helper
+    weights side by side, rows times the smoothing factors), the row scale, then a Split into each
+    MatMul's output."""
+    from onnx import helper
 
-    columns = [numpy_helper.to_array(w).astype(np.float32) for w in weights]
     w = np.concatenate(columns, axis=1)
+    if factors is not None:
+        w = w * factors[:, None]
     column_scale = (np.maximum(np.abs(w).max(axis=0), 1e-12) / WEIGHT_LEVELS).astype(np.float32)
     w8 = np.clip(np.round(w / column_scale), -WEIGHT_LEVELS, WEIGHT_LEVELS).astype(np.int8)
     name = f"{matmuls[0].name}.int8"

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from kiln.export.rowwise_int8 import LEVELS, SWITCH, WEIGHT_LEVELS, quantize_rows
+from kiln.export.rowwise_int8 import LEVELS, SWITCH, WEIGHT_LEVELS, Rewrite, quantize_rows, smoothing_factors
 from kiln.runtime.errors import UnsupportedModel
 from onnx import TensorProto, helper, numpy_helper
 
@@ -52,7 +52,7 @@ def test_the_graph_computes_the_per_row_scheme(tmp_path):
     x = rng.normal(size=(2, 5, K)).astype(np.float32)
     x[0, 1, 7] = 40.0  # an outlier widens its own row's scale, no other row's
     quantized = tmp_path / "int8.onnx"
-    assert quantize_rows(_graph(tmp_path, {"proj": w}, {"proj": "x"}), quantized, set()) == (["proj"], [])
+    assert quantize_rows(_graph(tmp_path, {"proj": w}, {"proj": "x"}), quantized, set()) == Rewrite(["proj"], [])
     (got,) = _run(quantized, x)
     np.testing.assert_allclose(got, _scheme(x, w), rtol=1e-6, atol=1e-6)
     error = np.abs(got - x @ w) / np.abs(x @ w).max(axis=-1, keepdims=True)
@@ -94,7 +94,7 @@ def test_readers_of_one_activation_share_its_quantisation_and_one_gemm_and_kept_
     weights = {name: rng.normal(size=(K, K)).astype(np.float32) for name in ("q", "k", "v", "head")}
     reads = {"q": "x", "k": "x", "v": "x", "head": "q"}
     quantized = tmp_path / "int8.onnx"
-    assert quantize_rows(_graph(tmp_path, weights, reads), quantized, {"head"}) == (["k", "q", "v"], ["head"])
+    assert quantize_rows(_graph(tmp_path, weights, reads), quantized, {"head"}) == Rewrite(["k", "q", "v"], ["head"])
     ops = Counter(node.op_type for node in onnx.load(str(quantized)).graph.node)
     assert ops["Abs"] == 1 and ops["MatMulIntegerToFloat"] == 1 and ops["Split"] == 1 and ops["MatMul"] == 1
     x = rng.normal(size=(1, 4, K)).astype(np.float32)
@@ -134,7 +134,7 @@ def test_too_narrow_matmuls_stay_float(tmp_path, depth):
     model.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.ones((depth, N), np.float32), "proj.w"))
     model.graph.input[0].type.tensor_type.shape.dim[2].dim_value = depth
     onnx.save(model, str(source))
-    assert quantize_rows(source, quantized, set()) == ([], ["proj"])
+    assert quantize_rows(source, quantized, set()) == Rewrite([], ["proj"])
 
 
 def test_a_switched_graph_runs_each_group_in_int8_or_float_as_its_input_says(tmp_path):
@@ -161,3 +161,22 @@ def test_a_switched_graph_runs_each_group_in_int8_or_float_as_its_input_says(tmp
     q, _, _, out = run({SWITCH + "q"})  # Q/K/V in float, the MatMul reading q in int8
     np.testing.assert_allclose(q, x @ weights["q"], rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(out, _scheme(q, weights["out"]), rtol=1e-6, atol=1e-6)
+
+
+def test_an_outlier_channel_is_smoothed_into_the_weight(tmp_path):
+    """A channel that runs 40x the rest on every token (as after LayerNorm) would leave the others a
+    few levels; calibration peaks move it into the weight (x / s times s * W), and the error drops."""
+    rng = np.random.default_rng(5)
+    w = rng.normal(size=(K, N)).astype(np.float32)
+    x = rng.normal(size=(1, 32, K)).astype(np.float32)
+    x[..., 7] *= 40.0
+    peaks = np.abs(x).reshape(-1, K).max(axis=0)
+    assert smoothing_factors(np.ones(K, np.float32), w) is None  # even channels stay as they are
+    factors = smoothing_factors(peaks, w)
+    source, plain, smoothed = _graph(tmp_path, {"proj": w}, {"proj": "x"}), tmp_path / "a.onnx", tmp_path / "b.onnx"
+    quantize_rows(source, plain, set())
+    assert quantize_rows(source, smoothed, set(), peaks={"x": peaks}).smoothed == ["x"]
+    (got,) = _run(smoothed, x)
+    np.testing.assert_allclose(got, _scheme(x * (1 / factors), w * factors[:, None]), rtol=1e-5, atol=1e-5)
+    error = {name: np.abs(_run(path, x)[0] - x @ w).mean() for name, path in (("plain", plain), ("smoothed", smoothed))}
+    assert error["smoothed"] < error["plain"] / 2
