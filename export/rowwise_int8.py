@@ -2,9 +2,9 @@
 
 Each MatMul with a constant weight becomes
 
-    s   = max|x| over the row / 127                (one scale per token, computed at run time)
-    q   = QuantizeLinear(x / s, 1, 128)            (round half to even, zero point 128: q - 128 in [-127, 127])
-    y   = MatMulIntegerToFloat(q, W8, 1, w_scale, 128) * s
+    p   = max|x| over the row                      (the scale, p / 127, is per token, computed at run time)
+    q   = QuantizeLinear(x / p, 1/127, 128)        (round half to even, zero point 128: q - 128 in [-127, 127])
+    y   = MatMulIntegerToFloat(q, W8, 1, w_scale / 127, 128) * p
 
 with W8 the weight in symmetric int8 (63 levels a side), one scale per output column. A row's scale
 is its own, the integer products are summed in int32 (exact, so the kernel's tiling and summation
@@ -30,9 +30,13 @@ Each step is one onnxruntime kernel, and on a text at a time the kernels' fixed 
 passes over memory, is what the quantiser costs (measured on all-MiniLM-L6-v2, alternating rounds,
 one text a call: replacing the scale computation with a constant saves 11% of the run, dropping the
 row-scale Mul another 8%). So the form is the fewest standard kernels: Abs and ReduceMax for the
-peak, a Mul and an Add (of 1e-30, so an all-zero row quantises to zeros, not NaN) for the scale, a
-Div and QuantizeLinear's own round-and-saturate (per-tensor scale 1, zero point 128) for q: six
-kernels, where the first form used eight (its Add of 0.5 and Cast now inside QuantizeLinear).
+peak, an Add (of 1e-30, so an all-zero row quantises to zeros, not NaN), a Div by the peak and
+QuantizeLinear's own scale-round-and-saturate (per-tensor scale 1/127, zero point 128) for q, the
+1/127 folded into the weight's column scales for the way back: five kernels, where the first form
+used eight (its Mul by 1/127, Add of 0.5 and Cast now inside QuantizeLinear and the weight scales).
+QuantizeLinear with a per-row scale (blocked, opset 21) would save the Div, but it gives uint8 only
+with a zero-point tensor of the scale's run-time shape, and int8 activations run onnxruntime's
+generic s8 x s8 GEMM on x86 (10x slower, measured).
 """
 
 from __future__ import annotations
@@ -159,7 +163,8 @@ def _quantize_activation(
     graph: GraphProto, activation: str, prefix: str, opset: int, factors: np.ndarray | None
 ) -> list[NodeProto]:
     """Nodes that turn the float activation (divided by the smoothing factors, if any) into
-    `{prefix}.q` (uint8) and its row scale `{prefix}.scale`."""
+    `{prefix}.q` (uint8) and its row peak `{prefix}.scale` (the 1/127 of the true scale is applied by
+    QuantizeLinear here and by the weight's column scales, which saves a kernel)."""
     from onnx import helper
 
     last_axis: tuple[list[str], dict] = ([], {"axes": [-1]})  # ReduceMax takes its axes as an input from opset 18
@@ -169,7 +174,7 @@ def _quantize_activation(
         graph,
         {
             f"{prefix}.last_axis": np.array([-1], dtype=np.int64),
-            f"{prefix}.per_level": np.float32(1 / LEVELS),
+            f"{prefix}.per_level": np.float32(1 / LEVELS),  # QuantizeLinear's scale: x / peak * 127
             f"{prefix}.tiny": np.float32(1e-30),  # an all-zero row quantises to zeros, not NaN
             f"{prefix}.zero_point": np.uint8(LEVELS + 1),  # 128
             f"{prefix}.one": np.float32(1.0),
@@ -183,10 +188,9 @@ def _quantize_activation(
     made += [
         ("Abs", [activation], "abs", {}),
         ("ReduceMax", [f"{prefix}.abs", *last_axis[0]], "peak", {**last_axis[1], "keepdims": 1}),
-        ("Mul", [f"{prefix}.peak", f"{prefix}.per_level"], "exact_scale", {}),
-        ("Add", [f"{prefix}.exact_scale", f"{prefix}.tiny"], "scale", {}),
-        ("Div", [activation, f"{prefix}.scale"], "levels", {}),  # in [-127, 127]
-        ("QuantizeLinear", [f"{prefix}.levels", f"{prefix}.one", f"{prefix}.zero_point"], "q", {}),
+        ("Add", [f"{prefix}.peak", f"{prefix}.tiny"], "scale", {}),
+        ("Div", [activation, f"{prefix}.scale"], "unit", {}),  # in [-1, 1]
+        ("QuantizeLinear", [f"{prefix}.unit", f"{prefix}.per_level", f"{prefix}.zero_point"], "q", {}),
     ]
     return [
         helper.make_node(op, inputs, [f"{prefix}.{out}"], name=f"{prefix}.{out}", **attrs)
@@ -208,7 +212,7 @@ def _integer_matmuls(
     column_scale = (np.maximum(np.abs(w).max(axis=0), 1e-12) / WEIGHT_LEVELS).astype(np.float32)
     w8 = np.clip(np.round(w / column_scale), -WEIGHT_LEVELS, WEIGHT_LEVELS).astype(np.int8)
     name = f"{matmuls[0].name}.int8"
-    _constants(graph, {f"{name}.weight": w8, f"{name}.weight_scale": column_scale})
+    _constants(graph, {f"{name}.weight": w8, f"{name}.weight_scale": column_scale / np.float32(LEVELS)})
     scaled = matmuls[0].output[0] if len(matmuls) == 1 else f"{name}.packed"
     nodes = [
         helper.make_node(

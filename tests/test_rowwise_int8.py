@@ -39,11 +39,11 @@ def _run(path: Path, x: np.ndarray) -> list[np.ndarray]:
 
 def _scheme(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """The scheme in numpy: per-row activation scale, per-column weight scale, exact integer sums."""
-    scale = np.abs(x).max(axis=-1, keepdims=True) * np.float32(1 / LEVELS) + np.float32(1e-30)
-    q = np.round(x / scale).astype(np.int32)  # numpy rounds half to even, as QuantizeLinear does
+    peak = np.abs(x).max(axis=-1, keepdims=True) + np.float32(1e-30)
+    q = np.round(x / peak / np.float32(1 / LEVELS)).astype(np.int32)  # numpy rounds half to even, as QuantizeLinear
     column = (np.abs(w).max(axis=0) / WEIGHT_LEVELS).astype(np.float32)
     w8 = np.clip(np.round(w / column), -WEIGHT_LEVELS, WEIGHT_LEVELS).astype(np.int32)
-    return (q @ w8).astype(np.float32) * column * scale
+    return (q @ w8).astype(np.float32) * (column / np.float32(LEVELS)) * peak
 
 
 def test_the_graph_computes_the_per_row_scheme(tmp_path):
