@@ -15,7 +15,7 @@ from kiln.export.gate import our_answers
 from kiln.export.items import Inputs, run_onnx
 from kiln.export.original import Reference
 from kiln.export.qdq import quantize_qdq
-from kiln.export.quantize import QuantInfo, convert_fp16, head_matmuls, layer_of, quantize_int8
+from kiln.export.quantize import QuantInfo, convert_fp16, head_matmuls, layer_of, matmul_weights, quantize_int8
 from kiln.export.rowwise_int8 import SWITCH, quantize_rows
 from kiln.export.sensitivity import Switchboard, fewest_in_float, rank_groups, switch_groups
 from kiln.export.targets import GraphForm
@@ -27,7 +27,10 @@ from kiln.runtime.session import SessionOptions, create_session
 from kiln.runtime.tasks import spec_for
 from kiln.runtime.tokenize import TextEncoder
 
-PROBE_TOKENS = 512  # the calibration tokens each group is measured alone on: enough to rank
+# the calibration tokens each group is measured alone on, at all-MiniLM-L6-v2's size (10.6M weights in
+# its MatMuls): enough to rank there; a larger model gets proportionally fewer, down to PROBE_MIN_TOKENS,
+# so the ladder's time grows with its number of groups, not with their size too
+PROBE_TOKENS, PROBE_WEIGHTS, PROBE_MIN_TOKENS = 1024, 10.6e6, 128
 # what the ladder aims for on the calibration items, as a share of the way from the target to a
 # perfect score: the worst of 64 calibration items flatters the worst of hundreds held out (all-MiniLM
 # reached cosine 0.992 on calibration items and 0.9885 held out), so aiming at the target itself fails
@@ -118,14 +121,16 @@ def choose_float_groups(
     (kiln.export.sensitivity), then checked as served and widened while it falls short."""
     switched = out.with_name("switched.onnx")
     quantize_rows(fp32_path, switched, set(always_float), switched=True, peaks=peaks)
-    board = Switchboard(create_session(switched, SessionOptions()), {})
-    board = replace(board, groups=switch_groups(board.session, _readers(fp32_path)))
+    session = create_session(switched, SessionOptions())
+    board = Switchboard(session, switch_groups(session, _readers(fp32_path)))
     switched.unlink()
 
     def label(group: str) -> str:
         return f"{layer_of(board.groups[group][0]) or 'head'} <- {group.removeprefix(SWITCH)}"
 
-    ranked = rank_groups(board, lambda b: scorer.quick(b, PROBE_TOKENS), label)
+    weights = sum(k * n for k, n in matmul_weights(fp32_path).values())
+    tokens = int(np.clip(PROBE_TOKENS * PROBE_WEIGHTS / weights, PROBE_MIN_TOKENS, PROBE_TOKENS))
+    ranked = rank_groups(board, lambda b: scorer.quick(b, tokens), label)
     count = fewest_in_float(board, ranked, scorer.quick, aim)
     while True:
         kept = [m for t in ranked[:count] for m in board.groups[t["switch"]]]
