@@ -125,6 +125,14 @@ def choose_float_groups(
     board = Switchboard(session, switch_groups(session, _readers(fp32_path)))
     switched.unlink()
 
+    floor = scorer.quick(board.with_int8(set())).score
+    if floor < aim:  # the answers are near ties that even float rounding moves: no int8 can do better
+        raise ParityError(
+            f"int8 cannot reach {aim:.4f} on the calibration items: the float graph itself scores {floor:.4f} there "
+            "(answers in near ties); export fp32 (--quantize none) or lower --min-agreement",
+            {"quantization": {"float_score_on_calibration_items": floor, "aimed_at": aim}},
+        )
+
     def label(group: str) -> str:
         return f"{layer_of(board.groups[group][0]) or 'head'} <- {group.removeprefix(SWITCH)}"
 
