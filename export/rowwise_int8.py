@@ -124,11 +124,17 @@ def quantize_rows(
         before[matmuls[0].name] += made
         if switched:
             after.update(_switch(graph, matmuls, made, SWITCH + activation))
+    replaced = set() if switched else set(chosen)
+    if not switched:  # float MatMuls that share an input (Q/K/V kept in float) become one GEMM too
+        for matmuls in _shared_readers(graph, {n for n, (k, _) in weighted.items() if k >= MIN_K} - chosen):
+            columns = [numpy_helper.to_array(weights[m.input[1]]).astype(np.float32) for m in matmuls]
+            before[matmuls[0].name] += _packed_float(graph, matmuls, columns)
+            replaced |= {m.name for m in matmuls}
     nodes = [
         new
         for node in graph.node
         for new in (*before[node.name], node, *after[node.name])
-        if switched or not (new.op_type == "MatMul" and new.name in chosen)
+        if not (new.op_type == "MatMul" and new.name in replaced)
     ]
     del graph.node[:]
     graph.node.extend(nodes)
@@ -232,6 +238,32 @@ def _integer_matmuls(
             )
         )
     return nodes
+
+
+def _shared_readers(graph: GraphProto, names: set[str]) -> list[list[NodeProto]]:
+    """The MatMuls among `names` that read one activation with another, grouped by it."""
+    readers: dict[str, list[NodeProto]] = defaultdict(list)
+    for node in graph.node:
+        if node.name in names:
+            readers[node.input[0]].append(node)
+    return [matmuls for matmuls in readers.values() if len(matmuls) > 1]
+
+
+def _packed_float(graph: GraphProto, matmuls: list[NodeProto], columns: list[np.ndarray]) -> list[NodeProto]:
+    """One float MatMul on the weights side by side, split into each MatMul's output: a layer's Q, K
+    and V kept in float run as one GEMM, as the fp32 graph's fused Attention runs them (three small
+    GEMMs made a graph with most groups in float slower than the fp32 package)."""
+    from onnx import helper
+
+    name = f"{matmuls[0].name}.packed"
+    widths = np.array([c.shape[1] for c in columns], dtype=np.int64)
+    _constants(graph, {f"{name}.weight": np.concatenate(columns, axis=1), f"{name}.widths": widths})
+    return [
+        helper.make_node("MatMul", [matmuls[0].input[0], f"{name}.weight"], [f"{name}.out"], name=f"{name}.matmul"),
+        helper.make_node(
+            "Split", [f"{name}.out", f"{name}.widths"], [m.output[0] for m in matmuls], name=f"{name}.split", axis=-1
+        ),
+    ]
 
 
 def _switch(

@@ -180,3 +180,17 @@ def test_an_outlier_channel_is_smoothed_into_the_weight(tmp_path):
     np.testing.assert_allclose(got, _scheme(x * (1 / factors), w * factors[:, None]), rtol=1e-5, atol=1e-5)
     error = {name: np.abs(_run(path, x)[0] - x @ w).mean() for name, path in (("plain", plain), ("smoothed", smoothed))}
     assert error["smoothed"] < error["plain"] / 2
+
+
+def test_float_matmuls_that_share_an_input_run_as_one_gemm(tmp_path):
+    """Q, K and V kept in float become one MatMul and a Split, as the fp32 graph's fused Attention."""
+    rng = np.random.default_rng(6)
+    weights = {name: rng.normal(size=(K, K)).astype(np.float32) for name in ("q", "k", "v", "out")}
+    source = _graph(tmp_path, weights, {"q": "x", "k": "x", "v": "x", "out": "q"})
+    rewritten = tmp_path / "int8.onnx"
+    assert quantize_rows(source, rewritten, {"q", "k", "v"}) == Rewrite(["out"], ["k", "q", "v"])
+    ops = Counter(node.op_type for node in onnx.load(str(rewritten)).graph.node)
+    assert ops["MatMul"] == 1 and ops["Split"] == 1 and ops["MatMulIntegerToFloat"] == 1
+    x = rng.normal(size=(2, 3, K)).astype(np.float32)
+    for got, want in zip(_run(rewritten, x)[:3], _run(source, x)[:3], strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
