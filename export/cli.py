@@ -88,6 +88,11 @@ def summary(result: ExportResult) -> str:
     kept = manifest.quantization.get("kept_float")
     if kept:
         lines.append(f"  kept in float for accuracy: {len(kept)} MatMuls")
+        if len(kept) > manifest.quantization.get("int8_matmuls", len(kept)):
+            lines.append(
+                "  note: most MatMuls stayed in float, so this package may be no faster than fp32; calibration text "
+                "like the model's traffic (--calibration FILE) lets int8 keep fewer in float"
+            )
     return "\n".join(lines)
 
 

@@ -148,3 +148,19 @@ def test_the_gate_validates_on_text_it_did_not_calibrate_on(tiny_model, tmp_path
         "validation_source": f"{b} (its texts not calibrated on)",
     }
     assert parity["items"] == 20 and parity["batched"]["agreement_lower_95"] < parity["batched"]["agreement"]
+
+
+def test_the_summary_says_when_int8_kept_most_matmuls_in_float(exported):
+    """An int8 package whose ladder returned most MatMuls to float may be no faster than fp32: say so."""
+    from dataclasses import replace
+
+    from kiln.export.build import ExportResult
+    from kiln.export.cli import summary
+
+    package = exported("bert", "text-classification", "int8")
+    manifest = read_manifest(package)
+    sizes = {"fp32_onnx": 1, "package_model": 1}
+    assert "no faster than fp32" not in summary(ExportResult(package, manifest, sizes))
+    mostly_float = {**manifest.quantization, "int8_matmuls": 1, "kept_float": ["a", "b", "c"]}
+    text = summary(ExportResult(package, replace(manifest, quantization=mostly_float), sizes))
+    assert "kept in float for accuracy: 3 MatMuls" in text and "--calibration FILE" in text
