@@ -17,7 +17,7 @@ from kiln.export.original import Reference
 from kiln.export.qdq import quantize_qdq
 from kiln.export.quantize import QuantInfo, convert_fp16, head_matmuls, layer_of, matmul_weights, quantize_int8
 from kiln.export.rowwise_int8 import SWITCH, quantize_rows
-from kiln.export.sensitivity import Switchboard, fewest_in_float, rank_groups, switch_groups
+from kiln.export.sensitivity import Switchboard, back_to_int8, fewest_in_float, rank_groups, switch_groups
 from kiln.export.targets import GraphForm
 from kiln.export.task_exports import EXPORTS
 from kiln.runtime.errors import ParityError
@@ -30,7 +30,7 @@ from kiln.runtime.tokenize import TextEncoder
 # the calibration tokens each group is measured alone on, at all-MiniLM-L6-v2's size (10.6M weights in
 # its MatMuls): enough to rank there; a larger model gets proportionally fewer, down to PROBE_MIN_TOKENS,
 # so the ladder's time grows with its number of groups, not with their size too
-PROBE_TOKENS, PROBE_WEIGHTS, PROBE_MIN_TOKENS = 1024, 10.6e6, 128
+PROBE_TOKENS, PROBE_WEIGHTS, PROBE_MIN_TOKENS = 512, 10.6e6, 128
 # what the ladder aims for on the calibration items, as a share of the way from the target to a
 # perfect score: the worst of 64 calibration items flatters the worst of hundreds held out (all-MiniLM
 # reached cosine 0.992 on calibration items and 0.9885 held out), so aiming at the target itself fails
@@ -140,16 +140,17 @@ def choose_float_groups(
     tokens = int(np.clip(PROBE_TOKENS * PROBE_WEIGHTS / weights, PROBE_MIN_TOKENS, PROBE_TOKENS))
     ranked = rank_groups(board, lambda b: scorer.quick(b, tokens), label)
     count = fewest_in_float(board, ranked, scorer.quick, aim)
-    while True:
-        kept = [m for t in ranked[:count] for m in board.groups[t["switch"]]]
+    floating = back_to_int8(board, ranked, count, scorer.quick, aim)
+    more = iter(t["switch"] for t in ranked if t["switch"] not in floating)
+    while True:  # checked as served: widened, most damaging first, while it falls short
+        kept = [m for group in floating for m in board.groups[group]]
         info = quantize_int8(fp32_path, out, always_float + kept, peaks)
         reached = scorer.evaluate(out).score
-        if reached >= aim or count == len(ranked):
+        if reached >= aim or len(floating) == len(ranked):
             break
-        count += 1
-    for index, trial in enumerate(ranked):
-        trial["kept_in_float"] = index < count
-        del trial["switch"]
+        floating.add(next(more))
+    for trial in ranked:
+        trial["kept_in_float"] = trial.pop("switch") in floating
     info.details["sensitivity"] = ranked
     return info, reached
 

@@ -69,3 +69,17 @@ def fewest_in_float(board: Switchboard, ranked: list[dict[str, Any]], score: Mea
         else:
             low = middle
     return high
+
+
+def back_to_int8(board: Switchboard, ranked: list[dict[str, Any]], count: int, score: Measure, aim: float) -> set[str]:
+    """The groups to keep in float: the bisection's `count` most damaging, less each one (least
+    damaging first) that the calibration items still reach `aim` without. Ranked alone, groups do
+    not add up exactly, so a prefix by rank keeps some in float that the others make unnecessary."""
+    floating = [t["switch"] for t in ranked[:count]]
+    for trial in reversed(ranked[: count - 1]):  # the last of the prefix was just measured as needed
+        trying = set(floating) - {trial["switch"]}
+        reached = score(board.with_int8(set(board.groups) - trying)).score
+        trial["score_without_it_in_float"] = reached
+        if reached >= aim:
+            floating.remove(trial["switch"])
+    return set(floating)

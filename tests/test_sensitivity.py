@@ -7,7 +7,7 @@ import numpy as np
 import onnxruntime as ort
 from kiln.export.figures import Fidelity
 from kiln.export.rowwise_int8 import SWITCH, quantize_rows
-from kiln.export.sensitivity import Switchboard, fewest_in_float, rank_groups, switch_groups
+from kiln.export.sensitivity import Switchboard, back_to_int8, fewest_in_float, rank_groups, switch_groups
 
 from tests.test_rowwise_int8 import K, _graph
 
@@ -45,3 +45,8 @@ def test_the_group_reading_an_outlier_channel_ranks_first_and_goes_back_to_float
     assert everything < without_b < 1.0
     assert fewest_in_float(board, ranked, measure, aim=without_b) == 1
     assert fewest_in_float(board, ranked, measure, aim=1.0) == 3  # every group in float: the original graph
+    # a prefix by rank that keeps more in float than needed gives back what the aim does not need
+    # (the prefix's last group is the one the bisection measured as needed, so it is not retried)
+    kept = back_to_int8(board, ranked, 3, measure, aim=without_b)
+    assert kept == {SWITCH + "a", ranked[2]["switch"]}
+    assert ranked[1]["score_without_it_in_float"] >= without_b
