@@ -160,10 +160,17 @@ def timings(model: str, protocol: str, levels: list[PerfAnalyzerRun]) -> list[di
 
 
 def bench_with_perf_analyzer(
-    url: str, http: str | None, model: str, texts: list[str], concurrency: list[int], progress: Any
+    url: str,
+    http: str | None,
+    model: str,
+    texts: list[str],
+    concurrency: list[int],
+    progress: Any,
+    quick: bool = False,
 ) -> dict[str, Any]:
     """`kiln bench serve --url --perf-analyzer`: the concurrency sweep through perf_analyzer, over
-    gRPC and (given --http-url) REST; a generator streams over gRPC only, as Triton's does."""
+    gRPC and (given --http-url) REST; a generator streams over gRPC only, as Triton's does.
+    `quick`: see `run` (tests: perf_analyzer's 10% stability rule is not met on a noisy machine)."""
     why = unusable()
     if why:
         raise SystemExit(why)
@@ -179,7 +186,7 @@ def bench_with_perf_analyzer(
         levels = []
         for level in concurrency:
             progress(f"perf_analyzer: {protocol}, {level} concurrent clients")
-            levels.append(run(address, model, level, protocol, data, streaming=generator))
+            levels.append(run(address, model, level, protocol, data, streaming=generator, quick=quick))
         rows += timings(model, protocol, levels)
     return {"task": f"{target.task} at {url}", "texts": len(texts), "timings": rows, "checks": {}}
 
