@@ -117,8 +117,8 @@ def choose_float_groups(
     fp32_path: Path, out: Path, scorer: Scorer, aim: float, always_float: list[str], peaks: dict[str, np.ndarray]
 ) -> tuple[QuantInfo, float]:
     """Write to `out` kiln's int8 with the fewest groups of MatMuls (those reading one activation)
-    in float that bring the calibration items to `aim`: ranked and sized in one switched session
-    (kiln.export.sensitivity), then checked as served and widened while it falls short."""
+    in float that bring the calibration items to `aim`: ranked, sized and pared in one switched
+    session (kiln.export.sensitivity), then checked as served and widened while it falls short."""
     switched = out.with_name("switched.onnx")
     quantize_rows(fp32_path, switched, set(always_float), switched=True, peaks=peaks)
     session = create_session(switched, SessionOptions())
