@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from kiln.export.rowwise_int8 import MIN_K, constant_matmuls
+from kiln.export.rowwise_int8 import eligible_matmuls, readers_by_input
 
 
 def activation_peaks(model_path: Path, feeds: list[dict[str, Any]]) -> dict[str, np.ndarray]:
@@ -17,10 +17,8 @@ def activation_peaks(model_path: Path, feeds: list[dict[str, Any]]) -> dict[str,
     import onnxruntime as ort
 
     model = onnx.load(str(model_path))
-    weighted = constant_matmuls(model.graph)
-    read = {node.input[0] for node in model.graph.node if weighted.get(node.name, (0, 0))[0] >= MIN_K}
+    names = sorted(readers_by_input(model.graph, eligible_matmuls(model.graph)))
     outputs = {o.name for o in model.graph.output}
-    names = sorted(read)
     model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in outputs)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     peaks: dict[str, np.ndarray] = {}

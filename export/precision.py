@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 from kiln.export.activation_peaks import activation_peaks
 from kiln.export.figures import Fidelity, Items, Tolerance, compare
 from kiln.export.gate import our_answers
@@ -17,7 +16,7 @@ from kiln.export.original import Reference
 from kiln.export.qdq import quantize_qdq
 from kiln.export.quantize import QuantInfo, convert_fp16, head_matmuls, layer_of, matmul_weights, quantize_int8
 from kiln.export.rowwise_int8 import SWITCH, quantize_rows
-from kiln.export.sensitivity import Switchboard, back_to_int8, fewest_in_float, rank_groups, switch_groups
+from kiln.export.sensitivity import Switchboard, back_to_int8, fewest_in_float, rank_groups
 from kiln.export.targets import GraphForm
 from kiln.export.task_exports import EXPORTS
 from kiln.runtime.errors import ParityError
@@ -120,9 +119,8 @@ def choose_float_groups(
     in float that bring the calibration items to `aim`: ranked, sized and pared in one switched
     session (kiln.export.sensitivity), then checked as served and widened while it falls short."""
     switched = out.with_name("switched.onnx")
-    quantize_rows(fp32_path, switched, set(always_float), switched=True, peaks=peaks)
-    session = create_session(switched, SessionOptions())
-    board = Switchboard(session, switch_groups(session, _readers(fp32_path)))
+    groups = quantize_rows(fp32_path, switched, set(always_float), switched=True, peaks=peaks).switches
+    board = Switchboard(create_session(switched, SessionOptions()), groups)
     switched.unlink()
 
     floor = scorer.quick(board.with_int8(set())).score
@@ -153,12 +151,3 @@ def choose_float_groups(
         trial["kept_in_float"] = trial.pop("switch") in floating
     info.details["sensitivity"] = ranked
     return info, reached
-
-
-def _readers(path: Path) -> dict[str, list[str]]:
-    """MatMul names by the activation they read."""
-    readers: dict[str, list[str]] = {}
-    for node in onnx.load(str(path), load_external_data=False).graph.node:
-        if node.op_type == "MatMul":
-            readers.setdefault(node.input[0], []).append(node.name)
-    return readers

@@ -70,6 +70,20 @@ def constant_matmuls(graph: GraphProto) -> dict[str, tuple[int, int]]:
     }
 
 
+def eligible_matmuls(graph: GraphProto) -> set[str]:
+    """The constant-weight MatMuls deep enough (K >= MIN_K) for int8 to pay."""
+    return {name for name, (k, _) in constant_matmuls(graph).items() if k >= MIN_K}
+
+
+def readers_by_input(graph: GraphProto, names: set[str]) -> dict[str, list[NodeProto]]:
+    """The MatMuls among `names`, grouped by the activation they read (a layer's Q, K and V share one)."""
+    readers: dict[str, list[NodeProto]] = defaultdict(list)
+    for node in graph.node:
+        if node.name in names:
+            readers[node.input[0]].append(node)
+    return dict(readers)
+
+
 @dataclass
 class Rewrite:
     """What quantize_rows did: MatMul names now in int8 and left in float, and the activations smoothed."""
@@ -77,6 +91,7 @@ class Rewrite:
     int8: list[str]
     floating: list[str]
     smoothed: list[str] = field(default_factory=list)
+    switches: dict[str, list[str]] = field(default_factory=dict)  # a switched graph's bool inputs -> their MatMuls
 
 
 def quantize_rows(
@@ -101,18 +116,16 @@ def quantize_rows(
     model = onnx.load(str(model_path))
     graph = model.graph
     weighted = constant_matmuls(graph)
-    chosen = {name for name, (k, _) in weighted.items() if k >= MIN_K} - keep_float
-    readers: dict[str, list[NodeProto]] = defaultdict(list)
-    for node in graph.node:
-        if node.name in chosen:
-            readers[node.input[0]].append(node)
+    eligible = eligible_matmuls(graph)
+    chosen = eligible - keep_float
+    readers = readers_by_input(graph, chosen)
     weights = {init.name: init for init in graph.initializer}
     opset = next((op.version for op in model.opset_import if op.domain in ("", "ai.onnx")), 17)
     if opset < 13:
         raise UnsupportedModel(f"kiln's int8 needs ONNX opset 13 or newer (--opset; this graph: {opset})")
     before: dict[str, list[NodeProto]] = defaultdict(list)  # new nodes, keyed by the MatMul they go in front of
     after: dict[str, list[NodeProto]] = defaultdict(list)
-    smoothed = []
+    smoothed, switches = [], {}
     for index, (activation, matmuls) in enumerate(readers.items()):
         prefix = f"kiln_rows_{index}"
         columns = [numpy_helper.to_array(weights[m.input[1]]).astype(np.float32) for m in matmuls]
@@ -124,9 +137,12 @@ def quantize_rows(
         before[matmuls[0].name] += made
         if switched:
             after.update(_switch(graph, matmuls, made, SWITCH + activation))
+            switches[SWITCH + activation] = [m.name for m in matmuls]
     replaced = set() if switched else set(chosen)
     if not switched:  # float MatMuls that share an input (Q/K/V kept in float) become one GEMM too
-        for matmuls in _shared_readers(graph, {n for n, (k, _) in weighted.items() if k >= MIN_K} - chosen):
+        for matmuls in readers_by_input(graph, eligible - chosen).values():
+            if len(matmuls) < 2:
+                continue
             columns = [numpy_helper.to_array(weights[m.input[1]]).astype(np.float32) for m in matmuls]
             before[matmuls[0].name] += _packed_float(graph, matmuls, columns)
             replaced |= {m.name for m in matmuls}
@@ -145,7 +161,7 @@ def quantize_rows(
     if not any(op.domain == "com.microsoft" for op in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     onnx.save(model, str(out_path))
-    return Rewrite(sorted(chosen), sorted(set(weighted) - chosen), smoothed)
+    return Rewrite(sorted(chosen), sorted(set(weighted) - chosen), smoothed, switches)
 
 
 def smoothing_factors(peaks: np.ndarray | None, weight: np.ndarray) -> np.ndarray | None:
@@ -238,15 +254,6 @@ def _integer_matmuls(
             )
         )
     return nodes
-
-
-def _shared_readers(graph: GraphProto, names: set[str]) -> list[list[NodeProto]]:
-    """The MatMuls among `names` that read one activation with another, grouped by it."""
-    readers: dict[str, list[NodeProto]] = defaultdict(list)
-    for node in graph.node:
-        if node.name in names:
-            readers[node.input[0]].append(node)
-    return [matmuls for matmuls in readers.values() if len(matmuls) > 1]
 
 
 def _packed_float(graph: GraphProto, matmuls: list[NodeProto], columns: list[np.ndarray]) -> list[NodeProto]:

@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 from kiln.export.figures import Fidelity
-from kiln.export.rowwise_int8 import SWITCH
 
 
 @dataclass(frozen=True)
@@ -36,11 +35,6 @@ class Switchboard:
     def run(self, names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         flags = {name: np.array(name in self.int8) for name in self.groups}
         return self.session.run(names, {**feeds, **flags})
-
-
-def switch_groups(session: Any, readers: dict[str, list[str]]) -> dict[str, list[str]]:
-    """The switched graph's groups: its bool inputs, each with the MatMuls reading that activation."""
-    return {i.name: readers[i.name[len(SWITCH) :]] for i in session.get_inputs() if i.name.startswith(SWITCH)}
 
 
 Measure = Callable[[Switchboard], Fidelity]

@@ -7,7 +7,7 @@ import numpy as np
 import onnxruntime as ort
 from kiln.export.figures import Fidelity
 from kiln.export.rowwise_int8 import SWITCH, quantize_rows
-from kiln.export.sensitivity import Switchboard, back_to_int8, fewest_in_float, rank_groups, switch_groups
+from kiln.export.sensitivity import Switchboard, back_to_int8, fewest_in_float, rank_groups
 
 from tests.test_rowwise_int8 import K, _graph
 
@@ -26,9 +26,8 @@ def _chain(tmp_path, outlier: float):
 
 def test_the_group_reading_an_outlier_channel_ranks_first_and_goes_back_to_float(tmp_path):
     source, switched = _chain(tmp_path, outlier=30.0), tmp_path / "switched.onnx"
-    quantize_rows(source, switched, set(), switched=True)
-    session = ort.InferenceSession(str(switched), providers=["CPUExecutionProvider"])
-    board = Switchboard(session, switch_groups(session, {"x": ["a"], "a": ["b"], "b": ["c"]}))
+    groups = quantize_rows(source, switched, set(), switched=True).switches
+    board = Switchboard(ort.InferenceSession(str(switched), providers=["CPUExecutionProvider"]), groups)
     assert board.groups == {SWITCH + "x": ["a"], SWITCH + "a": ["b"], SWITCH + "b": ["c"]}
     x = np.random.default_rng(1).normal(size=(1, 64, K)).astype(np.float32)
     (want,) = board.with_int8(set()).run(["c"], {"x": x})
