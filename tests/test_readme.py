@@ -34,12 +34,16 @@ def server(task_packages):
         yield running
 
 
-def run(name: str, server, timeout: float = 300) -> str:
+def run(name: str, server, timeout: float = 300, retry_when: str | None = None) -> str:
+    """The snippet's output; run again (three tries in all) while its failure says `retry_when`."""
     language, code = snippet(name)
     code = code.replace("localhost:8001", server.address).replace("localhost:8000", server.http.split("://")[1])
     command = [sys.executable, "-c", code] if language == "python" else ["bash", "-euo", "pipefail", "-c", code]
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    for _ in range(3):
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+        if done.returncode == 0 or retry_when is None or retry_when not in done.stdout + done.stderr:
+            break
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
@@ -60,7 +64,9 @@ def test_openai(server):
 
 @pytest.mark.skipif(perf_analyzer.unusable() is not None, reason=str(perf_analyzer.unusable()))
 def test_perf_analyzer(server):
-    assert "throughput" in run("perf_analyzer", server)
+    # perf_analyzer wants three 5 s windows within 10% of each other: a shared CI machine's noise can
+    # deny it that (it says so and exits 2), which says nothing of kiln; a real failure fails every try
+    assert "throughput" in run("perf_analyzer", server, retry_when="Failed to obtain stable measurement")
 
 
 @pytest.mark.skipif(shutil.which("grpcurl") is None, reason="grpcurl is not installed here")
