@@ -12,10 +12,12 @@ Per layout: requests/s at 64 concurrent streams from h2load (KServe gRPC, a fram
 REST, 64 connections), the CPU time the server's processes spent per request, and every answer
 checked: the server's own request counter must have grown by the requests sent, all OK (h2load sees
 HTTP 200 for a gRPC error). Then a lone request's p50/p99 through tritonclient against the raw
-pipeline (tokenize, run, post-process in process) for the same text.
+pipeline (tokenize, run, post-process in process) for the same text, and the raw session fed
+batches of 64 copies of it: what a server that batches perfectly could reach (the GPU target).
 
     python -m kiln.bench.server_cost build/tiny-bert-fp32 --corpus ../shared/data/sentences.txt \
         --frontends 1 2 --out bench/results/server-cost
+    python -m kiln.bench.server_cost roberta-fp16-cuda --provider cuda --frontends 2 4 8 ...   # on a GPU
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ STREAMS = 64
 CONNECTIONS = 4
 LONE_REQUESTS = 1000
 MODEL = "tiny"
+RAW_BATCH = 64
+RAW_SECONDS = 5.0
 
 
 @dataclass
@@ -196,11 +200,11 @@ def lone_requests(server: Running, text: str) -> list[float]:
     return times
 
 
-def raw_pipeline(package: Path, text: str) -> list[float]:
+def raw_pipeline(package: Path, text: str, provider: str) -> list[float]:
     """Tokenize, run and post-process one text in process: what a server adds its cost to."""
     from kiln.runtime import pipeline
 
-    pipe = pipeline(package)
+    pipe = pipeline(package, provider=provider)
     for _ in range(50):
         pipe(text)
     times = []
@@ -209,6 +213,27 @@ def raw_pipeline(package: Path, text: str) -> list[float]:
         pipe(text)
         times.append(time.perf_counter() - start)
     return times
+
+
+def raw_batched(package: Path, text: str, provider: str, batch: int = RAW_BATCH) -> float:
+    """Texts/s of the bare session fed batches of `batch` copies of the text (tokenize, pad, run):
+    the most a server could make of the model, since it batches one-text requests at best into this."""
+    from kiln.runtime.package import load_package
+    from kiln.runtime.session import SessionOptions
+
+    loaded = load_package(package, SessionOptions(provider=provider, max_batch=batch))
+    texts = [text] * batch
+
+    def run() -> None:
+        loaded.run(loaded.encoder.pad(loaded.encoder.tokenize(texts)))
+
+    for _ in range(10):
+        run()
+    start, rounds = time.perf_counter(), 0
+    while time.perf_counter() - start < RAW_SECONDS:
+        run()
+        rounds += 1
+    return rounds * batch / (time.perf_counter() - start)
 
 
 def measure(layout: Layout, package: Path, text: str, files: dict[str, Path], requests: int) -> None:
@@ -236,7 +261,7 @@ def measure(layout: Layout, package: Path, text: str, files: dict[str, Path], re
         layout.add("lone_p99_ms", 1e3 * float(np.percentile(times, 99)))
 
 
-def markdown(layouts: list[Layout], raw: list[float], text: str, package: Path) -> str:
+def markdown(layouts: list[Layout], raw: list[float], batched: float, text: str, package: Path) -> str:
     floor = next(layout for layout in layouts if layout.args is None)
     raw_p50 = 1e3 * statistics.median(raw)
 
@@ -246,13 +271,14 @@ def markdown(layouts: list[Layout], raw: list[float], text: str, package: Path) 
     lines = [
         f"# The server's own cost — {machine()}",
         "",
-        f"Model: {package} (raw pipeline, one text in process: p50 {raw_p50:.3f} ms). Text: {text!r}.",
+        f"Model: {package} (raw pipeline, one text in process: p50 {raw_p50:.3f} ms; raw session in batches "
+        f"of {RAW_BATCH}: {batched:,.0f} texts/s). Text: {text!r}.",
         f"Ranges over {len(floor.results['grpc_rps'])} alternating rounds. {STREAMS} streams: h2load "
         f"{CONNECTIONS} connections x {STREAMS // CONNECTIONS} streams (gRPC), wrk {STREAMS} connections (REST).",
         "",
         "| layout | gRPC req/s (h2load) | x floor | server CPU us/req (engine + front-ends + rest) | "
-        "REST req/s (wrk) | lone p50 ms (tritonclient) | lone p99 ms | p50 over raw, ms |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "x raw batched | REST req/s (wrk) | lone p50 ms (tritonclient) | lone p99 ms | p50 over raw, ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     floor_rps = statistics.median(floor.results["grpc_rps"])
     for layout in layouts:
@@ -263,6 +289,7 @@ def markdown(layouts: list[Layout], raw: list[float], text: str, package: Path) 
         split = " + ".join(f"{statistics.median(r[f'cpu_us_{role}']):,.0f}" for role in roles)
         lines.append(
             f"| {layout.name} | {span(r['grpc_rps'])} | {ratio:.2f} | {span(r['grpc_cpu_us'])} ({split}) | "
+            f"{statistics.median(r['grpc_rps']) / batched:.2f} | "
             f"{span(r.get('rest_rps', []))} | {span(r['lone_p50_ms'], '.2f')} | {span(r['lone_p99_ms'], '.2f')} | "
             f"{span(over, '.2f')} |"
         )
@@ -278,8 +305,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--serve-args", default="", help="more `kiln serve` flags for every kiln layout")
+    parser.add_argument("--provider", default="cpu", help="cpu or cuda: the server's, the raw pipeline's and session's")
     args = parser.parse_args(argv)
-    extra = args.serve_args.split()
+    extra = [*args.serve_args.split(), "--provider", args.provider]
     for tool in ("h2load", "wrk"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is missing: apt-get install nghttp2-client wrk")
@@ -295,11 +323,12 @@ def main(argv: list[str] | None = None) -> None:
         for _ in range(args.rounds):
             for layout in layouts:
                 measure(layout, args.package, text, files, args.requests)
-    raw = raw_pipeline(args.package, text)
+    raw = raw_pipeline(args.package, text, args.provider)
+    batched = raw_batched(args.package, text, args.provider)
     args.out.mkdir(parents=True, exist_ok=True)
-    table = markdown(layouts, raw, text, args.package)
+    table = markdown(layouts, raw, batched, text, args.package)
     (args.out / "results.md").write_text(table)
-    results = {"machine": machine(), "text": text, "raw_ms": [1e3 * t for t in raw]}
+    results = {"machine": machine(), "text": text, "raw_ms": [1e3 * t for t in raw], "raw_batched_per_s": batched}
     results["layouts"] = {layout.name: layout.results for layout in layouts}
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     print(table)
