@@ -51,6 +51,7 @@ class Engine:
         self._mirrored: dict[Any, int] = {}  # each front-end connection's write -> the generation it mirrored
         self._handlers: set[asyncio.Task] = set()
         self._writers: set[asyncio.StreamWriter] = set()
+        self._wakeup: wire.Wakeup | None = None  # the batchers' way back to the loop (made in serve)
         repository.on_change = self._changed
         repository.change_seen = self._change_seen
 
@@ -62,9 +63,9 @@ class Engine:
     def _changed(self) -> None:
         """The repository changed: every front-end is told (before any Changed that follows)."""
         self.generation += 1
-        frame = wire.frame(self.snapshot())
+        snapshot = self.snapshot()
         for send in self._mirrored:
-            send(frame)
+            send(snapshot)
 
     def _change_seen(self) -> Callable[[], bool]:
         """Whether every front-end connected now has mirrored the latest change (one that goes
@@ -74,6 +75,7 @@ class Engine:
 
     async def serve(self, path: Path, stop: asyncio.Event, started: Callable[[], None] = lambda: None) -> None:
         """Answer front-ends on the Unix socket at `path` until `stop` is set."""
+        self._wakeup = wire.Wakeup(asyncio.get_running_loop())
         with contextlib.suppress(FileNotFoundError):
             path.unlink()  # left by an engine that died
         server = await asyncio.start_unix_server(self._connection, path=str(path))
@@ -95,8 +97,8 @@ class Engine:
         self._writers.add(writer)
         held: dict[int, RequestState] = {}  # this front-end's Runs and Generates not yet answered
         generating: dict[int, list[Stream]] = {}  # the open streams of its Generates
-        send = writer.write
-        send(wire.frame(self.snapshot()))
+        send = wire.Outbox(writer).send
+        send(self.snapshot())
         self._mirrored[send] = -1
         try:
             while True:
@@ -113,7 +115,7 @@ class Engine:
                 elif isinstance(message, wire.Done):
                     self._done(message)
                 elif isinstance(message, wire.Statistics):
-                    send(wire.frame(wire.StatisticsAre(message.id, self._statistics(message))))
+                    send(wire.StatisticsAre(message.id, self._statistics(message)))
                 elif isinstance(message, wire.Mirrored):
                     self._mirrored[send] = message.generation
                 elif isinstance(message, wire.Change):
@@ -135,7 +137,6 @@ class Engine:
             writer.close()
 
     def _run(self, run: wire.Run, held: dict[int, RequestState], send: Any) -> None:
-        loop = asyncio.get_running_loop()
         try:
             model = self._model(run.model, run.version)
             rows = [
@@ -144,7 +145,7 @@ class Engine:
             ]
             model.admit(len(rows))
         except Exception as exc:
-            send(wire.frame(wire.Ran(run.id, None, _error(exc), [])))
+            send(wire.Ran(run.id, None, _error(exc), []))
             return
         state = RequestState(deadline=run.deadline, spans=[])
         held[run.id] = state
@@ -161,18 +162,20 @@ class Engine:
             if error is None and any(f.cancelled() for f in futures):
                 error = errors.Cancelled("request was cancelled")
             if error is not None:
-                send(wire.frame(wire.Ran(run.id, None, _error(error), state.spans or [])))
+                send(wire.Ran(run.id, None, _error(error), state.spans or []))
                 return
             outputs = [{name: wire.Array.of(value) for name, value in f.result().items()} for f in futures]
-            send(wire.frame(wire.Ran(run.id, outputs, None, state.spans or [])))
+            send(wire.Ran(run.id, outputs, None, state.spans or []))
 
         try:
             futures = model.batcher.submit(rows, state, run.company or model.in_flight > 1)
         except Exception as exc:
             over()
-            send(wire.frame(wire.Ran(run.id, None, _error(exc), [])))
+            send(wire.Ran(run.id, None, _error(exc), []))
             return
-        when_all(futures, lambda: loop.call_soon_threadsafe(answer, futures))
+        wakeup = self._wakeup
+        assert wakeup is not None
+        when_all(futures, lambda: wakeup.call(lambda: answer(futures)))
 
     def _generate(
         self, ask: wire.Generate, held: dict[int, RequestState], generating: dict[int, list[Stream]], send: Any
@@ -185,7 +188,7 @@ class Engine:
                 raise errors.InvalidInput(f"model {ask.model!r} is a {model.manifest.task} model, not a generator")
             model.admit(len(ask.prompts))
         except Exception as exc:
-            send(wire.frame(wire.Opened(ask.id, [], _error(exc))))
+            send(wire.Opened(ask.id, [], _error(exc)))
             return
         state = RequestState(deadline=ask.deadline)
         held[ask.id] = state
@@ -205,11 +208,11 @@ class Engine:
             try:
                 streams = await model.open(ask.prompts, ask.params, state)
             except Exception as exc:
-                send(wire.frame(wire.Opened(ask.id, [], _error(exc))))
+                send(wire.Opened(ask.id, [], _error(exc)))
                 return
             generating[ask.id] = streams
             opened = [(s.prefix, s.prompt_tokens, s.truncated) for s in streams]
-            send(wire.frame(wire.Opened(ask.id, opened, None)))
+            send(wire.Opened(ask.id, opened, None))
             await asyncio.gather(*(self._pump(model, ask.id, i, s, state, send) for i, s in enumerate(streams)))
         finally:
             for stream in generating.pop(ask.id, ()):
@@ -224,9 +227,9 @@ class Engine:
     ) -> None:
         try:
             async for piece in model.pieces(stream, state):
-                send(wire.frame(wire.Pieces(ask, index, [(piece.text, piece.tokens, piece.finish_reason)])))
+                send(wire.Pieces(ask, index, [(piece.text, piece.tokens, piece.finish_reason)]))
         except Exception as exc:
-            send(wire.frame(wire.Pieces(ask, index, [], _error(exc))))
+            send(wire.Pieces(ask, index, [], _error(exc)))
 
     async def _change(self, change: wire.Change, send: Any) -> None:
         try:
@@ -234,9 +237,9 @@ class Engine:
                 await self.repository.load(change.name)
             else:
                 await self.repository.unload(change.name)
-            send(wire.frame(wire.Changed(change.id, self.generation, None)))
+            send(wire.Changed(change.id, self.generation, None))
         except Exception as exc:
-            send(wire.frame(wire.Changed(change.id, self.generation, _error(exc))))
+            send(wire.Changed(change.id, self.generation, _error(exc)))
 
     def _model(self, name: str, version: str) -> ServedModel:
         model = self.repository.serving(name, version)

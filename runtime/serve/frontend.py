@@ -54,6 +54,7 @@ class EngineClient:
         self.on_models: Callable[[wire.Models], Awaitable[list[Counted]]] | None = None
         self.connected = asyncio.Event()
         self._writer: asyncio.StreamWriter | None = None
+        self._outbox: wire.Outbox | None = None  # the writer's, written once per turn of the loop
         self._waiting: dict[int, asyncio.Future] = {}
         self._streams: dict[int, list[asyncio.Queue]] = {}  # a Generate's id -> each prompt's pieces
         self._ids = itertools.count()
@@ -77,6 +78,7 @@ class EngineClient:
         while True:
             try:
                 reader, self._writer = await asyncio.open_unix_connection(str(self.path))
+                self._outbox = wire.Outbox(self._writer)
                 models = await wire.read(reader)
                 if not isinstance(models, wire.Models):
                     raise ConnectionError(f"the engine opened with {type(models).__name__}, not Models")
@@ -125,7 +127,7 @@ class EngineClient:
 
     def _lost(self) -> None:
         self.connected.clear()
-        self._writer = None
+        self._writer = self._outbox = None
         waiting, self._waiting = self._waiting, {}
         for future in waiting.values():
             if not future.done():
@@ -136,9 +138,9 @@ class EngineClient:
                 queue.put_nowait(wire.Pieces(-1, 0, [], ("ModelUnavailable", "the engine process stopped; retry")))
 
     def _send(self, message: wire.Message) -> None:
-        if self._writer is None or not self.connected.is_set():
+        if self._outbox is None or not self.connected.is_set():
             raise ModelUnavailable("the engine process is not running; retry")
-        self._writer.write(wire.frame(message))
+        self._outbox.send(message)
 
     async def _ask(self, message: wire.Run | wire.Statistics | wire.Generate | wire.Change) -> Any:
         future = asyncio.get_running_loop().create_future()
