@@ -159,9 +159,9 @@ def wrk_script(text: str, path: Path) -> Path:
     return path
 
 
-def h2load(server: Running, body: Path, requests: int) -> float:
+def h2load(server: Running, body: Path, requests: int, connections: int = CONNECTIONS) -> float:
     out = subprocess.run(
-        ["h2load", "-n", str(requests), "-c", str(CONNECTIONS), "-m", str(STREAMS // CONNECTIONS),
+        ["h2load", "-n", str(requests), "-c", str(connections), "-m", str(STREAMS // connections),
          "-H", "content-type: application/grpc", "-H", "te: trailers", "-d", str(body),
          f"http://127.0.0.1:{server.grpc}/inference.GRPCInferenceService/ModelInfer"],
         capture_output=True, text=True, check=True,
@@ -236,11 +236,11 @@ def raw_batched(package: Path, text: str, provider: str, batch: int = RAW_BATCH)
     return rounds * batch / (time.perf_counter() - start)
 
 
-def measure(layout: Layout, package: Path, text: str, files: dict[str, Path], requests: int) -> None:
+def measure(layout: Layout, package: Path, text: str, files: dict[str, Path], requests: int, connections: int) -> None:
     with Running(layout, package) as server:
-        h2load(server, files["grpc"], min(2000, requests))  # warm up: connections, threads, caches
+        h2load(server, files["grpc"], min(2000, requests), connections)  # warm up: connections, threads, caches
         before_ok, before_cpu = server.answered_ok(), server.cpu_seconds()
-        layout.add("grpc_rps", h2load(server, files["grpc"], requests))
+        layout.add("grpc_rps", h2load(server, files["grpc"], requests, connections))
         after_cpu = server.cpu_seconds()
         for role in after_cpu:
             spent = after_cpu[role] - before_cpu.get(role, 0.0)
@@ -261,7 +261,9 @@ def measure(layout: Layout, package: Path, text: str, files: dict[str, Path], re
         layout.add("lone_p99_ms", 1e3 * float(np.percentile(times, 99)))
 
 
-def markdown(layouts: list[Layout], raw: list[float], batched: float, text: str, package: Path) -> str:
+def markdown(
+    layouts: list[Layout], raw: list[float], batched: float, text: str, package: Path, connections: int
+) -> str:
     floor = next(layout for layout in layouts if layout.args is None)
     raw_p50 = 1e3 * statistics.median(raw)
 
@@ -274,7 +276,7 @@ def markdown(layouts: list[Layout], raw: list[float], batched: float, text: str,
         f"Model: {package} (raw pipeline, one text in process: p50 {raw_p50:.3f} ms; raw session in batches "
         f"of {RAW_BATCH}: {batched:,.0f} texts/s). Text: {text!r}.",
         f"Ranges over {len(floor.results['grpc_rps'])} alternating rounds. {STREAMS} streams: h2load "
-        f"{CONNECTIONS} connections x {STREAMS // CONNECTIONS} streams (gRPC), wrk {STREAMS} connections (REST).",
+        f"{connections} connections x {STREAMS // connections} streams (gRPC), wrk {STREAMS} connections (REST).",
         "",
         "| layout | gRPC req/s (h2load) | x floor | server CPU us/req (engine + front-ends + rest) | "
         "x raw batched | REST req/s (wrk) | lone p50 ms (tritonclient) | lone p99 ms | p50 over raw, ms |",
@@ -305,6 +307,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--serve-args", default="", help="more `kiln serve` flags for every kiln layout")
+    parser.add_argument(
+        "--connections", type=int, default=CONNECTIONS,
+        help=f"h2load's connections for the {STREAMS} streams: the kernel spreads connections, not streams, over "
+        "front-ends, so a few connections load a few front-ends (64: one per caller, as 64 clients would)",
+    )  # fmt: skip
     parser.add_argument("--provider", default="cpu", help="cpu or cuda: the server's, the raw pipeline's and session's")
     args = parser.parse_args(argv)
     extra = [*args.serve_args.split(), "--provider", args.provider]
@@ -322,11 +329,11 @@ def main(argv: list[str] | None = None) -> None:
         }
         for _ in range(args.rounds):
             for layout in layouts:
-                measure(layout, args.package, text, files, args.requests)
+                measure(layout, args.package, text, files, args.requests, args.connections)
     raw = raw_pipeline(args.package, text, args.provider)
     batched = raw_batched(args.package, text, args.provider)
     args.out.mkdir(parents=True, exist_ok=True)
-    table = markdown(layouts, raw, batched, text, args.package)
+    table = markdown(layouts, raw, batched, text, args.package, args.connections)
     (args.out / "results.md").write_text(table)
     results = {"machine": machine(), "text": text, "raw_ms": [1e3 * t for t in raw], "raw_batched_per_s": batched}
     results["layouts"] = {layout.name: layout.results for layout in layouts}
