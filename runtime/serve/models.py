@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     import onnxruntime as ort
 
 log = logging.getLogger("kiln.serve")
+DEPTH_SECONDS = 0.005  # the queue-depth gauge is at most this stale while the model is busy
 
 
 @dataclass
@@ -80,6 +81,7 @@ class Counted:
         self.created = int(time.time())  # when this version was loaded (OpenAI's model `created`)
         self.in_flight = 0  # requests holding this model (a swapped-out version stops once none does)
         self.admitted = 0  # items accepted and not yet answered (admission control)
+        self._depth_shown = 0.0  # when the queue-depth gauge was last written
 
     @property
     def others_in_progress(self) -> bool:
@@ -106,11 +108,20 @@ class Counted:
                 f"model {self.name}: {self.admitted} items in progress, limit {limit} (--max-queue); retry later"
             )
         self.admitted += items
-        self.metrics.queue_depth.labels(model=self.name).set(self.admitted)
+        self._show_depth()
 
     def release(self, items: int) -> None:
         self.admitted -= items
-        self.metrics.queue_depth.labels(model=self.name).set(self.admitted)
+        self._show_depth()
+
+    def _show_depth(self) -> None:
+        """The queue-depth gauge, written at most every DEPTH_SECONDS, and whenever the model falls
+        idle (so it never shows work that is gone): with several processes each write is a locked
+        write to a shared file, and two per request were a fifth of the engine loop's time."""
+        now = time.monotonic()
+        if self.admitted == 0 or now - self._depth_shown >= DEPTH_SECONDS:
+            self._depth_shown = now
+            self.metrics.queue_depth.labels(model=self.name).set(self.admitted)
 
     def record_result(self, ok: bool, seconds: float, count: int, stages: Mapping[str, float]) -> None:
         """One request's outcome in Triton's statistics. As Triton counts them, every stage counts a
