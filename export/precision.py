@@ -3,7 +3,7 @@ the calibration items until the target is met (the gate then checks held-out ite
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ class Scorer:
     draft: Manifest
     encoder: TextEncoder
     tuning: Reference
+    _short_before: set[int] = field(default_factory=set)  # items in batches that fell short of an aim
 
     @property
     def task(self) -> str:
@@ -60,13 +61,31 @@ class Scorer:
         e2e = EXPORTS[spec.task].gate.agreement(self.tuning.answers, our_answers(spec, spec.pipeline(package), inputs))
         return Fidelity(score=min(raw.score, e2e.get("agreement", e2e.get("min_cosine", 1.0))), error=raw.error)
 
-    def quick(self, session: Any, tokens: int | None = None) -> Fidelity:
+    def quick(self, session: Any, tokens: int | None = None, aim: float | None = None) -> Fidelity:
         """Raw-output figures only, in batches of like lengths, on the leading items within a budget
         of tokens (all of them without one): what ranks and sizes what int8 costs, in a fraction of
-        `evaluate`'s time (the verdict is `evaluate`'s)."""
+        `evaluate`'s time (the verdict is `evaluate`'s). Given the `aim` that a yes/no question is
+        asked against, an embedding's score (its worst item's cosine) stops at the first batch short."""
         inputs = self.tuning.inputs if tokens is None else self.tuning.inputs.first(tokens)
+        if aim is not None and self.task == "feature-extraction":
+            return self._until_short(session, inputs, aim)
         got = self._run(session, inputs, inputs.by_length())
         return compare(self.task, self.tuning.outputs[: len(got)], got).fidelity()
+
+    def _until_short(self, session: Any, inputs: Inputs, aim: float) -> Fidelity:
+        """The worst cosine, batch by batch, batches that fell short before first: a candidate that
+        falls short is known to after a batch or two. The answer (short or not) is the full run's; a
+        short score is the lowest seen before stopping, an upper bound of the full run's."""
+        items: Items = [{} for _ in inputs.encodings]
+        for batch in sorted(inputs.by_length(), key=lambda batch: not self._short_before.intersection(batch)):
+            got = self._run(session, inputs, [batch])
+            for i in batch:
+                items[i] = got[i]
+            part = compare(self.task, [self.tuning.outputs[i] for i in batch], [got[i] for i in batch]).fidelity()
+            if part.score < aim:
+                self._short_before.update(batch)
+                return part
+        return compare(self.task, self.tuning.outputs[: len(items)], items).fidelity()
 
     def batch_invariant(self, path: Path) -> bool:
         """Whether every item's outputs are the same bits alone and in padded batches; a graph
@@ -137,8 +156,12 @@ def choose_float_groups(
     weights = sum(k * n for k, n in matmul_weights(fp32_path).values())
     tokens = int(np.clip(PROBE_TOKENS * PROBE_WEIGHTS / weights, PROBE_MIN_TOKENS, PROBE_TOKENS))
     ranked = rank_groups(board, lambda b: scorer.quick(b, tokens), label)
-    count = fewest_in_float(board, ranked, scorer.quick, aim)
-    floating = back_to_int8(board, ranked, count, scorer.quick, aim)
+
+    def short_or_not(candidate: Switchboard) -> Fidelity:  # asked against the aim: may stop early
+        return scorer.quick(candidate, aim=aim)
+
+    count = fewest_in_float(board, ranked, short_or_not, aim)
+    floating = back_to_int8(board, ranked, count, short_or_not, aim)
     more = iter(t["switch"] for t in ranked if t["switch"] not in floating)
     while True:  # checked as served: widened, most damaging first, while it falls short
         kept = [m for group in floating for m in board.groups[group]]
