@@ -30,10 +30,13 @@ Each step is one onnxruntime kernel, and on a text at a time the kernels' fixed 
 passes over memory, is what the quantiser costs (measured on all-MiniLM-L6-v2, alternating rounds,
 one text a call: replacing the scale computation with a constant saves 11% of the run, dropping the
 row-scale Mul another 8%). So the form is the fewest standard kernels: Abs and ReduceMax for the
-peak, an Add (of 1e-30, so an all-zero row quantises to zeros, not NaN), a Div by the peak and
-QuantizeLinear's own scale-round-and-saturate (per-tensor scale 1/127, zero point 128) for q, the
-1/127 folded into the weight's column scales for the way back: five kernels, where the first form
-used eight (its Mul by 1/127, Add of 0.5 and Cast now inside QuantizeLinear and the weight scales).
+peak, a Div by the peak and QuantizeLinear's own scale-round-and-saturate (per-tensor scale 1/127,
+zero point 128) for q, the 1/127 folded into the weight's column scales for the way back: four
+kernels, where the first form used eight (its Mul by 1/127, Add of 0.5 and Cast now inside
+QuantizeLinear and the weight scales). An all-zero row has a peak of 0: its x / 0 is NaN, which
+QuantizeLinear turns into some code, and its outputs are still exact zeros, as they are multiplied
+by the peak. (An Add of 1e-30 to the peak guarded this until 2026-12-04; dropping it gave the same
+bits on every corpus sentence, alone and in padded batches.)
 QuantizeLinear with a per-row scale (blocked, opset 21) would save the Div, but it gives uint8 only
 with a zero-point tensor of the scale's run-time shape, and int8 activations run onnxruntime's
 generic s8 x s8 GEMM on x86 (10x slower, measured).
@@ -42,6 +45,7 @@ generic s8 x s8 GEMM on x86 (10x slower, measured).
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -124,7 +128,6 @@ def quantize_rows(
     if opset < 13:
         raise UnsupportedModel(f"kiln's int8 needs ONNX opset 13 or newer (--opset; this graph: {opset})")
     before: dict[str, list[NodeProto]] = defaultdict(list)  # new nodes, keyed by the MatMul they go in front of
-    after: dict[str, list[NodeProto]] = defaultdict(list)
     smoothed, switches = [], {}
     for index, (activation, matmuls) in enumerate(readers.items()):
         prefix = f"kiln_rows_{index}"
@@ -134,11 +137,11 @@ def quantize_rows(
             smoothed.append(activation)
         made = _quantize_activation(graph, activation, prefix, opset, factors)
         made += _integer_matmuls(graph, matmuls, columns, prefix, factors)
-        before[matmuls[0].name] += made
         if switched:
-            after.update(_switch(graph, matmuls, made, SWITCH + activation))
+            made = [_switch(graph, matmuls, made, SWITCH + activation)]
             switches[SWITCH + activation] = [m.name for m in matmuls]
-    replaced = set() if switched else set(chosen)
+        before[matmuls[0].name] += made
+    replaced = set(chosen)
     if not switched:  # float MatMuls that share an input (Q/K/V kept in float) become one GEMM too
         for matmuls in readers_by_input(graph, eligible - chosen).values():
             if len(matmuls) < 2:
@@ -149,12 +152,12 @@ def quantize_rows(
     nodes = [
         new
         for node in graph.node
-        for new in (*before[node.name], node, *after[node.name])
+        for new in (*before[node.name], node)
         if not (new.op_type == "MatMul" and new.name in replaced)
     ]
     del graph.node[:]
     graph.node.extend(nodes)
-    used = {name for node in graph.node for name in node.input}
+    used = {name for node in _with_branches(graph.node) for name in node.input}
     kept = [init for init in graph.initializer if init.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept)
@@ -197,7 +200,6 @@ def _quantize_activation(
         {
             f"{prefix}.last_axis": np.array([-1], dtype=np.int64),
             f"{prefix}.per_level": np.float32(1 / LEVELS),  # QuantizeLinear's scale: x / peak * 127
-            f"{prefix}.tiny": np.float32(1e-30),  # an all-zero row quantises to zeros, not NaN
             f"{prefix}.zero_point": np.uint8(LEVELS + 1),  # 128
             f"{prefix}.one": np.float32(1.0),
         },
@@ -209,8 +211,7 @@ def _quantize_activation(
         activation = f"{prefix}.smoothed"
     made += [
         ("Abs", [activation], "abs", {}),
-        ("ReduceMax", [f"{prefix}.abs", *last_axis[0]], "peak", {**last_axis[1], "keepdims": 1}),
-        ("Add", [f"{prefix}.peak", f"{prefix}.tiny"], "scale", {}),
+        ("ReduceMax", [f"{prefix}.abs", *last_axis[0]], "scale", {**last_axis[1], "keepdims": 1}),
         ("Div", [activation, f"{prefix}.scale"], "unit", {}),  # in [-1, 1]
         ("QuantizeLinear", [f"{prefix}.unit", f"{prefix}.per_level", f"{prefix}.zero_point"], "q", {}),
     ]
@@ -273,22 +274,35 @@ def _packed_float(graph: GraphProto, matmuls: list[NodeProto], columns: list[np.
     ]
 
 
-def _switch(
-    graph: GraphProto, matmuls: list[NodeProto], made: list[NodeProto], flag: str
-) -> dict[str, list[NodeProto]]:
-    """Both forms of the MatMuls side by side, and a Where after each that the bool input `flag` steers."""
+def _switch(graph: GraphProto, matmuls: list[NodeProto], made: list[NodeProto], flag: str) -> NodeProto:
+    """One `If` on the bool input `flag` that runs the group's int8 nodes (true) or its float MatMuls
+    (false) and gives their outputs: only the branch taken runs, so a probe costs one form of each
+    group, not both (a `Where` between the two forms ran both: the ladder's sessions took twice as
+    long). The branches read the activation and the weights from the graph around them."""
     from onnx import TensorProto, helper
 
     graph.input.append(helper.make_tensor_value_info(flag, TensorProto.BOOL, []))
-    outputs = {matmul.name: matmul.output[0] for matmul in matmuls}
-    for node in made:
-        node.output[:] = [f"{name}.int8" if name in outputs.values() else name for name in node.output]
-    for matmul in matmuls:
-        matmul.output[0] = f"{outputs[matmul.name]}.float"
-    return {
-        name: [helper.make_node("Where", [flag, f"{out}.int8", f"{out}.float"], [out], name=f"{out}.switch")]
-        for name, out in outputs.items()
-    }
+    outputs = [matmul.output[0] for matmul in matmuls]
+
+    def branch(nodes: list[NodeProto], form: str) -> GraphProto:
+        renamed = {out: f"{out}.{form}" for out in outputs}
+        for node in nodes:
+            node.output[:] = [renamed.get(name, name) for name in node.output]
+        results = [helper.make_tensor_value_info(renamed[out], TensorProto.FLOAT, None) for out in outputs]
+        return helper.make_graph(nodes, f"{flag}.{form}", [], results)
+
+    floating = [helper.make_node("MatMul", list(m.input), list(m.output), name=m.name) for m in matmuls]
+    int8, float_ = branch(made, "int8"), branch(floating, "float")
+    return helper.make_node("If", [flag], outputs, name=f"{flag}.if", then_branch=int8, else_branch=float_)
+
+
+def _with_branches(nodes: Iterable[NodeProto]) -> Iterator[NodeProto]:
+    """Every node, those inside an `If`'s branches included."""
+    for node in nodes:
+        yield node
+        for attribute in node.attribute:
+            if attribute.g.node:
+                yield from _with_branches(attribute.g.node)
 
 
 def _constants(graph: GraphProto, values: dict[str, np.generic | np.ndarray]) -> None:

@@ -2,12 +2,12 @@
 
 A switched graph (kiln.export.rowwise_int8, `switched=True`) holds both forms of every group of
 MatMuls that read one activation (a layer's Q/K/V, its attention output, each FFN projection), each
-group steered by a bool input. So no probe writes or loads a graph: each group is measured alone in
-int8 on a few dozen items (its output error against the original), the groups are ranked, a
-bisection over "the k most damaging in float" scores candidates on all the calibration items, and
-each group that prefix keeps in float goes back to int8 if the aim holds without it. The first
-ladder wrote and loaded a graph and ran a full evaluation per probe: ~47 s on all-MiniLM-L6-v2,
-over 15 minutes on a roberta-base-sized model.
+group steered by a bool input (an `If`: only the form asked for runs). So no probe writes or loads a
+graph: each group is measured alone in int8 on a few dozen items (its output error against the
+original), the groups are ranked, a bisection over "the k most damaging in float" scores candidates
+on all the calibration items, and each group that prefix keeps in float goes back to int8 if the
+aim holds without it. The first ladder wrote and loaded a graph and ran a full evaluation per
+probe: ~47 s on all-MiniLM-L6-v2, over 15 minutes on a roberta-base-sized model.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ saturate, whatever the kernel."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -39,7 +40,7 @@ def _run(path: Path, x: np.ndarray) -> list[np.ndarray]:
 
 def _scheme(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """The scheme in numpy: per-row activation scale, per-column weight scale, exact integer sums."""
-    peak = np.abs(x).max(axis=-1, keepdims=True) + np.float32(1e-30)
+    peak = np.abs(x).max(axis=-1, keepdims=True)
     q = np.round(x / peak / np.float32(1 / LEVELS)).astype(np.int32)  # numpy rounds half to even, as QuantizeLinear
     column = (np.abs(w).max(axis=0) / WEIGHT_LEVELS).astype(np.float32)
     w8 = np.clip(np.round(w / column), -WEIGHT_LEVELS, WEIGHT_LEVELS).astype(np.int32)
@@ -66,7 +67,7 @@ def test_a_row_gets_the_same_bits_alone_and_next_to_any_rows(tmp_path):
     quantize_rows(_graph(tmp_path, {"proj": w}, {"proj": "x"}), quantized, set())
     session = ort.InferenceSession(str(quantized), providers=["CPUExecutionProvider"])
     rows = rng.normal(size=(70, K)).astype(np.float32) * rng.uniform(0.01, 50, size=(70, 1)).astype(np.float32)
-    rows[3] = 0.0  # padding-like: all zeros quantise to zeros, not NaN
+    rows[3] = 0.0  # an all-zero row: its NaN codes are multiplied by its peak, 0, so its outputs are zeros
     alone = np.stack([session.run(None, {"x": row[None, None]})[0][0, 0] for row in rows])
     assert np.isfinite(alone).all() and not alone[3].any()
     for count in (2, 3, 7, 16, 33, 70):  # kernels tile M in blocks; no tiling may change a row
@@ -194,3 +195,26 @@ def test_float_matmuls_that_share_an_input_run_as_one_gemm(tmp_path):
     x = rng.normal(size=(2, 3, K)).astype(np.float32)
     for got, want in zip(_run(rewritten, x)[:3], _run(source, x)[:3], strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_a_switched_graph_runs_only_the_form_asked_for(tmp_path):
+    """Each group's two forms sit in the branches of an `If`: a probe pays for one of them, not both."""
+    rng = np.random.default_rng(9)
+    weights = {name: rng.normal(size=(K, K)).astype(np.float32) for name in ("q", "k", "v", "out")}
+    switched = tmp_path / "switched.onnx"
+    quantize_rows(_graph(tmp_path, weights, {"q": "x", "k": "x", "v": "x", "out": "q"}), switched, set(), switched=True)
+    x = rng.normal(size=(1, 4, K)).astype(np.float32)
+
+    def kernels_run(int8: bool) -> Counter:
+        options = ort.SessionOptions()
+        options.enable_profiling, options.profile_file_prefix = True, str(tmp_path / "profile")
+        session = ort.InferenceSession(str(switched), options, providers=["CPUExecutionProvider"])
+        session.run(None, {"x": x, SWITCH + "x": np.array(int8), SWITCH + "q": np.array(int8)})
+        events = json.loads(Path(session.end_profiling()).read_text())
+        return Counter(
+            e["args"]["op_name"] for e in events if e.get("cat") == "Node" and "op_name" in e.get("args", {})
+        )
+
+    as_float, as_int8 = kernels_run(False), kernels_run(True)
+    assert as_float["MatMul"] == 4 and as_float["MatMulIntegerToFloat"] == 0
+    assert as_int8["MatMulIntegerToFloat"] == 2 and as_int8["MatMul"] == 0
