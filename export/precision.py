@@ -8,14 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from kiln.export.activation_peaks import activation_peaks
+from kiln.export.activation_stats import activation_stats
 from kiln.export.figures import Fidelity, Items, Tolerance, compare
 from kiln.export.gate import our_answers
 from kiln.export.items import Inputs, run_onnx
 from kiln.export.original import Reference
 from kiln.export.qdq import quantize_qdq
 from kiln.export.quantize import QuantInfo, convert_fp16, head_matmuls, layer_of, matmul_weights, quantize_int8
-from kiln.export.rowwise_int8 import SWITCH, quantize_rows
+from kiln.export.rowwise_int8 import SWITCH, Calibrated, quantize_rows
 from kiln.export.sensitivity import Switchboard, back_to_int8, fewest_in_float, rank_groups
 from kiln.export.targets import GraphForm
 from kiln.export.task_exports import EXPORTS
@@ -114,12 +114,12 @@ def lower_precision(
     if form.precision == "int8-static":
         return out, quantize_qdq(fp32_path, out, scorer.alone_feeds(), scorer.evaluate, target)
     heads = head_matmuls(fp32_path)  # the task head decides the answer directly and costs little: float
-    peaks = activation_peaks(fp32_path, scorer.alone_feeds())
-    info = quantize_int8(fp32_path, out, heads, peaks)
+    calibrated = Calibrated(activation_stats(fp32_path, scorer.alone_feeds()))
+    info = quantize_int8(fp32_path, out, heads, calibrated)
     reached = scorer.evaluate(out).score
     aim = target + (1 - target) * AIM_SHARE
     if reached < aim:  # the projections that cost answers go back to float, most damaging first
-        info, reached = choose_float_groups(fp32_path, out, scorer, aim, heads, peaks)
+        info, reached = choose_float_groups(fp32_path, out, scorer, aim, heads, calibrated)
     info.details.update(score_on_calibration_items=reached, aimed_at=aim)
     if info.quantized == 0:
         raise ParityError(
@@ -132,13 +132,13 @@ def lower_precision(
 
 
 def choose_float_groups(
-    fp32_path: Path, out: Path, scorer: Scorer, aim: float, always_float: list[str], peaks: dict[str, np.ndarray]
+    fp32_path: Path, out: Path, scorer: Scorer, aim: float, always_float: list[str], calibrated: Calibrated
 ) -> tuple[QuantInfo, float]:
     """Write to `out` kiln's int8 with the fewest groups of MatMuls (those reading one activation)
     in float that bring the calibration items to `aim`: ranked, sized and pared in one switched
     session (kiln.export.sensitivity), then checked as served and widened while it falls short."""
     switched = out.with_name("switched.onnx")
-    groups = quantize_rows(fp32_path, switched, set(always_float), switched=True, peaks=peaks).switches
+    groups = quantize_rows(fp32_path, switched, set(always_float), switched=True, calibrated=calibrated).switches
     board = Switchboard(create_session(switched, SessionOptions()), groups)
     switched.unlink()
 
@@ -165,7 +165,7 @@ def choose_float_groups(
     more = iter(t["switch"] for t in ranked if t["switch"] not in floating)
     while True:  # checked as served: widened, most damaging first, while it falls short
         kept = [m for group in floating for m in board.groups[group]]
-        info = quantize_int8(fp32_path, out, always_float + kept, peaks)
+        info = quantize_int8(fp32_path, out, always_float + kept, calibrated)
         reached = scorer.evaluate(out).score
         if reached >= aim or len(floating) == len(ranked):
             break

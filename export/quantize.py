@@ -11,9 +11,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from kiln.export.figures import Fidelity
-from kiln.export.rowwise_int8 import LEVELS, SMOOTHING_ALPHA, WEIGHT_LEVELS, constant_matmuls, quantize_rows
+from kiln.export.rowwise_int8 import (
+    LEVELS,
+    SMOOTHING_ALPHA,
+    WEIGHT_LEVELS,
+    Calibrated,
+    constant_matmuls,
+    quantize_rows,
+)
 from kiln.runtime.cpu import cpu_name, int8_kernel
 
 # overflow-prone or precision-critical ops that stay in float32 inside an fp16 graph
@@ -86,21 +92,25 @@ def layer_groups(nodes: list[str]) -> dict[str, list[str]]:
 
 
 def quantize_int8(
-    model_path: Path, out_path: Path, keep_float: list[str], peaks: dict[str, np.ndarray] | None = None
+    model_path: Path, out_path: Path, keep_float: list[str], calibrated: Calibrated | None = None
 ) -> QuantInfo:
-    """kiln's int8 (kiln.export.rowwise_int8) on every MatMul but those kept in float, smoothing
-    the uneven activations where calibration `peaks` are given."""
-    done = quantize_rows(model_path, out_path, set(keep_float), peaks=peaks)
+    """kiln's int8 (kiln.export.rowwise_int8) on every MatMul but those kept in float; with what
+    calibration text measured, the uneven activations are smoothed and the weights rounded with
+    error feedback."""
+    done = quantize_rows(model_path, out_path, set(keep_float), calibrated=calibrated)
     smoothing = f", {len(done.smoothed)} inputs smoothed per channel" if done.smoothed else ""
+    rounding = "error feedback on calibration activations" if calibrated is not None else "to nearest"
     return QuantInfo(
         scheme=f"int8: per-row activations ({LEVELS} levels a side, scale computed per token at run time) x "
-        f"per-column int8 weights, exact int32 sums (MatMulIntegerToFloat) on {len(done.int8)} MatMuls{smoothing}; "
+        f"per-column int8 weights ({rounding}), exact int32 sums (MatMulIntegerToFloat) on {len(done.int8)} MatMuls"
+        f"{smoothing}; "
         "answers do not depend on batch-mates",
         quantized=len(done.int8),
         kept_float=done.floating,
         details={
             "int8_matmuls": len(done.int8),
             "activation_levels": LEVELS,
+            "weight_rounding": rounding,
             "weight_levels": WEIGHT_LEVELS,
             "smoothed_inputs": len(done.smoothed),
             "smoothing_alpha": SMOOTHING_ALPHA,

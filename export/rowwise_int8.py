@@ -54,6 +54,7 @@ import numpy as np
 from kiln.runtime.errors import UnsupportedModel
 
 if TYPE_CHECKING:
+    from kiln.export.activation_stats import ActivationStats
     from onnx import GraphProto, NodeProto
 
 LEVELS = 127  # activation levels a side, zero point 128 (see the module docstring)
@@ -98,17 +99,28 @@ class Rewrite:
     switches: dict[str, list[str]] = field(default_factory=dict)  # a switched graph's bool inputs -> their MatMuls
 
 
+@dataclass
+class Calibrated:
+    """What calibration text measured of each int8 input (kiln.export.activation_stats), and the
+    int8 weights made from it, kept so that every graph of one export (the ladder's switched graph,
+    the final graph) rounds each group's weights once and the same way."""
+
+    stats: dict[str, ActivationStats]
+    weights: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+
 def quantize_rows(
     model_path: Path,
     out_path: Path,
     keep_float: set[str],
     switched: bool = False,
-    peaks: dict[str, np.ndarray] | None = None,
+    calibrated: Calibrated | None = None,
 ) -> Rewrite:
     """Rewrite every constant-weight MatMul not in keep_float (and at least MIN_K deep).
 
-    `peaks` (an activation's largest |value| per channel on calibration text) smooths the
-    activations whose channels are uneven (see `smoothing_factors`).
+    With `calibrated` (what calibration text measured of each input), the activations whose
+    channels are uneven are smoothed (see `smoothing_factors`) and the weights are rounded with
+    error feedback (kiln.export.error_feedback); without, every weight is rounded to nearest.
 
     `switched` keeps both forms of each group of MatMuls that read one activation, chosen by a bool
     input named `SWITCH + activation` (int8 where true): one session then measures any mix of int8
@@ -131,12 +143,14 @@ def quantize_rows(
     smoothed, switches = [], {}
     for index, (activation, matmuls) in enumerate(readers.items()):
         prefix = f"kiln_rows_{index}"
+        stats = calibrated.stats.get(activation) if calibrated is not None else None
         columns = [numpy_helper.to_array(weights[m.input[1]]).astype(np.float32) for m in matmuls]
-        factors = smoothing_factors((peaks or {}).get(activation), np.concatenate(columns, axis=1))
+        factors = smoothing_factors(None if stats is None else stats.peaks, np.concatenate(columns, axis=1))
         if factors is not None:
             smoothed.append(activation)
+        w8, column_scale = _int8_weights(matmuls, columns, factors, stats, calibrated)
         made = _quantize_activation(graph, activation, prefix, opset, factors)
-        made += _integer_matmuls(graph, matmuls, columns, prefix, factors)
+        made += _integer_matmuls(graph, matmuls, [c.shape[1] for c in columns], w8, column_scale, prefix)
         if switched:
             made = [_switch(graph, matmuls, made, SWITCH + activation)]
             switches[SWITCH + activation] = [m.name for m in matmuls]
@@ -165,6 +179,35 @@ def quantize_rows(
         model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     onnx.save(model, str(out_path))
     return Rewrite(sorted(chosen), sorted(set(weighted) - chosen), smoothed, switches)
+
+
+def _int8_weights(
+    matmuls: list[NodeProto],
+    columns: list[np.ndarray],
+    factors: np.ndarray | None,
+    stats: ActivationStats | None,
+    calibrated: Calibrated | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A group's weights side by side (rows times the smoothing factors) as int8 levels, and each
+    column's scale: rounded with error feedback where calibration measured the input, else to
+    nearest; made once per export (`calibrated.weights`)."""
+    from kiln.export.error_feedback import round_with_error_feedback
+
+    key = tuple(m.name for m in matmuls)
+    if calibrated is not None and key in calibrated.weights:
+        return calibrated.weights[key]
+    w = np.concatenate(columns, axis=1)
+    if factors is not None:
+        w = w * factors[:, None]
+    column_scale = (np.maximum(np.abs(w).max(axis=0), 1e-12) / WEIGHT_LEVELS).astype(np.float32)
+    if stats is None:
+        w8 = np.clip(np.round(w / column_scale), -WEIGHT_LEVELS, WEIGHT_LEVELS).astype(np.int8)
+    else:
+        gram = stats.gram_of(factors)
+        w8 = round_with_error_feedback(w, gram, column_scale, WEIGHT_LEVELS)
+    if calibrated is not None:
+        calibrated.weights[key] = (w8, column_scale)
+    return w8, column_scale
 
 
 def smoothing_factors(peaks: np.ndarray | None, weight: np.ndarray) -> np.ndarray | None:
@@ -222,18 +265,18 @@ def _quantize_activation(
 
 
 def _integer_matmuls(
-    graph: GraphProto, matmuls: list[NodeProto], columns: list[np.ndarray], prefix: str, factors: np.ndarray | None
+    graph: GraphProto,
+    matmuls: list[NodeProto],
+    widths: list[int],
+    w8: np.ndarray,
+    column_scale: np.ndarray,
+    prefix: str,
 ) -> list[NodeProto]:
     """One MatMulIntegerToFloat on the quantised activation for all the MatMuls that read it (their
-    weights side by side, rows times the smoothing factors), the row scale, then a Split into each
+    int8 weights side by side, from `_int8_weights`), the row scale, then a Split into each
     MatMul's output."""
     from onnx import helper
 
-    w = np.concatenate(columns, axis=1)
-    if factors is not None:
-        w = w * factors[:, None]
-    column_scale = (np.maximum(np.abs(w).max(axis=0), 1e-12) / WEIGHT_LEVELS).astype(np.float32)
-    w8 = np.clip(np.round(w / column_scale), -WEIGHT_LEVELS, WEIGHT_LEVELS).astype(np.int8)
     name = f"{matmuls[0].name}.int8"
     _constants(graph, {f"{name}.weight": w8, f"{name}.weight_scale": column_scale / np.float32(LEVELS)})
     scaled = matmuls[0].output[0] if len(matmuls) == 1 else f"{name}.packed"
@@ -248,7 +291,7 @@ def _integer_matmuls(
         helper.make_node("Mul", [f"{name}.columns_scaled", f"{prefix}.scale"], [scaled], name=f"{name}.rows_scaled"),
     ]
     if len(matmuls) > 1:
-        _constants(graph, {f"{name}.widths": np.array([c.shape[1] for c in columns], dtype=np.int64)})
+        _constants(graph, {f"{name}.widths": np.array(widths, dtype=np.int64)})
         nodes.append(
             helper.make_node(
                 "Split", [scaled, f"{name}.widths"], [m.output[0] for m in matmuls], name=f"{name}.split", axis=-1

@@ -12,7 +12,16 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from kiln.export.rowwise_int8 import LEVELS, SWITCH, WEIGHT_LEVELS, Rewrite, quantize_rows, smoothing_factors
+from kiln.export.activation_stats import ActivationStats
+from kiln.export.rowwise_int8 import (
+    LEVELS,
+    SWITCH,
+    WEIGHT_LEVELS,
+    Calibrated,
+    Rewrite,
+    quantize_rows,
+    smoothing_factors,
+)
 from kiln.runtime.errors import UnsupportedModel
 from onnx import TensorProto, helper, numpy_helper
 
@@ -176,7 +185,8 @@ def test_an_outlier_channel_is_smoothed_into_the_weight(tmp_path):
     factors = smoothing_factors(peaks, w)
     source, plain, smoothed = _graph(tmp_path, {"proj": w}, {"proj": "x"}), tmp_path / "a.onnx", tmp_path / "b.onnx"
     quantize_rows(source, plain, set())
-    assert quantize_rows(source, smoothed, set(), peaks={"x": peaks}).smoothed == ["x"]
+    unmeasured = ActivationStats(peaks, np.zeros((K, K)))  # no Gram: every weight rounds to nearest
+    assert quantize_rows(source, smoothed, set(), calibrated=Calibrated({"x": unmeasured})).smoothed == ["x"]
     (got,) = _run(smoothed, x)
     np.testing.assert_allclose(got, _scheme(x * (1 / factors), w * factors[:, None]), rtol=1e-5, atol=1e-5)
     error = {name: np.abs(_run(path, x)[0] - x @ w).mean() for name, path in (("plain", plain), ("smoothed", smoothed))}
@@ -218,3 +228,28 @@ def test_a_switched_graph_runs_only_the_form_asked_for(tmp_path):
     as_float, as_int8 = kernels_run(False), kernels_run(True)
     assert as_float["MatMul"] == 4 and as_float["MatMulIntegerToFloat"] == 0
     assert as_int8["MatMulIntegerToFloat"] == 2 and as_int8["MatMul"] == 0
+
+
+def test_weights_rounded_with_error_feedback_answer_closer_on_text_not_calibrated_on(tmp_path):
+    """Inputs whose channels move together (as real activations do): rounding each weight to nearest
+    lets the errors add up along them; error feedback fitted on calibration rows spreads them, and
+    rows it never saw come out closer. Levels and scales are unchanged, so nothing else is."""
+    rng = np.random.default_rng(10)
+    mixing = rng.normal(size=(8, K)).astype(np.float32)  # 8 hidden factors drive the 96 channels
+
+    def rows(count: int) -> np.ndarray:
+        return (rng.normal(size=(1, count, 8)) @ mixing + 0.05 * rng.normal(size=(1, count, K))).astype(np.float32)
+
+    w = rng.normal(size=(K, N)).astype(np.float32)
+    calibration, held_out = rows(400), rows(200)
+    peaks = np.ones(K, np.float32)  # even channels: nothing smoothed, only the rounding differs
+    gram = (calibration[0].astype(np.float64).T @ calibration[0]).astype(np.float64)
+    source = _graph(tmp_path, {"proj": w}, {"proj": "x"})
+    nearest, fed_back = tmp_path / "nearest.onnx", tmp_path / "fed_back.onnx"
+    quantize_rows(source, nearest, set())
+    quantize_rows(source, fed_back, set(), calibrated=Calibrated({"x": ActivationStats(peaks, gram)}))
+    levels = {init.name: numpy_helper.to_array(init) for init in onnx.load(str(fed_back)).graph.initializer}
+    assert np.abs(levels["proj.int8.weight"]).max() <= WEIGHT_LEVELS  # still exact on every kernel
+    exact = held_out @ w
+    error = {path.stem: np.abs(_run(path, held_out)[0] - exact).mean() for path in (nearest, fed_back)}
+    assert error["fed_back"] < 0.7 * error["nearest"]
