@@ -29,7 +29,12 @@ TARGETS = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("what", choices=["model", "serve", "all", "gpu", "soak", "generate"])
-    parser.add_argument("package", type=Path, nargs="*", help="package to measure (gpu: one or more)")
+    parser.add_argument(
+        "package",
+        type=Path,
+        nargs="*",
+        help="package to measure (model: more of the same model are measured beside it; gpu: one or more)",
+    )
     parser.add_argument(
         "--url", help="serve: measure a running server at this gRPC HOST:PORT instead; generate: a kiln server too"
     )
@@ -111,9 +116,9 @@ def run(args: argparse.Namespace) -> int:
         return _run_soak(args, texts)
     if args.url:
         return _run_remote(args, texts)
-    if len(args.package) != 1:
-        raise SystemExit(f"kiln bench {args.what} measures one package (kiln bench gpu takes several)")
-    args.package = args.package[0]
+    if len(args.package) != 1 and not (args.what == "model" and args.package):
+        raise SystemExit(f"kiln bench {args.what} measures one package (kiln bench model and gpu take several)")
+    args.package, beside = args.package[0], tuple(args.package[1:])
     sizes = _ints(args.batch_sizes or "1,32")
     levels = _ints(args.concurrency)
     model_steps = len(sizes) if args.what in ("model", "all") else 0
@@ -126,7 +131,15 @@ def run(args: argparse.Namespace) -> int:
         if args.source is None:
             raise SystemExit("kiln bench model needs --source (the PyTorch model directory)")
         results["model"] = bench_model(
-            args.package, args.source, args.fp32, texts, sizes, progress, args.provider or "cpu", args.length_grouped
+            args.package,
+            args.source,
+            args.fp32,
+            texts,
+            sizes,
+            progress,
+            args.provider or "cpu",
+            args.length_grouped,
+            beside,
         )
         results["model"]["verdicts"] = model_verdicts(results["model"])
         results["footprint"] = footprint.bench_footprint(args.package, args.source, results["model"]["task"])

@@ -131,10 +131,13 @@ def bench_model(
     progress: Any,
     provider: str = "cpu",
     length_grouped: bool = False,
+    beside: tuple[Path, ...] = (),
 ) -> dict[str, Any]:
     """On a GPU provider PyTorch runs on the GPU too (fp32 eager, the reference). `length_grouped`
     orders the texts by length first, so batches hold texts of similar length, as a busy server's
-    batcher forms them; every engine gets the same batches either way."""
+    batcher forms them; every engine gets the same batches either way. `beside`: other packages of
+    the same model (another precision, int8 for other CPUs), in the same rounds, named
+    kiln:<directory>."""
     manifest = read_manifest(package)
     if manifest.task not in ("text-classification", "feature-extraction"):
         raise SystemExit(f"kiln bench model measures text-classification and feature-extraction, not {manifest.task}")
@@ -142,6 +145,7 @@ def bench_model(
     if manifest.precision.startswith("int8") and provider == "cpu":
         engines["optimum-int8"] = None  # the int8 a user of optimum would otherwise run
     engines[f"kiln-{manifest.precision}"] = package
+    engines.update({f"kiln:{other.name}": other for other in beside})
     device = "cpu" if provider == "cpu" else "cuda"
     work = Path(tempfile.mkdtemp(prefix="kiln-bench-"))
     encoder = pipeline(package, allow_fp16_on_cpu=True).encoder

@@ -20,6 +20,14 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         help="the execution provider the graph is shaped for: cpu (CPU fusions, kiln's int8), cuda (fused "
         "contrib ops, fp16), tensorrt (standard ops only; int8 as explicit Q/DQ)",
     )
+    parser.add_argument(
+        "--int8-cpus",
+        default="any",
+        choices=("any", "vnni"),
+        help="the CPUs an int8 package must run on: any (63 weight levels a side, exact on every CPU) or vnni "
+        "(127 levels, more accurate; needs AVX-512 VNNI, AVX-VNNI, AMX or ARM dot products, and refuses to load "
+        "on other CPUs)",
+    )
     parser.add_argument("--output", type=Path, help="package directory (default: ./<model name>-<precision>)")
     parser.add_argument("--opset", type=int, default=17)
     parser.add_argument("--max-length", type=int, help="maximum sequence length (default: the model's)")

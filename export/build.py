@@ -27,6 +27,7 @@ from kiln.export.resolve import resolve_model
 from kiln.export.targets import GraphForm, graph_form
 from kiln.export.tasks import detect_task
 from kiln.export.texts import TextSplit, split_texts
+from kiln.runtime.cpu import cpu_name, int8_cpus_here, int8_kernel
 from kiln.runtime.errors import ParityError, ProviderMismatch, ProviderUnavailable, UnsupportedModel
 from kiln.runtime.manifest import MODEL_NAME, Manifest
 from kiln.runtime.package import Package, load_package
@@ -45,6 +46,7 @@ class ExportOptions:
     task: str | None = None
     quantize: str = "none"
     device: str = "cpu"  # the execution target the graph is shaped for (kiln.export.targets)
+    int8_cpus: str = "any"  # the CPUs kiln's int8 must be exact on: any | vnni (kiln.runtime.cpu)
     opset: int = 17
     max_length: int | None = None
     calibration: Path | None = None
@@ -77,7 +79,12 @@ class Stages:
 
 
 def export(options: ExportOptions, progress: Progress = lambda stage, message: None) -> ExportResult:
-    form = graph_form(options.device, options.quantize)
+    form = graph_form(options.device, options.quantize, options.int8_cpus)
+    if form.int8_cpus == "vnni" and int8_cpus_here() != "vnni":  # the gate runs the package here
+        raise UnsupportedModel(
+            f"--int8-cpus {form.int8_cpus} is exported on such a CPU, since the gate proves the package by running "
+            f"it; this one ({cpu_name()}, {int8_kernel()}) is not: export on a VNNI machine, or use --int8-cpus any"
+        )
     output = Path(options.output).expanduser().absolute()
     check_output(output, options.force)
     texts = split_texts(options.calibration, options.validation, options.validation_items, form.calibrates)

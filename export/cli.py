@@ -15,7 +15,7 @@ from kiln.export.targets import graph_form
 def run(args: argparse.Namespace) -> int:
     if args.min_agreement is not None and not 0.0 < args.min_agreement <= 1.0:
         raise SystemExit("kiln export: --min-agreement must be in (0, 1]")
-    form = graph_form(args.device, args.quantize)
+    form = graph_form(args.device, args.quantize, args.int8_cpus)
     suffix = form.precision if form.target == "cpu" else f"{form.precision}-{form.target}"
     output = args.output or Path(f"{Path(args.model).name}-{suffix}")
     options = ExportOptions(
@@ -25,6 +25,7 @@ def run(args: argparse.Namespace) -> int:
         task=args.task,
         quantize=args.quantize,
         device=args.device,
+        int8_cpus=args.int8_cpus,
         opset=args.opset,
         max_length=args.max_length,
         calibration=args.calibration,

@@ -19,6 +19,7 @@ from kiln.export.rowwise_int8 import SWITCH, Calibrated, quantize_rows
 from kiln.export.sensitivity import Switchboard, back_to_int8, fewest_in_float, rank_groups
 from kiln.export.targets import GraphForm
 from kiln.export.task_exports import EXPORTS
+from kiln.runtime.cpu import INT8_CPUS
 from kiln.runtime.errors import ParityError
 from kiln.runtime.manifest import Manifest
 from kiln.runtime.package import Package
@@ -114,7 +115,7 @@ def lower_precision(
     if form.precision == "int8-static":
         return out, quantize_qdq(fp32_path, out, scorer.alone_feeds(), scorer.evaluate, target)
     heads = head_matmuls(fp32_path)  # the task head decides the answer directly and costs little: float
-    calibrated = Calibrated(activation_stats(fp32_path, scorer.alone_feeds()))
+    calibrated = Calibrated(activation_stats(fp32_path, scorer.alone_feeds()), INT8_CPUS[form.int8_cpus])
     info = quantize_int8(fp32_path, out, heads, calibrated)
     reached = scorer.evaluate(out).score
     aim = target + (1 - target) * AIM_SHARE

@@ -20,7 +20,7 @@ from kiln.export.rowwise_int8 import (
     constant_matmuls,
     quantize_rows,
 )
-from kiln.runtime.cpu import cpu_name, int8_kernel
+from kiln.runtime.cpu import INT8_CPUS, cpu_name, int8_kernel
 
 # overflow-prone or precision-critical ops that stay in float32 inside an fp16 graph
 FP16_KEEP_FLOAT = [
@@ -98,11 +98,13 @@ def quantize_int8(
     calibration text measured, the uneven activations are smoothed and the weights rounded with
     error feedback."""
     done = quantize_rows(model_path, out_path, set(keep_float), calibrated=calibrated)
+    levels = WEIGHT_LEVELS if calibrated is None else calibrated.weight_levels
     smoothing = f", {len(done.smoothed)} inputs smoothed per channel" if done.smoothed else ""
     rounding = "error feedback on calibration activations" if calibrated is not None else "to nearest"
     return QuantInfo(
         scheme=f"int8: per-row activations ({LEVELS} levels a side, scale computed per token at run time) x "
-        f"per-column int8 weights ({rounding}), exact int32 sums (MatMulIntegerToFloat) on {len(done.int8)} MatMuls"
+        f"per-column int8 weights ({levels} levels, {rounding}), exact int32 sums (MatMulIntegerToFloat) on "
+        f"{len(done.int8)} MatMuls"
         f"{smoothing}; "
         "answers do not depend on batch-mates",
         quantized=len(done.int8),
@@ -111,11 +113,12 @@ def quantize_int8(
             "int8_matmuls": len(done.int8),
             "activation_levels": LEVELS,
             "weight_rounding": rounding,
-            "weight_levels": WEIGHT_LEVELS,
+            "weight_levels": levels,
+            "int8_cpus": next(cpus for cpus, n in INT8_CPUS.items() if n == levels),  # checked as it loads
             "smoothed_inputs": len(done.smoothed),
             "smoothing_alpha": SMOOTHING_ALPHA,
             "calibrated": "smoothing factors per channel" if done.smoothed else False,
-            "measured_on": {"cpu": cpu_name(), "int8_kernel": int8_kernel()},  # levels exact on every kernel
+            "measured_on": {"cpu": cpu_name(), "int8_kernel": int8_kernel()},
         },
     )
 

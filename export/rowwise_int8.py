@@ -6,25 +6,27 @@ Each MatMul with a constant weight becomes
     q   = QuantizeLinear(x / p, 1/127, 128)        (round half to even, zero point 128: q - 128 in [-127, 127])
     y   = MatMulIntegerToFloat(q, W8, 1, w_scale / 127, 128) * p
 
-with W8 the weight in symmetric int8 (63 levels a side), one scale per output column. A row's scale
-is its own, the integer products are summed in int32 (exact, so the kernel's tiling and summation
-order cannot change them) and the two scales are applied elementwise: a token's output is the same
-bits alone, in any batch, padded or not. Per-tensor dynamic int8 (onnxruntime's, optimum's) shares
-one scale across the batch, and MatMulNBits' int8 compute (per-row scales per block of K, block
-partials summed in float) was measured drifting with the number of rows in the call; both make an
-answer depend on what else was in the call.
+with W8 the weight in symmetric int8 (63 levels a side; 127 for VNNI CPUs, below), one scale per
+output column. A row's scale is its own, the integer products are summed in int32 (exact, so the
+kernel's tiling and summation order cannot change them) and the two scales are applied elementwise:
+a token's output is the same bits alone, in any batch, padded or not. Per-tensor dynamic int8
+(onnxruntime's, optimum's) shares one scale across the batch, and MatMulNBits' int8 compute (per-row
+scales per block of K, block partials summed in float) was measured drifting with the number of rows
+in the call; both make an answer depend on what else was in the call.
 
 Levels: x86 kernels without VNNI multiply u8 by s8 in pairs summed into int16 (vpmaddubsw), which
 saturates above 32767. The kernel sees the activation as stored, 0..255 with its zero point, so a
 pair of products stays exact while 255 * w * 2 <= 32767: weights get 63 levels a side (255 * 63 * 2
 = 32130) and activations all 127, and the int32 sums are exact, and the same, on AVX2, AVX-512, VNNI
-and ARM alike. The activation's levels are the ones that count: on all-MiniLM-L6-v2 with every
-MatMul in int8 (342 corpus sentences, pooled cosine against fp32), 63 activation x 127 weight levels
-gave min 0.9729 / mean 0.9887, 127 x 63 gave 0.9808 / 0.9920 at the same speed (127 x 127, exact
-only where VNNI or u8 x u8 kernels run, 0.9880 / 0.9949; u8 x u8 was 1.3x slower). Inputs that
-several MatMuls read (Q, K and V) are quantised once, and their weights packed side by side into one
-int8 GEMM whose output is split: the same int32 sums and scales per column, so the same bits, in one
-call instead of three.
+and ARM alike. Where the package need only run on CPUs that sum in int32 (`kiln export --int8-cpus
+vnni`: AVX-512 VNNI, AVX-VNNI, AMX, ARM dot products), weights keep 127 levels, and the runtime
+refuses such a package on a CPU without them (kiln.runtime.cpu). The activation's levels are the
+ones that count: on all-MiniLM-L6-v2 with every MatMul in int8 (342 corpus sentences, pooled cosine
+against fp32), 63 activation x 127 weight levels gave min 0.9729 / mean 0.9887, 127 x 63 gave
+0.9808 / 0.9920 at the same speed (127 x 127 0.9880 / 0.9949; u8 x u8, exact at 127 x 127
+everywhere, was 1.3x slower). Inputs that several MatMuls read (Q, K and V) are quantised once, and
+their weights packed side by side into one int8 GEMM whose output is split: the same int32 sums and
+scales per column, so the same bits, in one call instead of three.
 
 Each step is one onnxruntime kernel, and on a text at a time the kernels' fixed cost, not their
 passes over memory, is what the quantiser costs (measured on all-MiniLM-L6-v2, alternating rounds,
@@ -51,6 +53,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from kiln.runtime.cpu import INT8_CPUS
 from kiln.runtime.errors import UnsupportedModel
 
 if TYPE_CHECKING:
@@ -58,7 +61,7 @@ if TYPE_CHECKING:
     from onnx import GraphProto, NodeProto
 
 LEVELS = 127  # activation levels a side, zero point 128 (see the module docstring)
-WEIGHT_LEVELS = 63  # so that 255 * 63 * 2 fits int16: exact on every x86 kernel
+WEIGHT_LEVELS = INT8_CPUS["any"]  # 63, so that 255 * 63 * 2 fits int16: exact on every x86 kernel
 MIN_K = 16  # narrower MatMuls gain nothing from int8
 SMOOTHING_ALPHA = 0.5  # how much of a channel's outlier moves into the weight (see smoothing_factors)
 UNEVEN = 3.0  # channels are smoothed where the largest peak is over this many times the median
@@ -101,11 +104,13 @@ class Rewrite:
 
 @dataclass
 class Calibrated:
-    """What calibration text measured of each int8 input (kiln.export.activation_stats), and the
-    int8 weights made from it, kept so that every graph of one export (the ladder's switched graph,
-    the final graph) rounds each group's weights once and the same way."""
+    """What calibration text measured of each int8 input (kiln.export.activation_stats), the weight
+    levels the target CPUs allow (kiln.runtime.cpu.INT8_CPUS), and the int8 weights made from them,
+    kept so that every graph of one export (the ladder's switched graph, the final graph) rounds each
+    group's weights once and the same way."""
 
     stats: dict[str, ActivationStats]
+    weight_levels: int = WEIGHT_LEVELS
     weights: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
 
@@ -199,12 +204,13 @@ def _int8_weights(
     w = np.concatenate(columns, axis=1)
     if factors is not None:
         w = w * factors[:, None]
-    column_scale = (np.maximum(np.abs(w).max(axis=0), 1e-12) / WEIGHT_LEVELS).astype(np.float32)
+    levels = WEIGHT_LEVELS if calibrated is None else calibrated.weight_levels
+    column_scale = (np.maximum(np.abs(w).max(axis=0), 1e-12) / levels).astype(np.float32)
     if stats is None:
-        w8 = np.clip(np.round(w / column_scale), -WEIGHT_LEVELS, WEIGHT_LEVELS).astype(np.int8)
+        w8 = np.clip(np.round(w / column_scale), -levels, levels).astype(np.int8)
     else:
         gram = stats.gram_of(factors)
-        w8 = round_with_error_feedback(w, gram, column_scale, WEIGHT_LEVELS)
+        w8 = round_with_error_feedback(w, gram, column_scale, levels)
     if calibrated is not None:
         calibrated.weights[key] = (w8, column_scale)
     return w8, column_scale

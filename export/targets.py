@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kiln.runtime.cpu import INT8_CPUS
 from kiln.runtime.errors import UnsupportedModel
 
 TARGETS = ("cpu", "cuda", "tensorrt")
@@ -40,6 +41,7 @@ class GraphForm:
     target: str
     precision: str
     fusions: str | None  # "cpu" | "cuda": onnxruntime's transformer fusions for that provider; None: standard ops
+    int8_cpus: str = "any"  # kiln's CPU int8: the CPUs it must be exact on (kiln.runtime.cpu.INT8_CPUS)
 
     @property
     def standard_ops_only(self) -> bool:
@@ -52,7 +54,7 @@ class GraphForm:
         return self.precision.startswith("int8")
 
 
-def graph_form(target: str, quantize: str) -> GraphForm:
+def graph_form(target: str, quantize: str, int8_cpus: str = "any") -> GraphForm:
     if target not in TARGETS:
         raise UnsupportedModel(f"--device must be one of {', '.join(TARGETS)}, got {target!r}")
     if quantize not in _PRECISIONS:
@@ -60,7 +62,14 @@ def graph_form(target: str, quantize: str) -> GraphForm:
     precision = _PRECISIONS[quantize][target]
     if precision is None:
         raise UnsupportedModel(_INT8_ON_CUDA)
-    return GraphForm(target, precision, _fusions(target, precision))
+    if int8_cpus not in INT8_CPUS:
+        raise UnsupportedModel(f"--int8-cpus must be one of {', '.join(INT8_CPUS)}, got {int8_cpus!r}")
+    if int8_cpus != "any" and precision != "int8-dynamic":
+        raise UnsupportedModel(
+            f"--int8-cpus {int8_cpus} shapes kiln's CPU int8 (--quantize int8 --device cpu), "
+            f"not {precision} on {target}"
+        )
+    return GraphForm(target, precision, _fusions(target, precision), int8_cpus)
 
 
 def _fusions(target: str, precision: str) -> str | None:

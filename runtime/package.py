@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from kiln.runtime.cpu import check_int8_cpus
 from kiln.runtime.cuda_graphs import CudaGraphs
 from kiln.runtime.errors import PackageError, ProviderMismatch
 from kiln.runtime.manifest import GRAPH_INPUTS, MODEL_NAME, Manifest, inside, read_manifest, verify_files
@@ -67,6 +68,8 @@ def load_package(directory: str | Path, options: SessionOptions | None = None, v
             f"{directory}: an fp16 package runs on a GPU (provider cuda or tensorrt); on CPU it would be slow "
             "and is refused unless allow_fp16_on_cpu is set"
         )
+    if provider == PROVIDERS["cpu"]:
+        check_int8_cpus(directory, manifest.quantization)
     if provider != PROVIDERS[manifest.target]:
         warnings.warn(_mismatch(directory, manifest.target, provider), ProviderMismatch, stacklevel=2)
     extra = None

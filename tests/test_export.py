@@ -6,8 +6,9 @@ import json
 
 import numpy as np
 import pytest
-from kiln.runtime import pipeline
-from kiln.runtime.errors import PackageError
+from kiln.runtime import cpu, pipeline
+from kiln.runtime.cpu import int8_cpus_here
+from kiln.runtime.errors import PackageError, UnsupportedModel
 from kiln.runtime.manifest import read_manifest
 
 MATRIX = [
@@ -164,3 +165,33 @@ def test_the_summary_says_when_int8_kept_most_matmuls_in_float(exported):
     mostly_float = {**manifest.quantization, "int8_matmuls": 1, "kept_float": ["a", "b", "c"]}
     text = summary(ExportResult(package, replace(manifest, quantization=mostly_float), sizes))
     assert "kept in float for accuracy: 3 MatMuls" in text and "--calibration FILE" in text
+
+
+@pytest.mark.skipif(int8_cpus_here() != "vnni", reason="a VNNI package is exported (and gated) on a VNNI CPU")
+def test_an_int8_package_for_vnni_cpus_keeps_127_weight_levels_and_refuses_other_cpus(
+    tiny_model, tmp_path, monkeypatch
+):
+    from conftest import run_kiln
+
+    out = tmp_path / "vnni"
+    model = str(tiny_model("bert", "text-classification"))
+    result = run_kiln("export", "--model", model, "--output", str(out), "--quantize", "int8", "--int8-cpus", "vnni")
+    assert result.returncode == 0, result.stderr
+    quantization = read_manifest(out).quantization
+    assert (quantization["int8_cpus"], quantization["weight_levels"]) == ("vnni", 127)
+    assert "127 levels" in quantization["scheme"] and read_manifest(out).parity["passed"]
+    pipeline(out)  # loads here
+    monkeypatch.setattr(cpu, "_cpuinfo", lambda: {"model name": "AMD EPYC 7B12", "flags": "avx2"})
+    with pytest.raises(PackageError, match="--int8-cpus vnni"):
+        pipeline(out)
+
+
+def test_an_int8_package_for_vnni_cpus_is_exported_on_one(tiny_model, tmp_path, monkeypatch):
+    """The gate proves a package by running it, so a VNNI package is not exported on an AVX2 machine."""
+    from kiln.export.build import ExportOptions, export
+
+    monkeypatch.setattr(cpu, "_cpuinfo", lambda: {"model name": "AMD EPYC 7B12", "flags": "avx2"})
+    model = str(tiny_model("bert", "text-classification"))
+    with pytest.raises(UnsupportedModel, match=r"--int8-cpus vnni is exported on such a CPU.*AMD EPYC 7B12, avx2"):
+        export(ExportOptions(model=model, output=tmp_path / "vnni", quantize="int8", int8_cpus="vnni"))
+    assert not (tmp_path / "vnni").exists()

@@ -22,6 +22,7 @@ from kiln.export.rowwise_int8 import (
     quantize_rows,
     smoothing_factors,
 )
+from kiln.runtime.cpu import INT8_CPUS, int8_cpus_here, int8_kernel
 from kiln.runtime.errors import UnsupportedModel
 from onnx import TensorProto, helper, numpy_helper
 
@@ -47,12 +48,12 @@ def _run(path: Path, x: np.ndarray) -> list[np.ndarray]:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
 
 
-def _scheme(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+def _scheme(x: np.ndarray, w: np.ndarray, weight_levels: int = WEIGHT_LEVELS) -> np.ndarray:
     """The scheme in numpy: per-row activation scale, per-column weight scale, exact integer sums."""
     peak = np.abs(x).max(axis=-1, keepdims=True)
     q = np.round(x / peak / np.float32(1 / LEVELS)).astype(np.int32)  # numpy rounds half to even, as QuantizeLinear
-    column = (np.abs(w).max(axis=0) / WEIGHT_LEVELS).astype(np.float32)
-    w8 = np.clip(np.round(w / column), -WEIGHT_LEVELS, WEIGHT_LEVELS).astype(np.int32)
+    column = (np.abs(w).max(axis=0) / weight_levels).astype(np.float32)
+    w8 = np.clip(np.round(w / column), -weight_levels, weight_levels).astype(np.int32)
     return (q @ w8).astype(np.float32) * (column / np.float32(LEVELS)) * peak
 
 
@@ -97,6 +98,27 @@ def test_int32_sums_are_exact_at_the_largest_values(tmp_path):
     quantize_rows(_graph(tmp_path, {"proj": w}, {"proj": "x"}), quantized, set())
     (got,) = _run(quantized, x)
     np.testing.assert_allclose(got, x @ w, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.skipif(int8_cpus_here() != "vnni", reason=f"this CPU's int8 kernel ({int8_kernel()}) sums in int16")
+def test_vnni_packages_keep_127_weight_levels_and_exact_sums_where_the_cpu_sums_in_int32(tmp_path):
+    """`--int8-cpus vnni`: 127 weight levels a side, twice as fine; on a CPU that sums u8 x s8 in
+    int32 even the largest products (255 * 127, four to a lane) add up exactly."""
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(K, N)).astype(np.float32)
+    w[:, 0] = np.where(np.arange(K) % 2 == 0, 1.0, -1.0)  # the extreme column: every product at its peak
+    x = rng.normal(size=(2, 6, K)).astype(np.float32)
+    x[0, 0] = np.where(np.arange(K) % 2 == 0, 1.0, -1.0)
+    source, fine, coarse = _graph(tmp_path, {"proj": w}, {"proj": "x"}), tmp_path / "127.onnx", tmp_path / "63.onnx"
+    quantize_rows(source, fine, set(), calibrated=Calibrated({}, weight_levels=INT8_CPUS["vnni"]))
+    quantize_rows(source, coarse, set())
+    levels = {init.name: numpy_helper.to_array(init) for init in onnx.load(str(fine)).graph.initializer}
+    assert np.abs(levels["proj.int8.weight"]).max() == 127
+    (got,) = _run(fine, x)
+    np.testing.assert_allclose(got, _scheme(x, w, weight_levels=127), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got[0, 0, 0], K, rtol=1e-6)  # 96 products of 127 * 127 (the zero point's 128 + 127)
+    error = {path.stem: np.abs(_run(path, x)[0] - x @ w).mean() for path in (fine, coarse)}
+    assert error["127"] < 0.8 * error["63"]  # the weights round half as coarsely; the activations as before
 
 
 def test_readers_of_one_activation_share_its_quantisation_and_one_gemm_and_kept_matmuls_stay_float(tmp_path):

@@ -45,6 +45,15 @@ def test_int8_for_cuda_is_refused_with_advice(quantize):
         graph_form("cuda", quantize)
 
 
+def test_int8_cpus_shape_only_kilns_cpu_int8():
+    assert graph_form("cpu", "int8", "vnni").int8_cpus == "vnni"
+    assert graph_form("cpu", "int8").int8_cpus == "any"
+    with pytest.raises(UnsupportedModel, match="--int8-cpus vnni shapes kiln's CPU int8"):
+        graph_form("cpu", "none", "vnni")
+    with pytest.raises(UnsupportedModel, match="--int8-cpus must be one of any, vnni"):
+        graph_form("cpu", "int8", "avx9")
+
+
 def test_int8_for_cuda_exits_4_from_the_command_line(tiny_model, tmp_path):
     model = tiny_model("bert", "text-classification")
     result = run_kiln(
