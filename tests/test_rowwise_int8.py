@@ -117,6 +117,8 @@ def test_vnni_packages_keep_127_weight_levels_and_exact_sums_where_the_cpu_sums_
     (got,) = _run(fine, x)
     np.testing.assert_allclose(got, _scheme(x, w, weight_levels=127), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(got[0, 0, 0], K, rtol=1e-6)  # 96 products of 127 * 127 (the zero point's 128 + 127)
+    many = rng.normal(size=(4, 128, K)).astype(np.float32)  # large enough for AMX's tiles, where it has them
+    np.testing.assert_allclose(_run(fine, many)[0], _scheme(many, w, weight_levels=127), rtol=1e-6, atol=1e-6)
     error = {path.stem: np.abs(_run(path, x)[0] - x @ w).mean() for path in (fine, coarse)}
     assert error["127"] < 0.8 * error["63"]  # the weights round half as coarsely; the activations as before
 
