@@ -22,6 +22,7 @@ from kiln.export.task_exports import EXPORTS
 from kiln.runtime.cpu import INT8_CPUS
 from kiln.runtime.errors import ParityError
 from kiln.runtime.manifest import Manifest
+from kiln.runtime.native import kernels_library
 from kiln.runtime.package import Package
 from kiln.runtime.session import SessionOptions, create_session
 from kiln.runtime.tasks import spec_for
@@ -95,6 +96,24 @@ class Scorer:
         alone, batched = self._run(session, inputs, inputs.alone()), self._run(session, inputs, inputs.batches())
         return all(np.array_equal(a[k], b[k]) for a, b in zip(alone, batched, strict=True) for k in a)
 
+    def same_without_native_kernels(self, path: Path) -> str:
+        """Checks that kiln's kernels (kiln.runtime.native) give every item's outputs the same bits
+        as the standard ops they stand for, in padded batches, and says how the package was
+        checked. They must: a package answers alike with and without the library."""
+        if kernels_library() is None:
+            return "not checked: kiln's kernels library is not built here (the standard ops ran)"
+        inputs = self.tuning.inputs
+        runs = [
+            self._run(create_session(path, SessionOptions(native_kernels=native)), inputs, inputs.batches())
+            for native in (True, False)
+        ]
+        if not all(np.array_equal(a[k], b[k]) for a, b in zip(*runs, strict=True) for k in a):
+            raise ParityError(
+                "kiln's native RowQuantize kernel gave other bits than its standard-op definition on the "
+                "calibration items: a kiln bug; export with KILN_NATIVE_KERNELS=0 and report it"
+            )
+        return f"the same bits as the standard ops on {len(inputs.encodings)} calibration items"
+
     def alone_feeds(self) -> list[dict[str, Any]]:
         """Each calibration item as its own unpadded batch."""
         return [self.encoder.pad([e]).feeds for e in self.tuning.inputs.encodings]
@@ -129,6 +148,7 @@ def lower_precision(
             {"quantization": info.details},
         )
     info.details["batch_invariant"] = scorer.batch_invariant(out)
+    info.details["native_kernels"] = scorer.same_without_native_kernels(out)
     return out, info
 
 

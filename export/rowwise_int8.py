@@ -53,14 +53,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from kiln.export import row_quantize
+from kiln.export.row_quantize import LEVELS, ZERO_POINT, quantize_node
 from kiln.runtime.cpu import INT8_CPUS
 from kiln.runtime.errors import UnsupportedModel
+from kiln.runtime.native import DOMAIN
 
 if TYPE_CHECKING:
     from kiln.export.activation_stats import ActivationStats
     from onnx import GraphProto, NodeProto
 
-LEVELS = 127  # activation levels a side, zero point 128 (see the module docstring)
 WEIGHT_LEVELS = INT8_CPUS["any"]  # 63, so that 255 * 63 * 2 fits int16: exact on every x86 kernel
 MIN_K = 16  # narrower MatMuls gain nothing from int8
 SMOOTHING_ALPHA = 0.5  # how much of a channel's outlier moves into the weight (see smoothing_factors)
@@ -154,7 +156,7 @@ def quantize_rows(
         if factors is not None:
             smoothed.append(activation)
         w8, column_scale = _int8_weights(matmuls, columns, factors, stats, calibrated)
-        made = _quantize_activation(graph, activation, prefix, opset, factors)
+        made = [_quantize_activation(graph, activation, prefix, factors)]
         made += _integer_matmuls(graph, matmuls, [c.shape[1] for c in columns], w8, column_scale, prefix)
         if switched:
             made = [_switch(graph, matmuls, made, SWITCH + activation)]
@@ -180,8 +182,11 @@ def quantize_rows(
     kept = [init for init in graph.initializer if init.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept)
-    if not any(op.domain == "com.microsoft" for op in model.opset_import):
-        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    for domain in ("com.microsoft", DOMAIN):
+        if not any(op.domain == domain for op in model.opset_import):
+            model.opset_import.append(onnx.helper.make_opsetid(domain, 1))
+    if chosen and not any(f.domain == DOMAIN for f in model.functions):
+        model.functions.extend(row_quantize.functions(opset))
     onnx.save(model, str(out_path))
     return Rewrite(sorted(chosen), sorted(set(weighted) - chosen), smoothed, switches)
 
@@ -233,41 +238,17 @@ def smoothing_factors(peaks: np.ndarray | None, weight: np.ndarray) -> np.ndarra
     return np.clip(factors, 1e-2, 1e2).astype(np.float32)
 
 
-def _quantize_activation(
-    graph: GraphProto, activation: str, prefix: str, opset: int, factors: np.ndarray | None
-) -> list[NodeProto]:
-    """Nodes that turn the float activation (divided by the smoothing factors, if any) into
+def _quantize_activation(graph: GraphProto, activation: str, prefix: str, factors: np.ndarray | None) -> NodeProto:
+    """The node that turns the float activation (divided by the smoothing factors, if any) into
     `{prefix}.q` (uint8) and its row peak `{prefix}.scale` (the 1/127 of the true scale is applied by
-    QuantizeLinear here and by the weight's column scales, which saves a kernel)."""
-    from onnx import helper
-
-    last_axis: tuple[list[str], dict] = ([], {"axes": [-1]})  # ReduceMax takes its axes as an input from opset 18
-    if opset >= 18:
-        last_axis = ([f"{prefix}.last_axis"], {})
-    _constants(
-        graph,
-        {
-            f"{prefix}.last_axis": np.array([-1], dtype=np.int64),
-            f"{prefix}.per_level": np.float32(1 / LEVELS),  # QuantizeLinear's scale: x / peak * 127
-            f"{prefix}.zero_point": np.uint8(LEVELS + 1),  # 128
-            f"{prefix}.one": np.float32(1.0),
-        },
-    )
-    made = []
+    the quantiser here and by the weight's column scales, which saves a kernel): one op, defined in
+    standard ops beside it (kiln.export.row_quantize)."""
+    _constants(graph, {f"{prefix}.zero_point": ZERO_POINT, f"{prefix}.one": np.float32(1.0)})  # the GEMM's
+    unsmooth = None
     if factors is not None:
-        _constants(graph, {f"{prefix}.unsmooth": 1 / factors})
-        made.append(("Mul", [activation, f"{prefix}.unsmooth"], "smoothed", {}))
-        activation = f"{prefix}.smoothed"
-    made += [
-        ("Abs", [activation], "abs", {}),
-        ("ReduceMax", [f"{prefix}.abs", *last_axis[0]], "scale", {**last_axis[1], "keepdims": 1}),
-        ("Div", [activation, f"{prefix}.scale"], "unit", {}),  # in [-1, 1]
-        ("QuantizeLinear", [f"{prefix}.unit", f"{prefix}.per_level", f"{prefix}.zero_point"], "q", {}),
-    ]
-    return [
-        helper.make_node(op, inputs, [f"{prefix}.{out}"], name=f"{prefix}.{out}", **attrs)
-        for op, inputs, out, attrs in made
-    ]
+        unsmooth = f"{prefix}.unsmooth"
+        _constants(graph, {unsmooth: 1 / factors})
+    return quantize_node(activation, unsmooth, f"{prefix}.q", f"{prefix}.scale", name=f"{prefix}.quantize")
 
 
 def _integer_matmuls(

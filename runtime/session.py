@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kiln.runtime.errors import MissingDependency, PackageError, ProviderUnavailable
+from kiln.runtime.native import kernels_library
 
 try:
     import onnxruntime as ort
@@ -43,6 +44,9 @@ class SessionOptions:
     # None: on a GPU yes, on CPU no (there the cache is in host memory anyway; True there checks the path)
     kv_on_device: bool | None = None
     cuda_graphs: bool = False  # encoders on CUDA: capture and replay a CUDA graph per shape (kiln.runtime.cuda_graphs)
+    # on CPU, kiln's own kernels where the wheel has them (kiln.runtime.native): the same bits as the
+    # standard ops they replace; False runs those standard ops, to compare
+    native_kernels: bool = True
 
 
 def resolve_provider(name: str) -> str:
@@ -86,6 +90,9 @@ def create_session(
         # CUDA and cuDNN from the nvidia-* wheels beside onnxruntime-gpu, found without LD_LIBRARY_PATH
         # (the serving install has no torch to have loaded them first)
         ort.preload_dlls()
+    library = kernels_library() if options.native_kernels and provider == PROVIDERS["cpu"] else None
+    if library is not None:
+        so.register_custom_ops_library(str(library))
     providers: list = [(provider, provider_options or {})]
     if provider == PROVIDERS["tensorrt"]:
         providers.append(PROVIDERS["cuda"])
