@@ -42,6 +42,10 @@ bits on every corpus sentence, alone and in padded batches.)
 QuantizeLinear with a per-row scale (blocked, opset 21) would save the Div, but it gives uint8 only
 with a zero-point tensor of the scale's run-time shape, and int8 activations run onnxruntime's
 generic s8 x s8 GEMM on x86 (10x slower, measured).
+Since 2026-12-05 those kernels (and the smoothing Mul) are one op, ai.kiln.RowQuantize, defined in
+the graph as a function of exactly them (kiln.export.row_quantize): kiln's kernels library runs it
+as one kernel (kiln.runtime.native), and without the library onnxruntime inlines the function, so
+the same bits either way.
 """
 
 from __future__ import annotations

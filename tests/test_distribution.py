@@ -81,3 +81,12 @@ def test_the_wheel_carries_what_it_needs(installed):
     assert "License-Expression: Apache-2.0" in text and "Requires-Python: >=3.11" in text
     assert 'Requires-Dist: onnxruntime>=1.20; extra == "cpu"' in text
     assert 'Requires-Dist: onnxruntime-gpu>=1.20; extra == "gpu"' in text
+
+
+def test_the_wheel_carries_kilns_kernels_for_every_python(installed):
+    """One cp311-abi3 wheel: the kernels library (it uses no Python API) loads on the newest Python too."""
+    python = str(installed / "bin" / "python")
+    probe = "from kiln.runtime.native import kernels_library as k; print(k().name if k() else None)"
+    assert subprocess.run([python, "-c", probe], capture_output=True, text=True, check=True).stdout.strip() == (
+        "_kernels.abi3.so"
+    )
