@@ -4,7 +4,7 @@ Each MatMul with a constant weight becomes
 
     p   = max|x| over the row                      (the scale, p / 127, is per token, computed at run time)
     q   = QuantizeLinear(x / p, 1/127, 128)        (round half to even, zero point 128: q - 128 in [-127, 127])
-    y   = MatMulIntegerToFloat(q, W8, 1, w_scale / 127, 128) * p
+    y   = MatMulIntegerToFloat(q, W8, p, w_scale / 127, 128)  (p: A's scale, one per row)
 
 with W8 the weight in symmetric int8 (63 levels a side; 127 for VNNI CPUs, below), one scale per
 output column. A row's scale is its own, the integer products are summed in int32 (exact, so the
@@ -45,7 +45,9 @@ generic s8 x s8 GEMM on x86 (10x slower, measured).
 Since 2026-12-05 those kernels (and the smoothing Mul) are one op, ai.kiln.RowQuantize, defined in
 the graph as a function of exactly them (kiln.export.row_quantize): kiln's kernels library runs it
 as one kernel (kiln.runtime.native), and without the library onnxruntime inlines the function, so
-the same bits either way.
+the same bits either way. And MatMulIntegerToFloat takes the row peaks as its A scale (a scale of
+shape [..., rows, 1] multiplies each output row after the column scales, onnxruntime >= 1.20): the
+multiply the row-scale Mul did, inside the GEMM's kernel, the same bits.
 """
 
 from __future__ import annotations
@@ -247,7 +249,7 @@ def _quantize_activation(graph: GraphProto, activation: str, prefix: str, factor
     `{prefix}.q` (uint8) and its row peak `{prefix}.scale` (the 1/127 of the true scale is applied by
     the quantiser here and by the weight's column scales, which saves a kernel): one op, defined in
     standard ops beside it (kiln.export.row_quantize)."""
-    _constants(graph, {f"{prefix}.zero_point": ZERO_POINT, f"{prefix}.one": np.float32(1.0)})  # the GEMM's
+    _constants(graph, {f"{prefix}.zero_point": ZERO_POINT})  # the GEMM's too
     unsmooth = None
     if factors is not None:
         unsmooth = f"{prefix}.unsmooth"
@@ -264,8 +266,10 @@ def _integer_matmuls(
     prefix: str,
 ) -> list[NodeProto]:
     """One MatMulIntegerToFloat on the quantised activation for all the MatMuls that read it (their
-    int8 weights side by side, from `_int8_weights`), the row scale, then a Split into each
-    MatMul's output."""
+    int8 weights side by side, from `_int8_weights`), then a Split into each MatMul's output. The
+    row peaks are its A scale: a scale of shape [..., rows, 1] is applied to each row of the output
+    after the column scales (onnxruntime >= 1.20), the same multiply a Mul after it did, in the same
+    kernel."""
     from onnx import helper
 
     name = f"{matmuls[0].name}.int8"
@@ -274,12 +278,11 @@ def _integer_matmuls(
     nodes = [
         helper.make_node(
             "MatMulIntegerToFloat",
-            [f"{prefix}.q", f"{name}.weight", f"{prefix}.one", f"{name}.weight_scale", f"{prefix}.zero_point"],
-            [f"{name}.columns_scaled"],
+            [f"{prefix}.q", f"{name}.weight", f"{prefix}.scale", f"{name}.weight_scale", f"{prefix}.zero_point"],
+            [scaled],
             name=f"{name}.matmul",
             domain="com.microsoft",
-        ),
-        helper.make_node("Mul", [f"{name}.columns_scaled", f"{prefix}.scale"], [scaled], name=f"{name}.rows_scaled"),
+        )
     ]
     if len(matmuls) > 1:
         _constants(graph, {f"{name}.widths": np.array(widths, dtype=np.int64)})
