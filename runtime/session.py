@@ -47,6 +47,7 @@ class SessionOptions:
     # on CPU, kiln's own kernels where the wheel has them (kiln.runtime.native): the same bits as the
     # standard ops they replace; False runs those standard ops, to compare
     native_kernels: bool = True
+    optimized_model_path: Path | None = None  # write the graph as onnxruntime optimised it, to see what runs
 
 
 def resolve_provider(name: str) -> str:
@@ -81,6 +82,8 @@ def create_session(
     so.intra_op_num_threads = options.intra_op_threads or cpu_count()
     so.inter_op_num_threads = options.inter_op_threads
     so.log_severity_level = 3
+    if options.optimized_model_path is not None:
+        so.optimized_model_filepath = str(options.optimized_model_path)
     if not options.spin:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.add_session_config_entry("session.inter_op.allow_spinning", "0")
@@ -98,8 +101,11 @@ def create_session(
         providers.append(PROVIDERS["cuda"])
     if options.allow_fallback and provider != PROVIDERS["cpu"]:
         providers.append(PROVIDERS["cpu"])
+    # onnxruntime's CPU SkipLayerNormalization is 4x slower than the Add and LayerNormalization it
+    # would fuse (kiln.export.optimize): leave them apart on CPU
+    unfused = ["SkipLayerNormFusion"] if provider == PROVIDERS["cpu"] else []
     try:
-        session = ort.InferenceSession(str(model_path), so, providers=providers)
+        session = ort.InferenceSession(str(model_path), so, providers=providers, disabled_optimizers=unfused)
     except Exception as exc:  # onnxruntime raises its own untyped errors
         raise PackageError(f"{model_path}: onnxruntime {ort.__version__} cannot load this model: {exc}") from exc
     if provider not in session.get_providers():

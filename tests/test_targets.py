@@ -14,6 +14,7 @@ from kiln.export.targets import graph_form
 from kiln.runtime import pipeline
 from kiln.runtime.errors import ProviderMismatch, UnsupportedModel
 from kiln.runtime.manifest import read_manifest
+from kiln.runtime.session import SessionOptions, create_session
 
 
 def _domains(package) -> Counter:
@@ -61,6 +62,17 @@ def test_int8_for_cuda_exits_4_from_the_command_line(tiny_model, tmp_path):
     )
     assert result.returncode == UnsupportedModel.exit_code and "--device tensorrt" in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_cpu_form_keeps_the_residual_add_and_layernorm_apart(exported, tmp_path):
+    """onnxruntime's CPU SkipLayerNormalization is 4x slower than Add and LayerNormalization: the
+    CPU graph keeps them apart, and kiln's sessions keep onnxruntime from fusing them at load."""
+    package = exported("bert", "text-classification", "int8")
+    assert _ops(package)["SkipLayerNormalization"] == 0 and _ops(package)["LayerNormalization"] > 0
+    ran = tmp_path / "optimized.onnx"
+    create_session(package / "model.onnx", SessionOptions(optimized_model_path=ran))
+    ops = Counter(node.op_type for node in onnx.load(str(ran)).graph.node)
+    assert ops["SkipLayerNormalization"] == 0 and ops["LayerNormalization"] > 0 and ops["MatMulIntegerToFloat"] > 0
 
 
 def test_cuda_form_is_fused_fp16_with_float32_io(exported):
