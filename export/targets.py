@@ -4,7 +4,8 @@ onnxruntime's fused contrib ops (`Attention`, `SkipLayerNormalization`, `BiasGel
 `com.microsoft` domain) are fast on the CPU and CUDA providers, but TensorRT cannot take them: a
 TensorRT package that holds them falls back to CUDA for exactly the layers that matter. So:
 
-- cpu: onnxruntime's CPU fusions; for int8 the Q/K/V projections stay separate MatMuls, where
+- cpu: onnxruntime's CPU fusions but SkipLayerNormalization (slower than the Add and
+  LayerNormalization it fuses; kiln.export.optimize); for int8 the Q/K/V projections stay separate MatMuls, where
   kiln's int8 pass reaches them. fp16 stays unfused (it runs on CPU only when asked to).
 - cuda: the fully fused graph (fused `Attention` with packed Q/K/V); fp16 as a fused fp16 graph
   with float32 inputs and outputs. int8 is refused: the CUDA provider has no fused int8 encoder.
