@@ -134,14 +134,19 @@ static inline uint8_t code(float xs, float peak) {
   return (uint8_t)(lrintf(v) + 128);
 }
 
-/* One row, portably: what Mul, Abs, ReduceMax, Div and QuantizeLinear compute, in their order. */
-static void quantize_row_plain(const float *x, const float *unsmooth, float *xs, int64_t k, uint8_t *q, float *peak_out) {
-  float peak = -INFINITY;
-  for (int64_t i = 0; i < k; ++i) {
+/* The smoothed values xs[i..k) and the largest |xs| of them and `peak`: the vector forms' tails. */
+static float peak_from(const float *x, const float *unsmooth, float *xs, int64_t i, int64_t k, float peak) {
+  for (; i < k; ++i) {
     xs[i] = unsmooth ? x[i] * unsmooth[i] : x[i];
     float a = fabsf(xs[i]);
     peak = a > peak ? a : peak;
   }
+  return peak;
+}
+
+/* One row, portably: what Mul, Abs, ReduceMax, Div and QuantizeLinear compute, in their order. */
+static void quantize_row_plain(const float *x, const float *unsmooth, float *xs, int64_t k, uint8_t *q, float *peak_out) {
+  float peak = peak_from(x, unsmooth, xs, 0, k, -INFINITY);
   *peak_out = peak;
   for (int64_t i = 0; i < k; ++i) q[i] = code(xs[i], peak);
 }
@@ -161,12 +166,7 @@ __attribute__((target("avx512f"))) static void quantize_row_avx512(const float *
     _mm512_storeu_ps(xs + i, v);
     peaks = _mm512_max_ps(_mm512_abs_ps(v), peaks);
   }
-  float peak = _mm512_reduce_max_ps(peaks);
-  for (; i < k; ++i) {
-    xs[i] = unsmooth ? x[i] * unsmooth[i] : x[i];
-    float a = fabsf(xs[i]);
-    peak = a > peak ? a : peak;
-  }
+  float peak = peak_from(x, unsmooth, xs, i, k, _mm512_reduce_max_ps(peaks));
   *peak_out = peak;
   const __m512 p = _mm512_set1_ps(peak), per_level = _mm512_set1_ps(PER_LEVEL);
   const __m512 lo = _mm512_set1_ps(-128.0f), hi = _mm512_set1_ps(127.0f);
@@ -195,11 +195,7 @@ __attribute__((target("avx2"))) static void quantize_row_avx2(const float *x, co
   float lanes[8], peak = -INFINITY;
   _mm256_storeu_ps(lanes, peaks);
   for (int j = 0; j < 8; ++j) peak = lanes[j] > peak ? lanes[j] : peak;
-  for (; i < k; ++i) {
-    xs[i] = unsmooth ? x[i] * unsmooth[i] : x[i];
-    float a = fabsf(xs[i]);
-    peak = a > peak ? a : peak;
-  }
+  peak = peak_from(x, unsmooth, xs, i, k, peak);
   *peak_out = peak;
   const __m256 p = _mm256_set1_ps(peak), per_level = _mm256_set1_ps(PER_LEVEL);
   const __m256 lo = _mm256_set1_ps(-128.0f), hi = _mm256_set1_ps(127.0f);
