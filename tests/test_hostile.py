@@ -111,9 +111,10 @@ def test_metric_labels_come_only_from_served_models(server):
 def test_the_queue_bound_bounds_everything_accepted(exported):
     from kiln.proto import kiln_pb2, kiln_pb2_grpc
 
-    # a batch waits 2 s for company, so the whole burst arrives while the first 8 are held (with 300 ms,
-    # a slow CI machine spread the burst over five windows and 40 were taken)
-    flags = ("--max-queue", "8", "--max-queue-delay-ms", "2000")
+    # a batch waits 5 s for company, so the whole burst arrives while the first 8 are held (with 300 ms,
+    # a slow CI machine spread the burst over five windows and 40 were taken; with 2 s, a machine busy
+    # with other builds spread it over four and 30 were)
+    flags = ("--max-queue", "8", "--max-queue-delay-ms", "5000")
     with (
         running_server(*flags, models={"cls": exported("bert", "text-classification")}) as running,
         grpc.insecure_channel(running.address) as channel,
