@@ -19,7 +19,7 @@ $(BIN)/python:
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml runtime/native/row_quantize.c | $(BIN)/python
+$(VENV)/.installed: pyproject.toml $(wildcard runtime/native/*.c runtime/native/*.h) | $(BIN)/python
 	$(BIN)/pip install --quiet torch==2.13.0+cpu 2>/dev/null || $(BIN)/pip install --quiet torch==2.13.0+cpu --index-url $(TORCH_INDEX)
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@

@@ -117,6 +117,7 @@ def quantize_int8(
             "int8_cpus": next(cpus for cpus, n in INT8_CPUS.items() if n == levels),  # checked as it loads
             "smoothed_inputs": len(done.smoothed),
             "smoothing_alpha": SMOOTHING_ALPHA,
+            "self_attentions": done.attentions,
             "calibrated": "smoothing factors per channel" if done.smoothed else False,
             "measured_on": {"cpu": cpu_name(), "int8_kernel": int8_kernel()},
         },

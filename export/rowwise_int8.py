@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from kiln.export import row_quantize
+from kiln.export import row_quantize, self_attention
 from kiln.export.row_quantize import LEVELS, ZERO_POINT, quantize_node
 from kiln.runtime.cpu import INT8_CPUS
 from kiln.runtime.errors import UnsupportedModel
@@ -108,6 +108,7 @@ class Rewrite:
     floating: list[str]
     smoothed: list[str] = field(default_factory=list)
     switches: dict[str, list[str]] = field(default_factory=dict)  # a switched graph's bool inputs -> their MatMuls
+    attentions: int = 0  # Split + MultiHeadAttention pairs now one ai.kiln.SelfAttention (kiln.export.self_attention)
 
 
 @dataclass
@@ -191,10 +192,11 @@ def quantize_rows(
     for domain in ("com.microsoft", DOMAIN):
         if not any(op.domain == domain for op in model.opset_import):
             model.opset_import.append(onnx.helper.make_opsetid(domain, 1))
-    if chosen and not any(f.domain == DOMAIN for f in model.functions):
+    if chosen and not any(f.name in row_quantize.OPS[row_quantize.DEFINITION] for f in model.functions):
         model.functions.extend(row_quantize.functions(opset))
+    attentions = 0 if switched else self_attention.fuse(model)
     onnx.save(model, str(out_path))
-    return Rewrite(sorted(chosen), sorted(set(weighted) - chosen), smoothed, switches)
+    return Rewrite(sorted(chosen), sorted(set(weighted) - chosen), smoothed, switches, attentions)
 
 
 def _int8_weights(

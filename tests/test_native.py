@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from kiln.export import row_quantize
+from kiln.export import row_quantize, self_attention
 from kiln.runtime import pipeline
 from kiln.runtime.manifest import read_manifest
 from kiln.runtime.native import DOMAIN, kernels_library
@@ -32,12 +32,13 @@ def test_kiln_native_kernels_0_turns_them_off(monkeypatch):
     assert kernels_library() is None
 
 
-def _quantisers(tmp_path: Path, k: int, opset: int = 17) -> Path:
-    """x[rows, k] -> RowQuantize(x) and RowQuantizeSmoothed(x, factors): both forms, four outputs."""
+def _quantisers(tmp_path: Path, k: int, definition: int, opset: int = 17) -> Path:
+    """x[rows, k] -> RowQuantize(x) and RowQuantizeSmoothed(x, factors) (or their second definition,
+    RowQuantize2...): both forms, four outputs."""
     factors = np.random.default_rng(0).uniform(0.05, 20, k).astype(np.float32)
     nodes = [
-        row_quantize.quantize_node("x", None, "q", "peak", "plain"),
-        row_quantize.quantize_node("x", "unsmooth", "q_s", "peak_s", "smoothed"),
+        row_quantize.quantize_node("x", None, "q", "peak", "plain", definition),
+        row_quantize.quantize_node("x", "unsmooth", "q_s", "peak_s", "smoothed", definition),
     ]
     outputs = [("q", TensorProto.UINT8), ("peak", TensorProto.FLOAT), ("q_s", TensorProto.UINT8)]
     graph = helper.make_graph(
@@ -48,7 +49,7 @@ def _quantisers(tmp_path: Path, k: int, opset: int = 17) -> Path:
         [numpy_helper.from_array(factors, "unsmooth")],
     )
     opsets = [helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, 1)]
-    model = helper.make_model(graph, opset_imports=opsets, functions=row_quantize.functions(opset))
+    model = helper.make_model(graph, opset_imports=opsets, functions=row_quantize.functions(opset, definition))
     path = tmp_path / "quantisers.onnx"
     onnx.save(model, str(path))
     return path
@@ -70,12 +71,14 @@ def _hard_rows(k: int) -> np.ndarray:
 @pytest.mark.skipif(kernels_library() is None, reason="kiln's kernels library is not built here")
 @pytest.mark.parametrize("isa", ["plain", "avx2", "best"])
 @pytest.mark.parametrize("k", [384, 1536, 37])
-def test_every_form_of_row_quantize_gives_the_standard_ops_bits(tmp_path, monkeypatch, isa, k):
+@pytest.mark.parametrize("definition", [1, 2])
+def test_every_form_of_row_quantize_gives_the_standard_ops_bits(tmp_path, monkeypatch, isa, k, definition):
     """The C kernel's forms (portable, AVX2, AVX-512: the best the CPU has) against onnxruntime
-    running the op's definition, bit for bit, for widths with and without a vector tail."""
+    running the op's definition, bit for bit, for widths with and without a vector tail, in both
+    definitions (packages made before 2026-12-05 carry the first)."""
     if isa != "best":
         monkeypatch.setenv("KILN_ROW_QUANTIZE_ISA", isa)
-    path, x = _quantisers(tmp_path, k), _hard_rows(k)
+    path, x = _quantisers(tmp_path, k, definition), _hard_rows(k)
     native = create_session(path, SessionOptions(native_kernels=True))
     standard = create_session(path, SessionOptions(native_kernels=False))
     for got, want in zip(native.run(None, {"x": x}), standard.run(None, {"x": x}), strict=True):
@@ -96,11 +99,119 @@ def _ops_run(path: Path, x: np.ndarray) -> Counter:
     return Counter(DOMAIN if name.startswith("RowQuantize") else name for name in ran)
 
 
-def test_an_int8_package_answers_the_same_bits_with_and_without_kilns_kernels(exported, monkeypatch):
+def test_the_second_definition_changes_codes_only_at_rounding_ties(tmp_path):
+    """x * (127 / peak) against (x / peak) / (1 / 127): one level apart at most, and rarely."""
+    x = np.random.default_rng(2).normal(size=(256, 384)).astype(np.float32)
+    first, second = (
+        create_session(_quantisers(tmp_path, 384, definition), SessionOptions(native_kernels=False)).run(None, {"x": x})
+        for definition in (1, 2)
+    )
+    assert np.array_equal(first[1], second[1])  # the peaks
+    moved = np.abs(first[0].astype(int) - second[0].astype(int))
+    assert moved.max() <= 1 and moved.mean() < 1e-3  # none moved on these 98,304 values
+
+
+def _attention(tmp_path: Path, heads: int, head_size: int, opset: int = 17) -> Path:
+    """qkv[B, S, 3 D], key lengths[B] -> ai.kiln.SelfAttention, as an int8 graph carries it."""
+    width = heads * head_size
+    bias = np.random.default_rng(3).normal(size=3 * width).astype(np.float32)
+    node = helper.make_node(self_attention.SELF_ATTENTION, ["qkv", "bias", "lengths"], ["y"], domain=DOMAIN)
+    node.attribute.extend(
+        [helper.make_attribute("num_heads", heads), helper.make_attribute("mask_filter_value", -3.4028234663852886e38)]
+    )
+    graph = helper.make_graph(
+        [node],
+        "attention",
+        [
+            helper.make_tensor_value_info("qkv", TensorProto.FLOAT, ["batch", "seq", 3 * width]),
+            helper.make_tensor_value_info("lengths", TensorProto.INT32, ["batch"]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", width])],
+        [numpy_helper.from_array(bias, "bias")],
+    )
+    opsets = [helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, 1), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets, functions=[self_attention.function(opset)])
+    path = tmp_path / f"attention-{heads}x{head_size}-{opset}.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def _qkv(batch: int, seq: int, width: int, seed: int = 4) -> np.ndarray:
+    return (np.random.default_rng(seed).normal(size=(batch, seq, 3 * width)) * 2).astype(np.float32)
+
+
+@pytest.mark.skipif(kernels_library() is None, reason="kiln's kernels library is not built here")
+@pytest.mark.parametrize(("heads", "head_size", "opset"), [(12, 32, 17), (12, 64, 17), (4, 24, 18), (2, 8, 14)])
+def test_self_attention_answers_as_its_definition(tmp_path, heads, head_size, opset):
+    """The kernel against onnxruntime's Split + MultiHeadAttention on the same inputs: equal to float
+    rounding, for head sizes that are and are not whole vectors, texts of every length in one batch."""
+    path, qkv = _attention(tmp_path, heads, head_size, opset), _qkv(5, 37, heads * head_size)
+    lengths = np.array([37, 1, 16, 17, 30], dtype=np.int32)
+    got = create_session(path, SessionOptions(native_kernels=True)).run(None, {"qkv": qkv, "lengths": lengths})[0]
+    want = create_session(path, SessionOptions(native_kernels=False)).run(None, {"qkv": qkv, "lengths": lengths})[0]
+    assert np.abs(got - want).max() < 2e-5 * np.abs(want).max()
+    assert _attention_ops_run(path, qkv, lengths) == 1  # the comparison was not the definition against itself
+
+
+@pytest.mark.skipif(kernels_library() is None, reason="kiln's kernels library is not built here")
+def test_self_attention_gives_a_text_the_same_bits_alone_and_in_any_batch(tmp_path):
+    """A text's rows depend on its own keys only: the same bits alone, padded among others, and in a
+    batch large enough to run on onnxruntime's thread pool."""
+    path = _attention(tmp_path, 12, 32)
+    session = create_session(path, SessionOptions(native_kernels=True))
+    text = _qkv(1, 21, 384, seed=5)
+    alone = session.run(None, {"qkv": text, "lengths": np.array([21], dtype=np.int32)})[0]
+    for batch, seq in [(3, 40), (64, 64)]:
+        qkv = _qkv(batch, seq, 384, seed=6)
+        qkv[1, :21] = text[0]
+        lengths = np.full(batch, seq, dtype=np.int32)
+        lengths[1] = 21
+        batched = session.run(None, {"qkv": qkv, "lengths": lengths})[0]
+        assert np.array_equal(batched[1, :21], alone[0])
+
+
+@pytest.mark.skipif(kernels_library() is None, reason="kiln's kernels library is not built here")
+def test_self_attention_forms_agree(tmp_path, monkeypatch):
+    """AVX2 and AVX-512 run one C body with the same operations lane by lane: the same bits. The
+    portable form has no fused multiply-add: float rounding apart."""
+    path, qkv, lengths = _attention(tmp_path, 12, 32), _qkv(4, 33, 384), np.array([33, 9, 20, 2], dtype=np.int32)
+    runs = {}
+    for isa in ("best", "avx2", "plain"):
+        monkeypatch.setenv("KILN_ATTENTION_ISA", isa)
+        runs[isa] = create_session(path, SessionOptions()).run(None, {"qkv": qkv, "lengths": lengths})[0]
+    if platform.machine() == "x86_64":
+        assert np.array_equal(runs["best"], runs["avx2"])
+    assert np.abs(runs["plain"] - runs["best"]).max() < 2e-5 * np.abs(runs["best"]).max()
+
+
+def _attention_ops_run(path: Path, qkv: np.ndarray, lengths: np.ndarray) -> int:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.enable_profiling, options.profile_file_prefix = True, str(path.with_name("profile"))
+    options.register_custom_ops_library(str(kernels_library()))
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session.run(None, {"qkv": qkv, "lengths": lengths})
+    events = json.loads(Path(session.end_profiling()).read_text())
+    ran = [e["args"]["op_name"] for e in events if e.get("cat") == "Node" and "op_name" in e.get("args", {})]
+    assert "MultiHeadAttention" not in ran
+    return ran.count(self_attention.SELF_ATTENTION)
+
+
+def test_an_int8_package_answers_alike_with_and_without_kilns_kernels(exported, monkeypatch):
+    """Without the library onnxruntime runs the ops' definitions: the quantiser's bits, attention's answers
+    to float rounding. The export checked it on its calibration items; here on text."""
     package = exported("bert", "text-classification", "int8")
-    checked = read_manifest(package).quantization["native_kernels"]
-    assert checked.startswith("the same bits" if kernels_library() else "not checked")
+    quantization = read_manifest(package).quantization
+    checked = quantization["native_kernels"]
+    if kernels_library() is None:
+        assert checked.startswith("not checked")
+        return
+    assert quantization["self_attentions"] == 2
+    assert checked["score_without"] >= 0.99 and checked["max_difference"] < 0.05
     texts = ["Alice lives in Seoul", "The markets fell sharply today, and then rose", "경기는 연장전 끝에 끝났다"]
     with_kernels = pipeline(package).logits(texts)[0]
     monkeypatch.setenv("KILN_NATIVE_KERNELS", "0")
-    assert np.array_equal(pipeline(package).logits(texts)[0], with_kernels)
+    without = pipeline(package).logits(texts)[0]
+    assert np.array_equal(without.argmax(-1), with_kernels.argmax(-1))
+    assert np.abs(without - with_kernels).max() < 0.05

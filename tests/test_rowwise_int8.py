@@ -58,7 +58,7 @@ def _run(path: Path, x: np.ndarray, **flags: np.ndarray) -> list[np.ndarray]:
 def _scheme(x: np.ndarray, w: np.ndarray, weight_levels: int = WEIGHT_LEVELS) -> np.ndarray:
     """The scheme in numpy: per-row activation scale, per-column weight scale, exact integer sums."""
     peak = np.abs(x).max(axis=-1, keepdims=True)
-    q = np.round(x / peak / np.float32(1 / LEVELS)).astype(np.int32)  # numpy rounds half to even, as QuantizeLinear
+    q = np.round(x * (np.float32(LEVELS) / peak)).astype(np.int32)  # numpy rounds half to even, as QuantizeLinear
     column = (np.abs(w).max(axis=0) / weight_levels).astype(np.float32)
     w8 = np.clip(np.round(w / column), -weight_levels, weight_levels).astype(np.int32)
     return (q @ w8).astype(np.float32) * (column / np.float32(LEVELS)) * peak
@@ -137,7 +137,7 @@ def test_readers_of_one_activation_share_its_quantisation_and_one_gemm_and_kept_
     quantized = tmp_path / "int8.onnx"
     assert quantize_rows(_graph(tmp_path, weights, reads), quantized, {"head"}) == Rewrite(["k", "q", "v"], ["head"])
     ops = Counter(node.op_type for node in onnx.load(str(quantized)).graph.node)
-    assert ops["RowQuantize"] == 1 and ops["MatMulIntegerToFloat"] == 1 and ops["Split"] == 1 and ops["MatMul"] == 1
+    assert ops["RowQuantize2"] == 1 and ops["MatMulIntegerToFloat"] == 1 and ops["Split"] == 1 and ops["MatMul"] == 1
     x = rng.normal(size=(1, 4, K)).astype(np.float32)
     for got, name in zip(_run(quantized, x)[:3], ("q", "k", "v"), strict=True):
         np.testing.assert_allclose(got, _scheme(x, weights[name]), rtol=1e-6, atol=1e-6)

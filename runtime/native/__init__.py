@@ -1,11 +1,16 @@
 """kiln's own onnxruntime kernels, compiled into the wheel where a C compiler built them.
 
-One for now: ai.kiln.RowQuantize (and RowQuantizeSmoothed), the per-row quantiser of kiln's int8
-graphs (kiln.export.rowwise_int8) in one kernel instead of four or five standard ones
-(`row_quantize.c`). A graph that uses it also defines it as an ONNX function of exactly those
-standard ops, so a package loads and answers the same bits without the library (onnxruntime
-inlines the function): on a platform where the wheel has no library, from a source tree not built,
-or with KILN_NATIVE_KERNELS=0, which turns it off to compare.
+- ai.kiln.RowQuantize2 (and RowQuantizeSmoothed2; RowQuantize and RowQuantizeSmoothed in packages
+  made before 2026-12-05), the per-row quantiser of kiln's int8 graphs (kiln.export.rowwise_int8) in
+  one kernel instead of four to six standard ones (`row_quantize.c`): the same bits as those ops.
+- ai.kiln.SelfAttention, Split + MultiHeadAttention over a packed Q, K, V projection
+  (kiln.export.self_attention, `attention.c`): the same answers to float rounding, not the same bits.
+
+A graph that uses them also defines them as ONNX functions of the standard (and onnxruntime contrib)
+ops they stand for, so a package loads and answers without the library (onnxruntime inlines the
+functions): on a platform where the wheel has no library, from a source tree not built, or with
+KILN_NATIVE_KERNELS=0, which turns it off to compare. `kernels.c` registers them; `ort_abi.h`
+declares the part of onnxruntime's C ABI they use.
 """
 
 from __future__ import annotations
@@ -14,8 +19,11 @@ import os
 from pathlib import Path
 
 DOMAIN = "ai.kiln"
-ROW_QUANTIZE = "RowQuantize"  # (x) -> (q uint8, row peak)
-ROW_QUANTIZE_SMOOTHED = "RowQuantizeSmoothed"  # (x, per-channel factors) -> (q uint8, row peak)
+# (x) -> (q uint8, row peak) and (x, per-channel factors) -> (q uint8, row peak), in two definitions
+# (row_quantize.c): (x / peak) / (1 / 127) until 2026-12-05, x * (127 / peak) since
+ROW_QUANTIZE, ROW_QUANTIZE_SMOOTHED = "RowQuantize", "RowQuantizeSmoothed"
+ROW_QUANTIZE2, ROW_QUANTIZE_SMOOTHED2 = "RowQuantize2", "RowQuantizeSmoothed2"
+SELF_ATTENTION = "SelfAttention"  # (qkv, bias, key lengths) {num_heads} -> attention output
 
 
 def kernels_library() -> Path | None:
