@@ -75,7 +75,8 @@ def _hard_rows(k: int) -> np.ndarray:
 def test_every_form_of_row_quantize_gives_the_standard_ops_bits(tmp_path, monkeypatch, isa, k, definition):
     """The C kernel's forms (portable, AVX2, AVX-512: the best the CPU has) against onnxruntime
     running the op's definition, bit for bit, for widths with and without a vector tail, in both
-    definitions (packages made before 2026-12-05 carry the first)."""
+    definitions (packages made before 2026-12-05 carry the first). 64 rows of 1536 run on the thread
+    pool (the kernel splits calls of 65,536 values and more), 64 of 384 and 37 on one thread."""
     if isa != "best":
         monkeypatch.setenv("KILN_ROW_QUANTIZE_ISA", isa)
     path, x = _quantisers(tmp_path, k, definition), _hard_rows(k)
@@ -182,6 +183,16 @@ def test_self_attention_forms_agree(tmp_path, monkeypatch):
     if platform.machine() == "x86_64":
         assert np.array_equal(runs["best"], runs["avx2"])
     assert np.abs(runs["plain"] - runs["best"]).max() < 2e-5 * np.abs(runs["best"]).max()
+
+
+@pytest.mark.skipif(kernels_library() is None, reason="kiln's kernels library is not built here")
+def test_self_attention_refuses_inputs_that_do_not_fit_together(tmp_path):
+    """Key lengths for another batch size: an error naming the shapes, not a read past the tensor."""
+    import onnxruntime as ort
+
+    session = create_session(_attention(tmp_path, 12, 32), SessionOptions())
+    with pytest.raises(ort.capi.onnxruntime_pybind11_state.InvalidArgument, match=r"key lengths \[batch\]"):
+        session.run(None, {"qkv": _qkv(2, 9, 384), "lengths": np.array([9, 4, 1], dtype=np.int32)})
 
 
 def _attention_ops_run(path: Path, qkv: np.ndarray, lengths: np.ndarray) -> int:

@@ -47,6 +47,7 @@ struct Work {
   int64_t seq, heads, head_size;
   float scale;
   HeadFn head;
+  volatile int out_of_memory; /* set by a task whose scratch could not be had */
 };
 
 /* exp(x) for x <= 0 (and -inf), without libm, in operations that vectorise and round alike on every
@@ -218,56 +219,66 @@ static size_t scratch_floats(const Work *w) {
 
 /* One task of the thread pool: a (text, head) pair with its own scratch. */
 static void run_task(void *data, size_t task) {
-  const Work *w = (const Work *)data;
+  Work *w = (Work *)data;
   float *scratch = malloc(scratch_floats(w) * sizeof(float));
-  if (scratch == NULL) return;
+  if (scratch == NULL) {
+    w->out_of_memory = 1; /* every task that fails writes the same 1 */
+    return;
+  }
   w->head(w, task, scratch);
   free(scratch);
 }
 
-static void compute(void *state, OrtKernelContext *context) {
+/* onnxruntime has checked each input's type and rank against the graph, not that they fit together:
+   a call whose shapes disagree fails with a message rather than reading past a tensor. */
+static OrtStatus *compute(void *state, OrtKernelContext *context) {
   const Kernel *kernel = (const Kernel *)state;
-  if (kernel == NULL) return; /* no num_heads: the graph is not kiln's */
   const OrtApi *api = kernel->api;
   const OrtValue *qkv = NULL, *bias = NULL, *lengths = NULL;
   OrtValue *out = NULL;
-  int64_t dims[16];
-  size_t rank = 0;
-  if (kiln_failed(api, api->KernelContext_GetInput(context, 0, &qkv)) || kiln_input_shape(api, qkv, dims, &rank) ||
-      rank != 3 || dims[2] % (3 * kernel->heads) != 0)
-    return;
+  int64_t dims[16], bias_dims[16], length_dims[16];
+  size_t rank = 0, bias_rank = 0, length_rank = 0;
+  if (kiln_failed(api, api->KernelContext_GetInput(context, 0, &qkv)) ||
+      kiln_failed(api, api->KernelContext_GetInput(context, 1, &bias)) ||
+      kiln_failed(api, api->KernelContext_GetInput(context, 2, &lengths)) || kiln_input_shape(api, qkv, dims, &rank) ||
+      kiln_input_shape(api, bias, bias_dims, &bias_rank) || kiln_input_shape(api, lengths, length_dims, &length_rank))
+    return api->CreateStatus(ORT_FAIL, "kiln SelfAttention: onnxruntime gave no inputs");
+  if (rank != 3 || dims[2] % (3 * kernel->heads) != 0 || bias_rank != 1 || bias_dims[0] != dims[2] ||
+      length_rank != 1 || length_dims[0] != dims[0])
+    return api->CreateStatus(ORT_INVALID_ARGUMENT, "kiln SelfAttention: qkv must be [batch, seq, 3 x num_heads x "
+                                                   "head_size], bias [3 x num_heads x head_size], key lengths [batch]");
   Work w = {.seq = dims[1], .heads = kernel->heads, .head_size = dims[2] / (3 * kernel->heads), .head = kernel->head};
   w.scale = 1.0f / sqrtf((float)w.head_size);
   dims[2] /= 3;
-  if (kiln_failed(api, api->KernelContext_GetInput(context, 1, &bias)) ||
-      kiln_failed(api, api->KernelContext_GetInput(context, 2, &lengths)) ||
-      kiln_failed(api, api->GetTensorMutableData((OrtValue *)qkv, (void **)&w.qkv)) ||
+  if (kiln_failed(api, api->GetTensorMutableData((OrtValue *)qkv, (void **)&w.qkv)) ||
       kiln_failed(api, api->GetTensorMutableData((OrtValue *)bias, (void **)&w.bias)) ||
       kiln_failed(api, api->GetTensorMutableData((OrtValue *)lengths, (void **)&w.lengths)) ||
       kiln_failed(api, api->KernelContext_GetOutput(context, 0, dims, 3, &out)) ||
       kiln_failed(api, api->GetTensorMutableData(out, (void **)&w.out)))
-    return;
+    return api->CreateStatus(ORT_FAIL, "kiln SelfAttention: onnxruntime gave no output");
   const size_t tasks = (size_t)(dims[0] * kernel->heads);
   if (kiln_has_parallel_for && dims[0] * dims[1] * dims[1] * dims[2] > PARALLEL_WORK &&
       !kiln_failed(api, api->KernelContext_ParallelFor(context, run_task, tasks, 0, &w)))
-    return;
+    return w.out_of_memory ? api->CreateStatus(ORT_FAIL, "kiln SelfAttention: out of memory") : NULL;
   float *scratch = malloc(scratch_floats(&w) * sizeof(float));
-  if (scratch == NULL) return;
+  if (scratch == NULL) return api->CreateStatus(ORT_FAIL, "kiln SelfAttention: out of memory");
   for (size_t task = 0; task < tasks; ++task) w.head(&w, task, scratch);
   free(scratch);
+  return NULL;
 }
 
-static void *create_kernel(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info) {
+static OrtStatus *create_kernel(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **out) {
   (void)op;
   int64_t heads = 0;
-  if (kiln_failed(api, api->KernelInfoGetAttribute_int64(info, "num_heads", &heads)) || heads <= 0) return NULL;
+  if (kiln_failed(api, api->KernelInfoGetAttribute_int64(info, "num_heads", &heads)) || heads <= 0)
+    return api->CreateStatus(ORT_INVALID_ARGUMENT, "kiln SelfAttention: needs num_heads > 0");
   Kernel *kernel = malloc(sizeof(Kernel));
-  if (kernel) {
-    kernel->api = api;
-    kernel->heads = heads;
-    kernel->head = head_function();
-  }
-  return kernel;
+  if (kernel == NULL) return api->CreateStatus(ORT_FAIL, "kiln SelfAttention: out of memory");
+  kernel->api = api;
+  kernel->heads = heads;
+  kernel->head = head_function();
+  *out = kernel;
+  return NULL;
 }
 
 static const char *op_name(const OrtCustomOp *op) { (void)op; return "SelfAttention"; }
@@ -276,6 +287,6 @@ static size_t input_count(const OrtCustomOp *op) { (void)op; return 3; }
 static int output_type(const OrtCustomOp *op, size_t index) { (void)op; (void)index; return ELEMENT_FLOAT; }
 static size_t output_count(const OrtCustomOp *op) { (void)op; return 1; }
 
-static OrtCustomOp OP = KILN_CUSTOM_OP(create_kernel, op_name, input_type, input_count, output_type, output_count,
-                                       compute);
+static OrtCustomOp OP = KILN_CUSTOM_OP_THAT_CAN_FAIL(create_kernel, op_name, input_type, input_count, output_type,
+                                                    output_count, compute);
 OrtCustomOp *const kiln_attention_ops[1] = {&OP};

@@ -21,9 +21,10 @@ typedef struct OrtCustomOpDomain OrtCustomOpDomain;
 typedef struct OrtTensorTypeAndShapeInfo OrtTensorTypeAndShapeInfo;
 
 enum { ELEMENT_FLOAT = 1, ELEMENT_UINT8 = 2, ELEMENT_INT32 = 6 }; /* ONNXTensorElementDataType */
-enum { ORT_FAIL = 1 };                                          /* OrtErrorCode */
+enum { ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2 };                 /* OrtErrorCode */
 enum { REQUIRED = 0, DEFAULT_MEMORY = 0 }; /* OrtCustomOpInputOutputCharacteristic, OrtMemType */
 #define API_VERSION 1                      /* the table and custom-op layout the kernels are written to */
+#define CAN_FAIL_API_VERSION 16            /* custom ops whose kernels return a status */
 #define PARALLEL_FOR_API_VERSION 20        /* the first API version kiln relies on for ParallelFor */
 
 typedef struct OrtApi {
@@ -90,8 +91,9 @@ typedef struct OrtCustomOp {
   int (*GetVariadicInputHomogeneity)(const struct OrtCustomOp *op);
   int (*GetVariadicOutputMinArity)(const struct OrtCustomOp *op);
   int (*GetVariadicOutputHomogeneity)(const struct OrtCustomOp *op);
-  void *CreateKernelV2;     /* version 16 */
-  void *KernelComputeV2;    /* version 16 */
+  OrtStatus *(*CreateKernelV2)(const struct OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info,
+                               void **kernel);                 /* version 16 */
+  OrtStatus *(*KernelComputeV2)(void *kernel, OrtKernelContext *context); /* version 16: a kernel that can fail */
   void *InferOutputShapeFn; /* version 17 */
   void *GetStartVersion;    /* version 17 */
   void *GetEndVersion;      /* version 17 */
@@ -113,6 +115,12 @@ void kiln_destroy_kernel(void *kernel);
   {API_VERSION, CREATE, NAME, kiln_on_cpu, INPUT_TYPE, INPUT_COUNT, OUTPUT_TYPE, OUTPUT_COUNT, COMPUTE,          \
    kiln_destroy_kernel, kiln_required, kiln_required, kiln_default_memory, kiln_one, kiln_one, kiln_one, kiln_one, \
    NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL}
+
+/* A version-16 custom op: created and run by the callbacks that return a status (KernelCompute NULL). */
+#define KILN_CUSTOM_OP_THAT_CAN_FAIL(CREATE, NAME, INPUT_TYPE, INPUT_COUNT, OUTPUT_TYPE, OUTPUT_COUNT, COMPUTE)      \
+  {CAN_FAIL_API_VERSION, NULL, NAME, kiln_on_cpu, INPUT_TYPE, INPUT_COUNT, OUTPUT_TYPE, OUTPUT_COUNT, NULL,         \
+   kiln_destroy_kernel, kiln_required, kiln_required, kiln_default_memory, kiln_one, kiln_one, kiln_one, kiln_one, \
+   CREATE, COMPUTE, NULL, NULL, NULL, NULL, NULL, NULL, NULL}
 
 /* Whether a call failed (releasing its status: a version-1 kernel cannot return one). */
 int kiln_failed(const OrtApi *api, OrtStatus *status);

@@ -153,6 +153,30 @@ static RowFn row_function(void) {
   return quantize_row_plain;
 }
 
+/* Rows are independent (each its own scale), so a large call splits them across onnxruntime's thread
+   pool; a text's few dozen rows stay on one thread, where a dispatch would cost more than it saves. */
+enum { BLOCKS = 16 };
+static const int64_t PARALLEL_VALUES = 1 << 16;
+
+typedef struct Rows {
+  const Kernel *kernel;
+  const float *x, *unsmooth;
+  uint8_t *q;
+  float *peaks;
+  int64_t k, rows, per_block;
+} Rows;
+
+static void quantize_block(void *data, size_t block) {
+  const Rows *w = (const Rows *)data;
+  const int64_t first = (int64_t)block * w->per_block;
+  const int64_t last = first + w->per_block < w->rows ? first + w->per_block : w->rows;
+  float *scratch = malloc((size_t)w->k * sizeof(float));
+  if (scratch == NULL) return;
+  for (int64_t r = first; r < last; ++r)
+    w->kernel->row(w->x + r * w->k, w->unsmooth, scratch, w->k, w->q + r * w->k, w->peaks + r, w->kernel->reciprocal);
+  free(scratch);
+}
+
 /* A version-1 kernel cannot return an error; onnxruntime has checked the shapes against the graph,
    so a failing call here means a broken runtime, and the outputs are left as allocated. */
 static void compute(void *state, OrtKernelContext *context) {
@@ -180,10 +204,13 @@ static void compute(void *state, OrtKernelContext *context) {
   if (kiln_failed(api, api->KernelContext_GetOutput(context, 1, dims, rank, &peak_value)) ||
       kiln_failed(api, api->GetTensorMutableData(peak_value, (void **)&peaks)))
     return;
-  float *scratch = malloc((size_t)k * sizeof(float));
-  if (scratch == NULL) return;
-  for (int64_t r = 0; r < rows; ++r) kernel->row(x + r * k, unsmooth, scratch, k, q + r * k, peaks + r, kernel->reciprocal);
-  free(scratch);
+  Rows work = {kernel, x, unsmooth, q, peaks, k, rows, (rows + BLOCKS - 1) / BLOCKS};
+  const size_t blocks = (size_t)((rows + work.per_block - 1) / work.per_block);
+  if (kiln_has_parallel_for && rows * k >= PARALLEL_VALUES && blocks > 1 &&
+      !kiln_failed(api, api->KernelContext_ParallelFor(context, quantize_block, blocks, 0, &work)))
+    return;
+  work.per_block = rows;
+  quantize_block(&work, 0);
 }
 
 static void *create_kernel(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info) {
