@@ -202,12 +202,12 @@ __attribute__((target("avx512f,prefer-vector-width=512"))) static void head_avx5
 
 /* KILN_ATTENTION_ISA=avx2|plain asks for a narrower form, so the tests check they agree bit for bit. */
 static HeadFn head_function(void) {
-  const char *asked = getenv("KILN_ATTENTION_ISA");
-  if (asked && strcmp(asked, "plain") == 0) return head_plain;
 #if defined(__x86_64__)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && !(asked && strcmp(asked, "avx2") == 0)) return head_avx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return head_avx2;
+  switch (kiln_isa("KILN_ATTENTION_ISA")) {
+  case ISA_AVX512: return head_avx512;
+  case ISA_AVX2: return head_avx2;
+  case ISA_PLAIN: break;
+  }
 #endif
   return head_plain;
 }

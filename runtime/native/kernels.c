@@ -8,6 +8,7 @@
 
 #include <pthread.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "ort_abi.h"
 
@@ -32,6 +33,17 @@ int kiln_input_shape(const OrtApi *api, const OrtValue *value, int64_t dims[16],
             kiln_failed(api, api->GetDimensions(info, dims, *rank));
   api->ReleaseTensorTypeAndShapeInfo(info);
   return bad;
+}
+
+KilnIsa kiln_isa(const char *variable) {
+  const char *asked = getenv(variable);
+  if (asked && strcmp(asked, "plain") == 0) return ISA_PLAIN;
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && !(asked && strcmp(asked, "avx2") == 0)) return ISA_AVX512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return ISA_AVX2;
+#endif
+  return ISA_PLAIN;
 }
 
 static OrtCustomOpDomain *DOMAIN = NULL; /* made once, shared by every session that registers it */

@@ -128,6 +128,12 @@ int kiln_failed(const OrtApi *api, OrtStatus *status);
 /* An input's shape, up to 16 dimensions; 0 on success. */
 int kiln_input_shape(const OrtApi *api, const OrtValue *value, int64_t dims[16], size_t *rank);
 
+/* The widest instruction set a kernel may use here: AVX-512, AVX2 with FMA, or plain C. The named
+   environment variable (avx2|plain) asks for a narrower one, so the tests check every form a machine
+   has. */
+typedef enum { ISA_PLAIN, ISA_AVX2, ISA_AVX512 } KilnIsa;
+KilnIsa kiln_isa(const char *variable);
+
 /* Whether onnxruntime serves the table up to KernelContext_ParallelFor (set at registration). */
 extern int kiln_has_parallel_for;
 

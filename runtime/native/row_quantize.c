@@ -143,12 +143,12 @@ __attribute__((target("avx2"))) static void quantize_row_avx2(const float *x, co
 /* The widest form this CPU runs; KILN_ROW_QUANTIZE_ISA=avx2|plain asks for a narrower one, so the
    tests check every form a machine has against the standard ops. */
 static RowFn row_function(void) {
-  const char *asked = getenv("KILN_ROW_QUANTIZE_ISA");
-  if (asked && strcmp(asked, "plain") == 0) return quantize_row_plain;
 #if defined(__x86_64__)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && !(asked && strcmp(asked, "avx2") == 0)) return quantize_row_avx512;
-  if (__builtin_cpu_supports("avx2")) return quantize_row_avx2;
+  switch (kiln_isa("KILN_ROW_QUANTIZE_ISA")) {
+  case ISA_AVX512: return quantize_row_avx512;
+  case ISA_AVX2: return quantize_row_avx2;
+  case ISA_PLAIN: break;
+  }
 #endif
   return quantize_row_plain;
 }
