@@ -185,6 +185,7 @@ def quantize_rows(
     ]
     del graph.node[:]
     graph.node.extend(nodes)
+    attentions = 0 if switched else self_attention.fuse(model, opset)
     used = {name for node in _with_branches(graph.node) for name in node.input}
     kept = [init for init in graph.initializer if init.name in used]
     del graph.initializer[:]
@@ -194,7 +195,6 @@ def quantize_rows(
             model.opset_import.append(onnx.helper.make_opsetid(domain, 1))
     if chosen and not any(f.name in row_quantize.OPS[row_quantize.DEFINITION] for f in model.functions):
         model.functions.extend(row_quantize.functions(opset))
-    attentions = 0 if switched else self_attention.fuse(model)
     onnx.save(model, str(out_path))
     return Rewrite(sorted(chosen), sorted(set(weighted) - chosen), smoothed, switches, attentions)
 

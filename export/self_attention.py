@@ -31,9 +31,11 @@ MS_DOMAIN = "com.microsoft"
 FILTER_AT_MOST = -1e4
 
 
-def fuse(model: ModelProto) -> int:
+def fuse(model: ModelProto, opset: int) -> int:
     """Replace each Split of a packed projection that only feeds a MultiHeadAttention's Q, K and V
-    (equal parts, key lengths as its mask) by SelfAttention; add the definition. Returns how many."""
+    (equal parts, key lengths as its mask) by SelfAttention, and add the definition for this ONNX
+    opset. Returns how many. The caller (kiln.export.rowwise_int8) declares the domains and drops
+    the constants no node reads any more (the Splits' widths)."""
     graph = model.graph
     producers = {out: node for node in graph.node for out in node.output}
     consumers: dict[str, list[NodeProto]] = {}
@@ -55,8 +57,7 @@ def fuse(model: ModelProto) -> int:
     nodes = [fused.get(node.name, node) for node in graph.node if node.name in fused or node.name not in gone]
     del graph.node[:]
     graph.node.extend(nodes)
-    _used_constants_only(graph)
-    _declare(model)
+    model.functions.append(function(opset))
     return len(fused)
 
 
@@ -97,24 +98,6 @@ def _self_attention(qkv: str, attention: NodeProto) -> NodeProto:
         domain=DOMAIN,
         **attributes,
     )
-
-
-def _used_constants_only(graph) -> None:
-    used = {name for node in graph.node for name in node.input}
-    kept = [init for init in graph.initializer if init.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-
-
-def _declare(model: ModelProto) -> None:
-    from onnx import helper
-
-    opset = next((op.version for op in model.opset_import if op.domain in ("", "ai.onnx")), 17)
-    for domain in (MS_DOMAIN, DOMAIN):
-        if not any(op.domain == domain for op in model.opset_import):
-            model.opset_import.append(helper.make_opsetid(domain, 1))
-    if not any(f.domain == DOMAIN and f.name == SELF_ATTENTION for f in model.functions):
-        model.functions.append(function(opset))
 
 
 def function(opset: int) -> FunctionProto:
