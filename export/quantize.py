@@ -118,6 +118,7 @@ def quantize_int8(
             "smoothed_inputs": len(done.smoothed),
             "smoothing_alpha": SMOOTHING_ALPHA,
             "self_attentions": done.attentions,
+            "skip_layer_norms": done.norms,
             "calibrated": "smoothing factors per channel" if done.smoothed else False,
             "measured_on": {"cpu": cpu_name(), "int8_kernel": int8_kernel()},
         },

@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from kiln.export import row_quantize, self_attention
+from kiln.export import row_quantize, self_attention, skip_layer_norm
 from kiln.export.row_quantize import LEVELS, ZERO_POINT, quantize_node
 from kiln.runtime.cpu import INT8_CPUS
 from kiln.runtime.errors import UnsupportedModel
@@ -109,6 +109,7 @@ class Rewrite:
     smoothed: list[str] = field(default_factory=list)
     switches: dict[str, list[str]] = field(default_factory=dict)  # a switched graph's bool inputs -> their MatMuls
     attentions: int = 0  # Split + MultiHeadAttention pairs now one ai.kiln.SelfAttention (kiln.export.self_attention)
+    norms: int = 0  # bias + residual + LayerNormalization now one ai.kiln.SkipLayerNorm (kiln.export.skip_layer_norm)
 
 
 @dataclass
@@ -186,6 +187,7 @@ def quantize_rows(
     del graph.node[:]
     graph.node.extend(nodes)
     attentions = 0 if switched else self_attention.fuse(model, opset)
+    norms = 0 if switched else skip_layer_norm.fuse(model, opset)
     used = {name for node in _with_branches(graph.node) for name in node.input}
     kept = [init for init in graph.initializer if init.name in used]
     del graph.initializer[:]
@@ -196,7 +198,7 @@ def quantize_rows(
     if chosen and not any(f.name in row_quantize.OPS[row_quantize.DEFINITION] for f in model.functions):
         model.functions.extend(row_quantize.functions(opset))
     onnx.save(model, str(out_path))
-    return Rewrite(sorted(chosen), sorted(set(weighted) - chosen), smoothed, switches, attentions)
+    return Rewrite(sorted(chosen), sorted(set(weighted) - chosen), smoothed, switches, attentions, norms)
 
 
 def _int8_weights(

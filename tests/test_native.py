@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from kiln.export import row_quantize, self_attention
+from kiln.export import row_quantize, self_attention, skip_layer_norm
 from kiln.runtime import pipeline
 from kiln.runtime.manifest import read_manifest
 from kiln.runtime.native import DOMAIN, kernels_library
@@ -209,6 +209,101 @@ def _attention_ops_run(path: Path, qkv: np.ndarray, lengths: np.ndarray) -> int:
     return ran.count(self_attention.SELF_ATTENTION)
 
 
+def _skip_layer_norm(tmp_path: Path, k: int, epsilon: float = 1e-12) -> Path:
+    """x[..., k] (+ bias) + skip[..., k] -> LayerNormalization, as an encoder's int8 graph has it,
+    fused by the export's rewrite (which must find the pattern: one op, with its definition)."""
+    rng = np.random.default_rng(7)
+    vectors = {"bias": rng.normal(size=k), "gamma": 1 + rng.normal(size=k) / 4, "beta": rng.normal(size=k) / 4}
+    graph = helper.make_graph(
+        [
+            helper.make_node("Add", ["bias", "x"], ["biased"], name="bias"),
+            helper.make_node("Add", ["skip", "biased"], ["sum"], name="residual"),
+            helper.make_node(
+                "LayerNormalization", ["sum", "gamma", "beta"], ["y"], axis=-1, epsilon=epsilon, name="ln"
+            ),
+        ],
+        "skip_layer_norm",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", "seq", k]) for n in ("x", "skip")],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", k])],
+        [numpy_helper.from_array(v.astype(np.float32), name) for name, v in vectors.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)])
+    assert skip_layer_norm.fuse(model, 17) == 1
+    assert [n.op_type for n in model.graph.node] == [skip_layer_norm.SKIP_LAYER_NORM]
+    path = tmp_path / f"skip-layer-norm-{k}.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def _residuals(batch: int, seq: int, k: int, seed: int = 8) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(batch, seq, k)) * 3
+    x[..., 5] += 40  # an outlier channel, as after BERT's attention output
+    return {"x": x.astype(np.float32), "skip": rng.normal(size=(batch, seq, k)).astype(np.float32)}
+
+
+@pytest.mark.skipif(kernels_library() is None, reason="kiln's kernels library is not built here")
+@pytest.mark.parametrize("k", [384, 768, 100, 7])
+def test_skip_layer_norm_answers_as_its_definition(tmp_path, k):
+    """The kernel against onnxruntime's Add, Add and LayerNormalization on the same inputs: equal to
+    float rounding, for widths that are and are not whole vectors."""
+    path, feeds = _skip_layer_norm(tmp_path, k), _residuals(3, 19, k)
+    got = create_session(path, SessionOptions(native_kernels=True)).run(None, feeds)[0]
+    want = create_session(path, SessionOptions(native_kernels=False)).run(None, feeds)[0]
+    assert not np.array_equal(got, want)  # two implementations ran, not the definition twice
+    assert np.abs(got - want).max() < 1e-5 * np.abs(want).max()
+
+
+@pytest.mark.skipif(kernels_library() is None, reason="kiln's kernels library is not built here")
+def test_skip_layer_norm_gives_a_row_the_same_bits_in_every_batch_and_form(tmp_path, monkeypatch):
+    """Rows are independent: a text's rows are the same bits alone and in a batch large enough for
+    onnxruntime's thread pool; AVX-512, AVX2 and portable C sum in the same 16 lanes: the same bits."""
+    path, text = _skip_layer_norm(tmp_path, 384), _residuals(1, 21, 384, seed=9)
+    runs = {}
+    for isa in ("best", "avx2", "plain"):
+        monkeypatch.setenv("KILN_LAYER_NORM_ISA", isa)
+        session = create_session(path, SessionOptions())
+        alone = session.run(None, text)[0]
+        batch = _residuals(64, 24, 384, seed=10)
+        for name in batch:
+            batch[name][7, :21] = text[name][0]
+        assert np.array_equal(session.run(None, batch)[0][7, :21], alone[0])
+        runs[isa] = alone
+    assert np.array_equal(runs["best"], runs["avx2"]) and np.array_equal(runs["best"], runs["plain"])
+
+
+@pytest.mark.skipif(kernels_library() is None, reason="kiln's kernels library is not built here")
+def test_skip_layer_norm_refuses_inputs_that_do_not_fit_together(tmp_path):
+    """A residual of another shape: an error naming the shapes, not a read past the tensor."""
+    import onnxruntime as ort
+
+    session = create_session(_skip_layer_norm(tmp_path, 384), SessionOptions())
+    feeds = _residuals(2, 9, 384)
+    feeds["skip"] = feeds["skip"][:, :5]
+    with pytest.raises(ort.capi.onnxruntime_pybind11_state.InvalidArgument, match="x and skip must have one shape"):
+        session.run(None, feeds)
+
+
+def test_skip_layer_norm_leaves_a_sum_that_others_read():
+    """The residual's sum read elsewhere too (or a bias that is not a constant vector): left apart."""
+    k = 8
+    graph = helper.make_graph(
+        [
+            helper.make_node("Add", ["x", "bias"], ["biased"], name="bias"),
+            helper.make_node("Add", ["biased", "skip"], ["sum"], name="residual"),
+            helper.make_node("LayerNormalization", ["sum", "gamma", "beta"], ["y"], axis=-1, name="ln"),
+            helper.make_node("Identity", ["sum"], ["kept"], name="reader"),
+        ],
+        "shared_sum",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 2, k]) for n in ("x", "skip")],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 2, k]) for n in ("y", "kept")],
+        [numpy_helper.from_array(np.ones(k, dtype=np.float32), n) for n in ("bias", "gamma", "beta")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert skip_layer_norm.fuse(model, 17) == 0
+    assert len(model.graph.node) == 4 and not model.functions
+
+
 def test_an_int8_package_answers_alike_with_and_without_kilns_kernels(exported, monkeypatch):
     """Without the library onnxruntime runs the ops' definitions: the quantiser's bits, attention's answers
     to float rounding. The export checked it on its calibration items; here on text."""
@@ -218,7 +313,7 @@ def test_an_int8_package_answers_alike_with_and_without_kilns_kernels(exported, 
     if kernels_library() is None:
         assert checked.startswith("not checked")
         return
-    assert quantization["self_attentions"] == 2
+    assert quantization["self_attentions"] == 2 and quantization["skip_layer_norms"] == 4
     assert checked["score_without"] >= 0.99 and checked["max_difference"] < 0.05
     texts = ["Alice lives in Seoul", "The markets fell sharply today, and then rose", "경기는 연장전 끝에 끝났다"]
     with_kernels = pipeline(package).logits(texts)[0]

@@ -5,6 +5,8 @@
   one kernel instead of four to six standard ones (`row_quantize.c`): the same bits as those ops.
 - ai.kiln.SelfAttention, Split + MultiHeadAttention over a packed Q, K, V projection
   (kiln.export.self_attention, `attention.c`): the same answers to float rounding, not the same bits.
+- ai.kiln.SkipLayerNorm, bias + residual + LayerNormalization (kiln.export.skip_layer_norm,
+  `layer_norm.c`): the same answers to float rounding, not the same bits.
 
 A graph that uses them also defines them as ONNX functions of the standard (and onnxruntime contrib)
 ops they stand for, so a package loads and answers without the library (onnxruntime inlines the
@@ -24,6 +26,7 @@ DOMAIN = "ai.kiln"
 ROW_QUANTIZE, ROW_QUANTIZE_SMOOTHED = "RowQuantize", "RowQuantizeSmoothed"
 ROW_QUANTIZE2, ROW_QUANTIZE_SMOOTHED2 = "RowQuantize2", "RowQuantizeSmoothed2"
 SELF_ATTENTION = "SelfAttention"  # (qkv, bias, key lengths) {num_heads} -> attention output
+SKIP_LAYER_NORM = "SkipLayerNorm"  # (x, bias, skip, gamma, beta) {epsilon} -> LayerNorm((x + bias) + skip)
 
 
 def kernels_library() -> Path | None:

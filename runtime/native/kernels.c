@@ -5,6 +5,7 @@
  *   row_quantize.c  ai.kiln.RowQuantize2, RowQuantizeSmoothed2 (and the first definitions, RowQuantize,
  *                   RowQuantizeSmoothed): the per-row quantiser of int8 graphs
  *   attention.c     ai.kiln.SelfAttention: multi-head self-attention over packed Q, K and V
+ *   layer_norm.c    ai.kiln.SkipLayerNorm: bias, residual and LayerNorm in one kernel
  */
 
 #include <pthread.h>
@@ -53,10 +54,11 @@ static const OrtApi *API = NULL;
 static pthread_once_t DOMAIN_ONCE = PTHREAD_ONCE_INIT;
 
 static void make_domain(void) {
-  OrtCustomOp *const *lists[] = {kiln_row_quantize_ops, kiln_attention_ops};
-  size_t counts[] = {sizeof(kiln_row_quantize_ops) / sizeof(void *), sizeof(kiln_attention_ops) / sizeof(void *)};
+  OrtCustomOp *const *lists[] = {kiln_row_quantize_ops, kiln_attention_ops, kiln_layer_norm_ops};
+  size_t counts[] = {sizeof(kiln_row_quantize_ops) / sizeof(void *), sizeof(kiln_attention_ops) / sizeof(void *),
+                     sizeof(kiln_layer_norm_ops) / sizeof(void *)};
   DOMAIN_ERROR = API->CreateCustomOpDomain("ai.kiln", &DOMAIN);
-  for (size_t l = 0; l < 2; ++l)
+  for (size_t l = 0; l < sizeof(lists) / sizeof(lists[0]); ++l)
     for (size_t i = 0; DOMAIN_ERROR == NULL && i < counts[l]; ++i) DOMAIN_ERROR = API->CustomOpDomain_Add(DOMAIN, lists[l][i]);
 }
 

@@ -40,7 +40,8 @@ typedef struct OrtApi {
   OrtStatus *(*GetDimensions)(const OrtTensorTypeAndShapeInfo *info, int64_t *dims, size_t count); /* 62 */
   void *unused_63_64[2];
   OrtStatus *(*GetTensorTypeAndShape)(const OrtValue *value, OrtTensorTypeAndShapeInfo **out); /* 65 */
-  void *unused_66_85[20];
+  void *unused_66_84[19];
+  OrtStatus *(*KernelInfoGetAttribute_float)(const OrtKernelInfo *info, const char *name, float *out);   /* 85 */
   OrtStatus *(*KernelInfoGetAttribute_int64)(const OrtKernelInfo *info, const char *name, int64_t *out); /* 86 */
   void *unused_87_89[3];
   OrtStatus *(*KernelContext_GetInput)(const OrtKernelContext *context, size_t index, const OrtValue **out); /* 90 */
@@ -59,6 +60,7 @@ _Static_assert(offsetof(OrtApi, CreateCustomOpDomain) == 26 * sizeof(void *), "O
 _Static_assert(offsetof(OrtApi, GetTensorMutableData) == 51 * sizeof(void *), "OrtApi layout");
 _Static_assert(offsetof(OrtApi, GetDimensionsCount) == 61 * sizeof(void *), "OrtApi layout");
 _Static_assert(offsetof(OrtApi, GetTensorTypeAndShape) == 65 * sizeof(void *), "OrtApi layout");
+_Static_assert(offsetof(OrtApi, KernelInfoGetAttribute_float) == 85 * sizeof(void *), "OrtApi layout");
 _Static_assert(offsetof(OrtApi, KernelInfoGetAttribute_int64) == 86 * sizeof(void *), "OrtApi layout");
 _Static_assert(offsetof(OrtApi, KernelContext_GetInput) == 90 * sizeof(void *), "OrtApi layout");
 _Static_assert(offsetof(OrtApi, ReleaseStatus) == 93 * sizeof(void *), "OrtApi layout");
@@ -140,5 +142,6 @@ extern int kiln_has_parallel_for;
 /* The ops of each file, registered by kernels.c. */
 extern OrtCustomOp *const kiln_row_quantize_ops[4];
 extern OrtCustomOp *const kiln_attention_ops[1];
+extern OrtCustomOp *const kiln_layer_norm_ops[1];
 
 #endif
