@@ -39,7 +39,7 @@ def fuse(model: ModelProto, opset: int) -> int:
     for node in graph.node:
         for name in node.input:
             readers[name] = readers.get(name, 0) + 1
-    vectors = {init.name for init in graph.initializer if len(init.dims) == 1}
+    vectors = {init.name: init.dims[0] for init in graph.initializer if len(init.dims) == 1}
     fused: dict[str, NodeProto] = {}  # the LayerNormalization's name -> its replacement
     gone: set[str] = set()
     for norm in graph.node:
@@ -53,7 +53,7 @@ def fuse(model: ModelProto, opset: int) -> int:
             if add_bias is None or add_bias.op_type != "Add" or readers.get(residual.input[side]) != 1:
                 continue
             bias = [i for i in add_bias.input if i in vectors]
-            if len(bias) != 1 or add_bias.input[0] == add_bias.input[1]:
+            if len(bias) != 1 or add_bias.input[0] == add_bias.input[1] or not _as_wide(bias[0], norm, vectors):
                 continue
             x = next(i for i in add_bias.input if i != bias[0])
             fused[norm.name] = _skip_layer_norm(x, bias[0], residual.input[1 - side], norm)
@@ -75,6 +75,11 @@ def _last_axis_norm(node: NodeProto) -> bool:
     attributes = {a.name: a for a in node.attribute}
     axis = attributes["axis"].i if "axis" in attributes else -1
     return axis == -1 and len(node.input) == 3 and all(node.input) and len([o for o in node.output if o]) == 1
+
+
+def _as_wide(bias: str, norm: NodeProto, vectors: dict[str, int]) -> bool:
+    """The bias as long as the norm's scale and offset (constants): the kernel takes no broadcast."""
+    return all(vectors.get(name) == vectors[bias] for name in norm.input[1:3])
 
 
 def _skip_layer_norm(x: str, bias: str, skip: str, norm: NodeProto) -> NodeProto:
