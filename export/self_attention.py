@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from kiln.export import graph_edges
 from kiln.runtime.native import DOMAIN, SELF_ATTENTION
 
 if TYPE_CHECKING:
@@ -37,18 +38,14 @@ def fuse(model: ModelProto, opset: int) -> int:
     opset. Returns how many. The caller (kiln.export.rowwise_int8) declares the domains and drops
     the constants no node reads any more (the Splits' widths)."""
     graph = model.graph
-    producers = {out: node for node in graph.node for out in node.output}
-    consumers: dict[str, list[NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    producers, readers = graph_edges.producers(graph), graph_edges.read_counts(graph)
     fused: dict[str, NodeProto] = {}  # the Split's name -> the op that replaces it and its attention
     gone: set[str] = set()
     for node in graph.node:
         split = producers.get(node.input[0]) if _fusable(node, producers) else None
         if split is None or split.op_type != "Split" or list(split.output) != list(node.input[:3]):
             continue
-        if any(len(consumers.get(out, [])) != 1 for out in split.output) or not _equal_parts(split, graph):
+        if any(readers[out] != 1 for out in split.output) or not _equal_parts(split, graph):
             continue
         fused[split.name] = _self_attention(split.input[0], node)
         gone |= {split.name, node.name}

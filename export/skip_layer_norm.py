@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from kiln.export import graph_edges
 from kiln.runtime.native import DOMAIN, SKIP_LAYER_NORM
 
 if TYPE_CHECKING:
@@ -34,11 +35,7 @@ def fuse(model: ModelProto, opset: int) -> int:
     if opset < MIN_OPSET:
         return 0
     graph = model.graph
-    producers = {out: node for node in graph.node for out in node.output}
-    readers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
+    producers, readers = graph_edges.producers(graph), graph_edges.read_counts(graph)
     vectors = {init.name: init.dims[0] for init in graph.initializer if len(init.dims) == 1}
     fused: dict[str, NodeProto] = {}  # the LayerNormalization's name -> its replacement
     gone: set[str] = set()
@@ -46,11 +43,11 @@ def fuse(model: ModelProto, opset: int) -> int:
         if not _last_axis_norm(norm):
             continue
         residual = producers.get(norm.input[0])
-        if residual is None or residual.op_type != "Add" or readers.get(norm.input[0]) != 1:
+        if residual is None or residual.op_type != "Add" or readers[norm.input[0]] != 1:
             continue
         for side in (0, 1):
             add_bias = producers.get(residual.input[side])
-            if add_bias is None or add_bias.op_type != "Add" or readers.get(residual.input[side]) != 1:
+            if add_bias is None or add_bias.op_type != "Add" or readers[residual.input[side]] != 1:
                 continue
             bias = [i for i in add_bias.input if i in vectors]
             if len(bias) != 1 or add_bias.input[0] == add_bias.input[1] or not _as_wide(bias[0], norm, vectors):
