@@ -14,6 +14,7 @@ from pathlib import Path
 from kiln.export.figures import Fidelity
 from kiln.export.rowwise_int8 import (
     LEVELS,
+    ONE_SIDED_LEVELS,
     SMOOTHING_ALPHA,
     WEIGHT_LEVELS,
     Calibrated,
@@ -100,6 +101,8 @@ def quantize_int8(
     done = quantize_rows(model_path, out_path, set(keep_float), calibrated=calibrated)
     levels = WEIGHT_LEVELS if calibrated is None else calibrated.weight_levels
     smoothing = f", {len(done.smoothed)} inputs smoothed per channel" if done.smoothed else ""
+    if done.shifted:
+        smoothing += f", {len(done.shifted)} bounded inputs (GELU's) on one side ({ONE_SIDED_LEVELS} levels)"
     rounding = "error feedback on calibration activations" if calibrated is not None else "to nearest"
     return QuantInfo(
         scheme=f"int8: per-row activations ({LEVELS} levels a side, scale computed per token at run time) x "
@@ -116,6 +119,7 @@ def quantize_int8(
             "weight_levels": levels,
             "int8_cpus": next(cpus for cpus, n in INT8_CPUS.items() if n == levels),  # checked as it loads
             "smoothed_inputs": len(done.smoothed),
+            "one_sided_inputs": len(done.shifted),  # quantised on [0, peak] with 255 levels (rowwise_int8._Quantizer)
             "smoothing_alpha": SMOOTHING_ALPHA,
             "self_attentions": done.attentions,
             "skip_layer_norms": done.norms,

@@ -4,6 +4,14 @@
     peak     = ReduceMax(Abs(xs), axis -1)         (second output: the row's scale, times 127)
     q        = QuantizeLinear(xs * (127 / peak), 1, 128)
 
+and, for an activation that a function bounds from below (GELU's outputs, kiln.export.rowwise_int8
+`LOWER_BOUNDS`), ai.kiln.RowQuantizeShifted2: shifted by the bound onto [0, peak], all 255 codes on
+one side, twice the resolution of 127 a side:
+
+    xs       = x * unsmooth + shift                (shift = -bound * unsmooth, per channel)
+    peak     = ReduceMax(Abs(xs), axis -1)         (the row's scale, times 255)
+    q        = QuantizeLinear(xs * (255 / peak), 1, 0)
+
 The graph carries the op and, as a model-local ONNX function, exactly those standard ops. Where
 kiln's kernels library is loaded (kiln.runtime.native) onnxruntime runs the op as one kernel;
 anywhere else it inlines the function, so a package loads everywhere and gives the same bits either
@@ -22,7 +30,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
-from kiln.runtime.native import DOMAIN, ROW_QUANTIZE, ROW_QUANTIZE2, ROW_QUANTIZE_SMOOTHED, ROW_QUANTIZE_SMOOTHED2
+from kiln.runtime.native import (
+    DOMAIN,
+    ROW_QUANTIZE,
+    ROW_QUANTIZE2,
+    ROW_QUANTIZE_SHIFTED2,
+    ROW_QUANTIZE_SMOOTHED,
+    ROW_QUANTIZE_SMOOTHED2,
+)
 
 if TYPE_CHECKING:
     from onnx import FunctionProto, NodeProto
@@ -30,38 +45,60 @@ if TYPE_CHECKING:
 LEVELS = 127  # levels a side; zero point 128
 PER_LEVEL = np.float32(1 / LEVELS)  # the first definition's QuantizeLinear scale (the C kernel's constant, same bits)
 ZERO_POINT = np.uint8(LEVELS + 1)
+ONE_SIDED_LEVELS = 255  # the shifted form's levels, all on one side: zero point 0
+ONE_SIDED_ZERO_POINT = np.uint8(0)
 OPS = {1: (ROW_QUANTIZE, ROW_QUANTIZE_SMOOTHED), 2: (ROW_QUANTIZE2, ROW_QUANTIZE_SMOOTHED2)}  # definition -> ops
 DEFINITION = 2  # what new packages carry
 
 
 def quantize_node(
-    activation: str, unsmooth: str | None, q: str, peak: str, name: str, definition: int = DEFINITION
+    activation: str,
+    unsmooth: str | None,
+    q: str,
+    peak: str,
+    name: str,
+    definition: int = DEFINITION,
+    shift: str | None = None,
 ) -> NodeProto:
-    """The op on `activation` (times `unsmooth` where given), giving `q` (uint8) and `peak`."""
+    """The op on `activation` (times `unsmooth` where given, plus `shift` where given: the one-sided
+    form, which needs both), giving `q` (uint8) and `peak`."""
     from onnx import helper
 
     plain, smoothed = OPS[definition]
-    op, inputs = (plain, [activation]) if unsmooth is None else (smoothed, [activation, unsmooth])
+    if shift is not None:
+        if unsmooth is None:
+            raise ValueError("the one-sided quantiser takes the smoothing factors (ones where none)")
+        op, inputs = ROW_QUANTIZE_SHIFTED2, [activation, unsmooth, shift]
+    else:
+        op, inputs = (plain, [activation]) if unsmooth is None else (smoothed, [activation, unsmooth])
     return helper.make_node(op, inputs, [q, peak], name=name, domain=DOMAIN)
 
 
 def functions(opset: int, definition: int = DEFINITION) -> list[FunctionProto]:
-    """Both forms' definitions in standard ops, for a graph of this ONNX opset."""
+    """The forms' definitions in standard ops, for a graph of this ONNX opset (the one-sided form
+    with the second definition only)."""
     plain, smoothed = OPS[definition]
-    return [_function(plain, opset, False, definition), _function(smoothed, opset, True, definition)]
+    made = [_function(plain, opset, "plain", definition), _function(smoothed, opset, "smoothed", definition)]
+    if definition == 2:
+        made.append(_function(ROW_QUANTIZE_SHIFTED2, opset, "shifted", definition))
+    return made
 
 
-def _function(op: str, opset: int, smoothed: bool, definition: int) -> FunctionProto:
+def _function(op: str, opset: int, form: str, definition: int) -> FunctionProto:
     from onnx import helper, numpy_helper
 
     def constant(name: str, value: np.generic | np.ndarray) -> NodeProto:
         return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.asarray(value), name))
 
     x = "x"
-    nodes = [constant("zero_point", ZERO_POINT)]
-    if smoothed:
+    one_sided = form == "shifted"
+    nodes = [constant("zero_point", ONE_SIDED_ZERO_POINT if one_sided else ZERO_POINT)]
+    if form != "plain":
         nodes.append(helper.make_node("Mul", ["x", "unsmooth"], ["xs"]))
         x = "xs"
+    if one_sided:
+        nodes.append(helper.make_node("Add", ["xs", "shift"], ["xsh"]))
+        x = "xsh"
     if opset >= 18:  # ReduceMax takes its axes as an input from opset 18
         nodes += [constant("last_axis", np.array([-1], dtype=np.int64))]
         reduce_max = helper.make_node("ReduceMax", ["abs", "last_axis"], ["peak"], keepdims=1)
@@ -76,11 +113,11 @@ def _function(op: str, opset: int, smoothed: bool, definition: int) -> FunctionP
         ]
     else:  # in [-127, 127]; an all-zero row's 0 * inf is NaN, code 0
         nodes += [
-            constant("levels", np.float32(LEVELS)),
+            constant("levels", np.float32(ONE_SIDED_LEVELS if one_sided else LEVELS)),
             constant("one", np.float32(1)),
             helper.make_node("Div", ["levels", "peak"], ["per_peak"]),
             helper.make_node("Mul", [x, "per_peak"], ["levelled"]),
             helper.make_node("QuantizeLinear", ["levelled", "one", "zero_point"], ["q"]),
         ]
-    inputs = ["x", "unsmooth"] if smoothed else ["x"]
+    inputs = {"plain": ["x"], "smoothed": ["x", "unsmooth"], "shifted": ["x", "unsmooth", "shift"]}[form]
     return helper.make_function(DOMAIN, op, inputs, ["q", "peak"], nodes, [helper.make_opsetid("", opset)])

@@ -60,7 +60,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from kiln.export import row_quantize, self_attention, skip_layer_norm
-from kiln.export.row_quantize import LEVELS, ZERO_POINT, quantize_node
+from kiln.export.graph_edges import producers, read_counts
+from kiln.export.row_quantize import LEVELS, ONE_SIDED_LEVELS, ONE_SIDED_ZERO_POINT, ZERO_POINT, quantize_node
 from kiln.runtime.cpu import INT8_CPUS
 from kiln.runtime.errors import UnsupportedModel
 from kiln.runtime.native import DOMAIN
@@ -74,6 +75,9 @@ MIN_K = 16  # narrower MatMuls gain nothing from int8
 SMOOTHING_ALPHA = 0.5  # how much of a channel's outlier moves into the weight (see smoothing_factors)
 UNEVEN = 3.0  # channels are smoothed where the largest peak is over this many times the median
 SWITCH = "kiln_int8:"  # a switched graph's bool inputs: SWITCH + the activation its group reads
+# Activation functions bounded below, by op type: -bound <= output on any input. Their outputs are
+# quantised on one side (see `_Group`). GELU's minimum is -0.16997 (at -0.7518; its tanh form's too).
+LOWER_BOUNDS = {"Gelu": 0.17, "BiasGelu": 0.17, "FastGelu": 0.17, "Relu": 0.0}
 
 
 def constant_matmuls(graph: GraphProto) -> dict[str, tuple[int, int]]:
@@ -107,6 +111,7 @@ class Rewrite:
     int8: list[str]
     floating: list[str]
     smoothed: list[str] = field(default_factory=list)
+    shifted: list[str] = field(default_factory=list)  # activations quantised on one side (LOWER_BOUNDS)
     switches: dict[str, list[str]] = field(default_factory=dict)  # a switched graph's bool inputs -> their MatMuls
     attentions: int = 0  # Split + MultiHeadAttention pairs now one ai.kiln.SelfAttention (kiln.export.self_attention)
     norms: int = 0  # bias + residual + LayerNormalization now one ai.kiln.SkipLayerNorm (kiln.export.skip_layer_norm)
@@ -155,17 +160,29 @@ def quantize_rows(
     if opset < 13:
         raise UnsupportedModel(f"kiln's int8 needs ONNX opset 13 or newer (--opset; this graph: {opset})")
     before: dict[str, list[NodeProto]] = defaultdict(list)  # new nodes, keyed by the MatMul they go in front of
-    smoothed, switches = [], {}
+    made_by, reads = producers(graph), read_counts(graph)
+    smoothed, shifted, switches = [], [], {}
     for index, (activation, matmuls) in enumerate(readers.items()):
         prefix = f"kiln_rows_{index}"
         stats = calibrated.stats.get(activation) if calibrated is not None else None
+        producer = made_by.get(activation)
+        bound = LOWER_BOUNDS.get(producer.op_type) if producer is not None else None
         columns = [numpy_helper.to_array(weights[m.input[1]]).astype(np.float32) for m in matmuls]
-        factors = smoothing_factors(None if stats is None else stats.peaks, np.concatenate(columns, axis=1))
+        ranges = None if stats is None else stats.peaks + np.float32(bound or 0)
+        factors = smoothing_factors(ranges, np.concatenate(columns, axis=1))
         if factors is not None:
             smoothed.append(activation)
         w8, column_scale = _int8_weights(matmuls, columns, factors, stats, calibrated)
-        made = [_quantize_activation(graph, activation, prefix, factors)]
-        made += _integer_matmuls(graph, matmuls, [c.shape[1] for c in columns], w8, column_scale, prefix)
+        quantizer = _Quantizer.of(prefix, columns[0].shape[0], factors, bound)
+        if quantizer.shift is not None:
+            shifted.append(activation)
+        shift_back = None if quantizer.shift is None else _shift_back(w8, column_scale, quantizer.shift)
+        foldable = shift_back is not None and not switched and len(matmuls) == 1
+        if foldable and _fold_into_bias(graph, matmuls[0].output[0], shift_back, reads):
+            shift_back = None
+        made = [_quantize_activation(graph, activation, quantizer)]
+        widths = [c.shape[1] for c in columns]
+        made += _integer_matmuls(graph, matmuls, widths, w8, column_scale, quantizer, shift_back)
         if switched:
             made = [_switch(graph, matmuls, made, SWITCH + activation)]
             switches[SWITCH + activation] = [m.name for m in matmuls]
@@ -198,7 +215,7 @@ def quantize_rows(
     if chosen and not any(f.name in row_quantize.OPS[row_quantize.DEFINITION] for f in model.functions):
         model.functions.extend(row_quantize.functions(opset))
     onnx.save(model, str(out_path))
-    return Rewrite(sorted(chosen), sorted(set(weighted) - chosen), smoothed, switches, attentions, norms)
+    return Rewrite(sorted(chosen), sorted(set(weighted) - chosen), smoothed, shifted, switches, attentions, norms)
 
 
 def _int8_weights(
@@ -248,17 +265,87 @@ def smoothing_factors(peaks: np.ndarray | None, weight: np.ndarray) -> np.ndarra
     return np.clip(factors, 1e-2, 1e2).astype(np.float32)
 
 
-def _quantize_activation(graph: GraphProto, activation: str, prefix: str, factors: np.ndarray | None) -> NodeProto:
-    """The node that turns the float activation (divided by the smoothing factors, if any) into
-    `{prefix}.q` (uint8) and its row peak `{prefix}.scale` (the 1/127 of the true scale is applied by
-    the quantiser here and by the weight's column scales, which saves a kernel): one op, defined in
-    standard ops beside it (kiln.export.row_quantize)."""
-    _constants(graph, {f"{prefix}.zero_point": ZERO_POINT})  # the GEMM's too
-    unsmooth = None
-    if factors is not None:
+@dataclass
+class _Quantizer:
+    """How one activation is quantised: its tensors' names, the smoothing factors' reciprocals and,
+    for an activation bounded below (LOWER_BOUNDS), the shift that puts it on [0, peak].
+
+    Symmetric per-row int8 spends half its 255 codes on negative values; a GELU's output never goes
+    below -0.17, so that half is nearly empty and the positive values get 127 levels. Shifted by the
+    bound, the row is all on one side and gets 255 (zero point 0): twice the resolution on the FFN
+    output projection, the MatMul the ladder most often returned to float. The shift is a per-channel
+    constant, so what it adds to the GEMM's output is a per-column constant (`_shift_back`), and the
+    row's scale is still its own: answers still ignore batch-mates. The codes stay 0..255 against 63
+    weight levels, the sums stay exact in int16 pairs.
+    """
+
+    prefix: str
+    unsmooth: np.ndarray | None
+    shift: np.ndarray | None
+
+    @classmethod
+    def of(cls, prefix: str, width: int, factors: np.ndarray | None, bound: float | None) -> _Quantizer:
+        unsmooth = None if factors is None else (1 / factors).astype(np.float32)
+        if bound is None:
+            return cls(prefix, unsmooth, None)
+        if unsmooth is None:
+            unsmooth = np.ones(width, np.float32)
+        return cls(prefix, unsmooth, np.float32(bound) * unsmooth)
+
+    @property
+    def levels(self) -> int:
+        return LEVELS if self.shift is None else ONE_SIDED_LEVELS
+
+    @property
+    def zero_point(self) -> np.uint8:
+        return ZERO_POINT if self.shift is None else ONE_SIDED_ZERO_POINT
+
+
+def _quantize_activation(graph: GraphProto, activation: str, quantizer: _Quantizer) -> NodeProto:
+    """The node that turns the float activation (divided by the smoothing factors, if any; shifted,
+    if bounded below) into `{prefix}.q` (uint8) and its row peak `{prefix}.scale` (the 1/127, or
+    1/255, of the true scale is applied by the quantiser here and by the weight's column scales,
+    which saves a kernel): one op, defined in standard ops beside it (kiln.export.row_quantize)."""
+    prefix = quantizer.prefix
+    _constants(graph, {f"{prefix}.zero_point": quantizer.zero_point})  # the GEMM's too
+    unsmooth = shift = None
+    if quantizer.unsmooth is not None:
         unsmooth = f"{prefix}.unsmooth"
-        _constants(graph, {unsmooth: 1 / factors})
-    return quantize_node(activation, unsmooth, f"{prefix}.q", f"{prefix}.scale", name=f"{prefix}.quantize")
+        _constants(graph, {unsmooth: quantizer.unsmooth})
+    if quantizer.shift is not None:
+        shift = f"{prefix}.shift"
+        _constants(graph, {shift: quantizer.shift})
+    return quantize_node(activation, unsmooth, f"{prefix}.q", f"{prefix}.scale", name=f"{prefix}.quantize", shift=shift)
+
+
+def _shift_back(w8: np.ndarray, column_scale: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """What the shift adds to each output column, negated: -(shift @ W), with W the int8 weight
+    as the GEMM reads it (levels times column scales), so that adding it gives x @ W."""
+    weight = w8.astype(np.float64) * column_scale.astype(np.float64)
+    return -(shift.astype(np.float64) @ weight)
+
+
+def _fold_into_bias(graph: GraphProto, output: str, shift_back: np.ndarray, reads: dict[str, int]) -> bool:
+    """Add `shift_back` to the constant bias vector that the MatMul output's one reader adds (the
+    fp32 graph's bias Add), so taking the shift back costs nothing a text; False where there is none."""
+    from onnx import numpy_helper
+
+    if reads.get(output) != 1:
+        return False
+    constants = {init.name: init for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type != "Add" or output not in node.input:
+            continue
+        other = node.input[1] if node.input[0] == output else node.input[0]
+        bias = constants.get(other)
+        if bias is None or tuple(bias.dims) != shift_back.shape:
+            return False
+        corrected = numpy_helper.to_array(bias).astype(np.float64) + shift_back
+        name = f"{other}.shifted_back:{output}"
+        _constants(graph, {name: corrected.astype(np.float32)})
+        node.input[:] = [name if value == other else value for value in node.input]
+        return True
+    return False
 
 
 def _integer_matmuls(
@@ -267,27 +354,34 @@ def _integer_matmuls(
     widths: list[int],
     w8: np.ndarray,
     column_scale: np.ndarray,
-    prefix: str,
+    quantizer: _Quantizer,
+    shift_back: np.ndarray | None = None,
 ) -> list[NodeProto]:
     """One MatMulIntegerToFloat on the quantised activation for all the MatMuls that read it (their
     int8 weights side by side, from `_int8_weights`), then a Split into each MatMul's output. The
     row peaks are its A scale: a scale of shape [..., rows, 1] is applied to each row of the output
     after the column scales (onnxruntime >= 1.20), the same multiply a Mul after it did, in the same
-    kernel."""
+    kernel. A shifted activation's `shift_back`, where no bias took it, is an Add after the GEMM
+    (MatMulIntegerToFloat's own bias input is added before the A scale, so it cannot carry it)."""
     from onnx import helper
 
-    name = f"{matmuls[0].name}.int8"
-    _constants(graph, {f"{name}.weight": w8, f"{name}.weight_scale": column_scale / np.float32(LEVELS)})
+    name, prefix = f"{matmuls[0].name}.int8", quantizer.prefix
+    weight_scale = column_scale / np.float32(quantizer.levels)
+    _constants(graph, {f"{name}.weight": w8, f"{name}.weight_scale": weight_scale})
     scaled = matmuls[0].output[0] if len(matmuls) == 1 else f"{name}.packed"
+    product = scaled if shift_back is None else f"{name}.shifted"
     nodes = [
         helper.make_node(
             "MatMulIntegerToFloat",
             [f"{prefix}.q", f"{name}.weight", f"{prefix}.scale", f"{name}.weight_scale", f"{prefix}.zero_point"],
-            [scaled],
+            [product],
             name=f"{name}.matmul",
             domain="com.microsoft",
         )
     ]
+    if shift_back is not None:
+        _constants(graph, {f"{name}.shift_back": shift_back.astype(np.float32)})
+        nodes.append(helper.make_node("Add", [product, f"{name}.shift_back"], [scaled], name=f"{name}.shift_back"))
     if len(matmuls) > 1:
         _constants(graph, {f"{name}.widths": np.array(widths, dtype=np.int64)})
         nodes.append(

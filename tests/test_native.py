@@ -34,19 +34,29 @@ def test_kiln_native_kernels_0_turns_them_off(monkeypatch):
 
 def _quantisers(tmp_path: Path, k: int, definition: int, opset: int = 17) -> Path:
     """x[rows, k] -> RowQuantize(x) and RowQuantizeSmoothed(x, factors) (or their second definition,
-    RowQuantize2...): both forms, four outputs."""
-    factors = np.random.default_rng(0).uniform(0.05, 20, k).astype(np.float32)
+    RowQuantize2..., and with it the one-sided RowQuantizeShifted2(x, factors, shift)): every form,
+    two outputs each."""
+    rng = np.random.default_rng(0)
+    factors = rng.uniform(0.05, 20, k).astype(np.float32)
+    shift = (np.float32(0.17) * factors * rng.uniform(0.5, 2, k)).astype(np.float32)
+    forms = [("", None, None), ("_s", "unsmooth", None)]
+    if definition == 2:
+        forms.append(("_h", "unsmooth", "shift"))
     nodes = [
-        row_quantize.quantize_node("x", None, "q", "peak", "plain", definition),
-        row_quantize.quantize_node("x", "unsmooth", "q_s", "peak_s", "smoothed", definition),
+        row_quantize.quantize_node("x", unsmooth, f"q{tag}", f"peak{tag}", f"form{tag}", definition, shift)
+        for tag, unsmooth, shift in forms
     ]
-    outputs = [("q", TensorProto.UINT8), ("peak", TensorProto.FLOAT), ("q_s", TensorProto.UINT8)]
+    outputs = [
+        (f"{name}{tag}", kind)
+        for tag, _, _ in forms
+        for name, kind in [("q", TensorProto.UINT8), ("peak", TensorProto.FLOAT)]
+    ]
     graph = helper.make_graph(
         nodes,
         "quantisers",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", k])],
-        [helper.make_tensor_value_info(name, kind, None) for name, kind in [*outputs, ("peak_s", TensorProto.FLOAT)]],
-        [numpy_helper.from_array(factors, "unsmooth")],
+        [helper.make_tensor_value_info(name, kind, None) for name, kind in outputs],
+        [numpy_helper.from_array(factors, "unsmooth"), numpy_helper.from_array(shift, "shift")],
     )
     opsets = [helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, 1)]
     model = helper.make_model(graph, opset_imports=opsets, functions=row_quantize.functions(opset, definition))
@@ -84,7 +94,7 @@ def test_every_form_of_row_quantize_gives_the_standard_ops_bits(tmp_path, monkey
     standard = create_session(path, SessionOptions(native_kernels=False))
     for got, want in zip(native.run(None, {"x": x}), standard.run(None, {"x": x}), strict=True):
         assert got.dtype == want.dtype and np.array_equal(got, want, equal_nan=True)
-    assert _ops_run(path, x)[DOMAIN] == 2  # the comparison was not the standard ops against themselves
+    assert _ops_run(path, x)[DOMAIN] == 1 + definition  # the comparison was not the standard ops against themselves
 
 
 def _ops_run(path: Path, x: np.ndarray) -> Counter:

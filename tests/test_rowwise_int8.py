@@ -284,3 +284,62 @@ def test_weights_rounded_with_error_feedback_answer_closer_on_text_not_calibrate
     exact = held_out @ w
     error = {path.stem: np.abs(_run(path, held_out)[0] - exact).mean() for path in (nearest, fed_back)}
     assert error["fed_back"] < 0.7 * error["nearest"]
+
+
+def _bounded_graph(tmp_path: Path, op: str, w: np.ndarray, bias: np.ndarray) -> Path:
+    """x[batch, rows, K] -> Relu or BiasGelu (bounded below) -> MatMul -> Add(bias): an FFN's output
+    projection, as the fp32 graph holds it."""
+    activation = (
+        helper.make_node("Relu", ["x"], ["h"], name="act")
+        if op == "Relu"
+        else helper.make_node("BiasGelu", ["x", "gelu_bias"], ["h"], name="act", domain="com.microsoft")
+    )
+    nodes = [
+        activation,
+        helper.make_node("MatMul", ["h", "w"], ["y"], name="proj"),
+        helper.make_node("Add", ["y", "bias"], ["out"], name="proj_bias"),
+    ]
+    constants = {"w": w, "bias": bias, "gelu_bias": np.zeros(K, np.float32)}
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "rows", K])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(value.astype(np.float32), name) for name, value in constants.items()],
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    path = tmp_path / f"{op}.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=opsets), str(path))
+    return path
+
+
+@pytest.mark.parametrize("op", ["Relu", "BiasGelu"])
+def test_an_activation_bounded_below_is_quantised_on_one_side_with_twice_the_levels(tmp_path, monkeypatch, op):
+    """A GELU's output never goes below -0.17, so symmetric codes leave half their range nearly
+    empty; shifted onto [0, peak] a row gets all 255 codes, and the shift's share of the product,
+    a constant per column, goes into the bias the graph adds anyway: no kernel more, half the error,
+    and still the same bits for a row alone and in any batch."""
+    import kiln.export.rowwise_int8 as rowwise
+
+    rng = np.random.default_rng(11)
+    w = rng.integers(-WEIGHT_LEVELS, WEIGHT_LEVELS + 1, size=(K, N)).astype(np.float32)
+    w[0] = WEIGHT_LEVELS  # every level exact: what is left is the activation's rounding
+    bias = rng.normal(size=N).astype(np.float32)
+    source = _bounded_graph(tmp_path, op, w, bias)
+    one_sided, symmetric, switched = tmp_path / "one.onnx", tmp_path / "sym.onnx", tmp_path / "switched.onnx"
+    assert quantize_rows(source, one_sided, set()).shifted == ["h"]
+    assert quantize_rows(source, switched, set(), switched=True).shifted == ["h"]
+    graph = onnx.load(str(one_sided)).graph
+    assert Counter(node.op_type for node in graph.node)["Add"] == 1  # the shift went into the bias
+    monkeypatch.setattr(rowwise, "LOWER_BOUNDS", {})
+    assert quantize_rows(source, symmetric, set()).shifted == []
+
+    x = rng.normal(size=(4, 25, K)).astype(np.float32)
+    (exact,) = _run(source, x)
+    (got,) = _run(one_sided, x)
+    flags = {SWITCH + "h": np.array(True)}
+    np.testing.assert_allclose(_run(switched, x, **flags)[0], got, rtol=1e-5, atol=1e-5)  # its Add after the GEMM
+    errors = {name: np.abs(_run(path, x)[0] - exact).mean() for name, path in (("one", one_sided), ("sym", symmetric))}
+    assert errors["one"] < 0.6 * errors["sym"]
+    alone = np.concatenate([_run(one_sided, row[None])[0] for row in x])
+    assert np.array_equal(alone, got)

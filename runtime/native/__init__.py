@@ -25,6 +25,8 @@ DOMAIN = "ai.kiln"
 # (row_quantize.c): (x / peak) / (1 / 127) until 2026-12-05, x * (127 / peak) since
 ROW_QUANTIZE, ROW_QUANTIZE_SMOOTHED = "RowQuantize", "RowQuantizeSmoothed"
 ROW_QUANTIZE2, ROW_QUANTIZE_SMOOTHED2 = "RowQuantize2", "RowQuantizeSmoothed2"
+# (x, per-channel factors, per-channel shift) -> (q uint8 on one side, zero point 0, row peak): x * (255 / peak)
+ROW_QUANTIZE_SHIFTED2 = "RowQuantizeShifted2"
 SELF_ATTENTION = "SelfAttention"  # (qkv, bias, key lengths) {num_heads} -> attention output
 SKIP_LAYER_NORM = "SkipLayerNorm"  # (x, bias, skip, gamma, beta) {epsilon} -> LayerNorm((x + bias) + skip)
 

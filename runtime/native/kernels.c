@@ -2,7 +2,7 @@
  * kiln's onnxruntime CPU kernels as one library (kiln.runtime.native loads it): the ai.kiln domain,
  * registered once and shared by every session, and the callbacks all its ops share.
  *
- *   row_quantize.c  ai.kiln.RowQuantize2, RowQuantizeSmoothed2 (and the first definitions, RowQuantize,
+ *   row_quantize.c  ai.kiln.RowQuantize2, RowQuantizeSmoothed2, RowQuantizeShifted2 (and the first definitions, RowQuantize,
  *                   RowQuantizeSmoothed): the per-row quantiser of int8 graphs
  *   attention.c     ai.kiln.SelfAttention: multi-head self-attention over packed Q, K and V
  *   layer_norm.c    ai.kiln.SkipLayerNorm: bias, residual and LayerNorm in one kernel

@@ -140,7 +140,7 @@ KilnIsa kiln_isa(const char *variable);
 extern int kiln_has_parallel_for;
 
 /* The ops of each file, registered by kernels.c. */
-extern OrtCustomOp *const kiln_row_quantize_ops[4];
+extern OrtCustomOp *const kiln_row_quantize_ops[5];
 extern OrtCustomOp *const kiln_attention_ops[1];
 extern OrtCustomOp *const kiln_layer_norm_ops[1];
 
