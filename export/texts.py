@@ -54,7 +54,12 @@ def builtin_texts() -> list[str]:
 def split_texts(calibration: Path | None, validation: Path | None, max_validation: int, calibrates: bool) -> TextSplit:
     """Calibration and validation texts, disjoint. Without a --validation file the calibration texts
     are shuffled (fixed seed) and split: up to CALIBRATION_ITEMS, at most half, calibrate; the rest
-    validate. A precision that calibrates nothing (fp32, fp16) validates on every text."""
+    validate. With a --validation file alone the same split is made of it: text like the model's
+    traffic calibrates better than kiln's built-in sentences, which are off-topic for most models (a
+    topic classifier calibrated on them kept 31 of 36 MatMuls in float, on 64 of its own kind of
+    sentences 4). A precision that calibrates nothing (fp32, fp16) validates on every text."""
+    if validation is not None and calibration is None and calibrates:
+        return _held_out(list(dict.fromkeys(read_texts(validation))), str(validation), max_validation)
     texts = list(dict.fromkeys(read_texts(calibration) if calibration else builtin_texts()))
     what = str(calibration) if calibration else "kiln's built-in sentences"
     if validation is not None:
@@ -67,6 +72,11 @@ def split_texts(calibration: Path | None, validation: Path | None, max_validatio
         )
     if not calibrates:
         return TextSplit(texts[:CALIBRATION_ITEMS], texts[:max_validation], f"{what} (nothing calibrated)")
+    return _held_out(texts, what, max_validation)
+
+
+def _held_out(texts: list[str], what: str, max_validation: int) -> TextSplit:
+    """Shuffled with a fixed seed: up to CALIBRATION_ITEMS (at most half) calibrate, the rest validate."""
     if len(texts) < 4:
         raise CalibrationError(f"{what}: {len(texts)} texts cannot be split into calibration and validation")
     shuffled = random.Random(0).sample(texts, len(texts))

@@ -195,3 +195,19 @@ def test_an_int8_package_for_vnni_cpus_is_exported_on_one(tiny_model, tmp_path, 
     with pytest.raises(UnsupportedModel, match=r"--int8-cpus vnni is exported on such a CPU.*AMD EPYC 7B12, avx2"):
         export(ExportOptions(model=model, output=tmp_path / "vnni", quantize="int8", int8_cpus="vnni"))
     assert not (tmp_path / "vnni").exists()
+
+
+def test_a_validation_file_alone_is_split_to_calibrate_int8_on_its_own_kind_of_text(tmp_path):
+    """kiln's built-in sentences are off-topic for most models; a user's --validation text is not, so
+    without --calibration int8 calibrates on part of it and the gate validates on the rest, never
+    on a text that calibrated. fp32 calibrates nothing and validates on all of it."""
+    from kiln.export.texts import CALIBRATION_ITEMS, split_texts
+
+    texts = [f"sentence number {i} about the user's own topic" for i in range(200)]
+    path = tmp_path / "traffic.txt"
+    path.write_text("\n".join(texts))
+    split = split_texts(None, path, 400, calibrates=True)
+    assert len(split.calibration) == CALIBRATION_ITEMS and len(split.validation) == 200 - CALIBRATION_ITEMS
+    assert not set(split.calibration) & set(split.validation) and set(split.calibration) <= set(texts)
+    assert split.source == f"{path}, held out from calibration"
+    assert split_texts(None, path, 400, calibrates=False).validation == texts
