@@ -4,11 +4,11 @@
     peak     = ReduceMax(Abs(xs), axis -1)         (second output: the row's scale, times 127)
     q        = QuantizeLinear(xs * (127 / peak), 1, 128)
 
-and, for an activation that a function bounds from below (GELU's outputs, kiln.export.rowwise_int8
-`LOWER_BOUNDS`), ai.kiln.RowQuantizeShifted2: shifted by the bound onto [0, peak], all 255 codes on
-one side, twice the resolution of 127 a side:
+and, for an activation that a function bounds from below (GELU's outputs, kiln.export.one_sided),
+ai.kiln.RowQuantizeShifted2: shifted by the bound onto [0, peak], all 255 codes on one side, twice
+the resolution of 127 a side:
 
-    xs       = x * unsmooth + shift                (shift = -bound * unsmooth, per channel)
+    xs       = x * unsmooth + shift                (shift = bound * unsmooth, per channel)
     peak     = ReduceMax(Abs(xs), axis -1)         (the row's scale, times 255)
     q        = QuantizeLinear(xs * (255 / peak), 1, 0)
 
@@ -111,7 +111,7 @@ def _function(op: str, opset: int, form: str, definition: int) -> FunctionProto:
             helper.make_node("Div", [x, "peak"], ["unit"]),
             helper.make_node("QuantizeLinear", ["unit", "per_level", "zero_point"], ["q"]),
         ]
-    else:  # in [-127, 127]; an all-zero row's 0 * inf is NaN, code 0
+    else:  # in [-127, 127] (one-sided: [0, 255]); an all-zero row's 0 * inf is NaN, the lowest code
         nodes += [
             constant("levels", np.float32(ONE_SIDED_LEVELS if one_sided else LEVELS)),
             constant("one", np.float32(1)),

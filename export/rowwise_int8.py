@@ -53,14 +53,14 @@ multiply the row-scale Mul did, inside the GEMM's kernel, the same bits.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from kiln.export import row_quantize, self_attention, skip_layer_norm
+from kiln.export import one_sided, row_quantize, self_attention, skip_layer_norm
 from kiln.export.graph_edges import producers, read_counts
+from kiln.export.int8_switch import SWITCH, switch, with_branches
 from kiln.export.row_quantize import LEVELS, ONE_SIDED_LEVELS, ONE_SIDED_ZERO_POINT, ZERO_POINT, quantize_node
 from kiln.runtime.cpu import INT8_CPUS
 from kiln.runtime.errors import UnsupportedModel
@@ -74,10 +74,6 @@ WEIGHT_LEVELS = INT8_CPUS["any"]  # 63, so that 255 * 63 * 2 fits int16: exact o
 MIN_K = 16  # narrower MatMuls gain nothing from int8
 SMOOTHING_ALPHA = 0.5  # how much of a channel's outlier moves into the weight (see smoothing_factors)
 UNEVEN = 3.0  # channels are smoothed where the largest peak is over this many times the median
-SWITCH = "kiln_int8:"  # a switched graph's bool inputs: SWITCH + the activation its group reads
-# Activation functions bounded below, by op type: -bound <= output on any input. Their outputs are
-# quantised on one side (see `_Group`). GELU's minimum is -0.16997 (at -0.7518; its tanh form's too).
-LOWER_BOUNDS = {"Gelu": 0.17, "BiasGelu": 0.17, "FastGelu": 0.17, "Relu": 0.0}
 
 
 def constant_matmuls(graph: GraphProto) -> dict[str, tuple[int, int]]:
@@ -111,7 +107,7 @@ class Rewrite:
     int8: list[str]
     floating: list[str]
     smoothed: list[str] = field(default_factory=list)
-    shifted: list[str] = field(default_factory=list)  # activations quantised on one side (LOWER_BOUNDS)
+    shifted: list[str] = field(default_factory=list)  # activations quantised on one side (kiln.export.one_sided)
     switches: dict[str, list[str]] = field(default_factory=dict)  # a switched graph's bool inputs -> their MatMuls
     attentions: int = 0  # Split + MultiHeadAttention pairs now one ai.kiln.SelfAttention (kiln.export.self_attention)
     norms: int = 0  # bias + residual + LayerNormalization now one ai.kiln.SkipLayerNorm (kiln.export.skip_layer_norm)
@@ -165,8 +161,7 @@ def quantize_rows(
     for index, (activation, matmuls) in enumerate(readers.items()):
         prefix = f"kiln_rows_{index}"
         stats = calibrated.stats.get(activation) if calibrated is not None else None
-        producer = made_by.get(activation)
-        bound = LOWER_BOUNDS.get(producer.op_type) if producer is not None else None
+        bound = one_sided.lower_bound(made_by.get(activation))
         columns = [numpy_helper.to_array(weights[m.input[1]]).astype(np.float32) for m in matmuls]
         ranges = None if stats is None else stats.peaks + np.float32(bound or 0)
         factors = smoothing_factors(ranges, np.concatenate(columns, axis=1))
@@ -176,15 +171,15 @@ def quantize_rows(
         quantizer = _Quantizer.of(prefix, columns[0].shape[0], factors, bound)
         if quantizer.shift is not None:
             shifted.append(activation)
-        shift_back = None if quantizer.shift is None else _shift_back(w8, column_scale, quantizer.shift)
+        shift_back = None if quantizer.shift is None else one_sided.shift_back(w8, column_scale, quantizer.shift)
         foldable = shift_back is not None and not switched and len(matmuls) == 1
-        if foldable and _fold_into_bias(graph, matmuls[0].output[0], shift_back, reads):
+        if foldable and one_sided.fold_into_bias(graph, matmuls[0].output[0], shift_back, reads, weights):
             shift_back = None
         made = [_quantize_activation(graph, activation, quantizer)]
         widths = [c.shape[1] for c in columns]
         made += _integer_matmuls(graph, matmuls, widths, w8, column_scale, quantizer, shift_back)
         if switched:
-            made = [_switch(graph, matmuls, made, SWITCH + activation)]
+            made = [switch(graph, matmuls, made, SWITCH + activation)]
             switches[SWITCH + activation] = [m.name for m in matmuls]
         before[matmuls[0].name] += made
     replaced = set(chosen)
@@ -205,7 +200,7 @@ def quantize_rows(
     graph.node.extend(nodes)
     attentions = 0 if switched else self_attention.fuse(model, opset)
     norms = 0 if switched else skip_layer_norm.fuse(model, opset)
-    used = {name for node in _with_branches(graph.node) for name in node.input}
+    used = {name for node in with_branches(graph.node) for name in node.input}
     kept = [init for init in graph.initializer if init.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept)
@@ -268,15 +263,10 @@ def smoothing_factors(peaks: np.ndarray | None, weight: np.ndarray) -> np.ndarra
 @dataclass
 class _Quantizer:
     """How one activation is quantised: its tensors' names, the smoothing factors' reciprocals and,
-    for an activation bounded below (LOWER_BOUNDS), the shift that puts it on [0, peak].
-
-    Symmetric per-row int8 spends half its 255 codes on negative values; a GELU's output never goes
-    below -0.17, so that half is nearly empty and the positive values get 127 levels. Shifted by the
-    bound, the row is all on one side and gets 255 (zero point 0): twice the resolution on the FFN
-    output projection, the MatMul the ladder most often returned to float. The shift is a per-channel
-    constant, so what it adds to the GEMM's output is a per-column constant (`_shift_back`), and the
-    row's scale is still its own: answers still ignore batch-mates. The codes stay 0..255 against 63
-    weight levels, the sums stay exact in int16 pairs.
+    for an activation bounded below, the shift that puts it on [0, peak] (kiln.export.one_sided):
+    255 codes on one side, twice the resolution on the FFN output projection, the MatMul the ladder
+    most often returned to float. The row's scale is still its own, so answers still ignore
+    batch-mates, and the codes stay 0..255 against 63 weight levels: the sums stay exact in int16 pairs.
     """
 
     prefix: str
@@ -316,36 +306,6 @@ def _quantize_activation(graph: GraphProto, activation: str, quantizer: _Quantiz
         shift = f"{prefix}.shift"
         _constants(graph, {shift: quantizer.shift})
     return quantize_node(activation, unsmooth, f"{prefix}.q", f"{prefix}.scale", name=f"{prefix}.quantize", shift=shift)
-
-
-def _shift_back(w8: np.ndarray, column_scale: np.ndarray, shift: np.ndarray) -> np.ndarray:
-    """What the shift adds to each output column, negated: -(shift @ W), with W the int8 weight
-    as the GEMM reads it (levels times column scales), so that adding it gives x @ W."""
-    weight = w8.astype(np.float64) * column_scale.astype(np.float64)
-    return -(shift.astype(np.float64) @ weight)
-
-
-def _fold_into_bias(graph: GraphProto, output: str, shift_back: np.ndarray, reads: dict[str, int]) -> bool:
-    """Add `shift_back` to the constant bias vector that the MatMul output's one reader adds (the
-    fp32 graph's bias Add), so taking the shift back costs nothing a text; False where there is none."""
-    from onnx import numpy_helper
-
-    if reads.get(output) != 1:
-        return False
-    constants = {init.name: init for init in graph.initializer}
-    for node in graph.node:
-        if node.op_type != "Add" or output not in node.input:
-            continue
-        other = node.input[1] if node.input[0] == output else node.input[0]
-        bias = constants.get(other)
-        if bias is None or tuple(bias.dims) != shift_back.shape:
-            return False
-        corrected = numpy_helper.to_array(bias).astype(np.float64) + shift_back
-        name = f"{other}.shifted_back:{output}"
-        _constants(graph, {name: corrected.astype(np.float32)})
-        node.input[:] = [name if value == other else value for value in node.input]
-        return True
-    return False
 
 
 def _integer_matmuls(
@@ -407,37 +367,6 @@ def _packed_float(graph: GraphProto, matmuls: list[NodeProto], columns: list[np.
             "Split", [f"{name}.out", f"{name}.widths"], [m.output[0] for m in matmuls], name=f"{name}.split", axis=-1
         ),
     ]
-
-
-def _switch(graph: GraphProto, matmuls: list[NodeProto], made: list[NodeProto], flag: str) -> NodeProto:
-    """One `If` on the bool input `flag` that runs the group's int8 nodes (true) or its float MatMuls
-    (false) and gives their outputs: only the branch taken runs, so a probe costs one form of each
-    group, not both (a `Where` between the two forms ran both: the ladder's sessions took twice as
-    long). The branches read the activation and the weights from the graph around them."""
-    from onnx import TensorProto, helper
-
-    graph.input.append(helper.make_tensor_value_info(flag, TensorProto.BOOL, []))
-    outputs = [matmul.output[0] for matmul in matmuls]
-
-    def branch(nodes: list[NodeProto], form: str) -> GraphProto:
-        renamed = {out: f"{out}.{form}" for out in outputs}
-        for node in nodes:
-            node.output[:] = [renamed.get(name, name) for name in node.output]
-        results = [helper.make_tensor_value_info(renamed[out], TensorProto.FLOAT, None) for out in outputs]
-        return helper.make_graph(nodes, f"{flag}.{form}", [], results)
-
-    floating = [helper.make_node("MatMul", list(m.input), list(m.output), name=m.name) for m in matmuls]
-    int8, float_ = branch(made, "int8"), branch(floating, "float")
-    return helper.make_node("If", [flag], outputs, name=f"{flag}.if", then_branch=int8, else_branch=float_)
-
-
-def _with_branches(nodes: Iterable[NodeProto]) -> Iterator[NodeProto]:
-    """Every node, those inside an `If`'s branches included."""
-    for node in nodes:
-        yield node
-        for attribute in node.attribute:
-            if attribute.g.node:
-                yield from _with_branches(attribute.g.node)
 
 
 def _constants(graph: GraphProto, values: dict[str, np.generic | np.ndarray]) -> None:

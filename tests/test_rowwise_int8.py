@@ -319,7 +319,7 @@ def test_an_activation_bounded_below_is_quantised_on_one_side_with_twice_the_lev
     empty; shifted onto [0, peak] a row gets all 255 codes, and the shift's share of the product,
     a constant per column, goes into the bias the graph adds anyway: no kernel more, half the error,
     and still the same bits for a row alone and in any batch."""
-    import kiln.export.rowwise_int8 as rowwise
+    from kiln.export import one_sided as bounds
 
     rng = np.random.default_rng(11)
     w = rng.integers(-WEIGHT_LEVELS, WEIGHT_LEVELS + 1, size=(K, N)).astype(np.float32)
@@ -331,7 +331,7 @@ def test_an_activation_bounded_below_is_quantised_on_one_side_with_twice_the_lev
     assert quantize_rows(source, switched, set(), switched=True).shifted == ["h"]
     graph = onnx.load(str(one_sided)).graph
     assert Counter(node.op_type for node in graph.node)["Add"] == 1  # the shift went into the bias
-    monkeypatch.setattr(rowwise, "LOWER_BOUNDS", {})
+    monkeypatch.setattr(bounds, "LOWER_BOUNDS", {})
     assert quantize_rows(source, symmetric, set()).shifted == []
 
     x = rng.normal(size=(4, 25, K)).astype(np.float32)
