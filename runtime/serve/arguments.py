@@ -84,6 +84,13 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
         "--instances", type=int, default=0, help="batches run at once per model (0: one per core on CPU, 1 on a GPU)"
     )
     serve.add_argument(
+        "--lone-cores",
+        choices=("auto", "all", "one"),
+        default="auto",
+        help="CPU with several instances: a batch that runs alone gets every core (all), one (one), or every "
+        "core where a row runs measurably faster on them, timed when the model loads (auto)",
+    )
+    serve.add_argument(
         "--spin",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -209,6 +216,7 @@ def serve_options(args: argparse.Namespace) -> Any:
             max_generating=args.max_generating,
             max_cache_tokens=args.max_cache_tokens,
             instances=args.instances,
+            lone_cores=args.lone_cores,
         ),
         default_deadline=args.default_deadline or None,
         workers=args.workers,

@@ -49,6 +49,7 @@ class BatchOptions:
     max_generating: int = 32  # generators: sequences decoded side by side (continuous batching)
     max_cache_tokens: int = 65536  # generators: KV cache tokens reserved by admitted sequences
     instances: int = 0  # batches run at once, like Triton's instance count (0: one per core on CPU, 1 on GPU)
+    lone_cores: str = "auto"  # CPU, several instances: a batch alone runs on all | one | auto (timed at load)
 
 
 @dataclass

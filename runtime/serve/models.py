@@ -38,6 +38,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kiln.serve")
 DEPTH_SECONDS = 0.005  # the queue-depth gauge is at most this stale while the model is busy
+# A lone batch gets every core only where that is measurably faster than one core (timed at load).
+# The int8 MiniLM classifier, one text: 2.6 ms on 2 cores, 3.1 ms on one. A 2-layer, 64-wide BERT
+# runs as fast on one, and there the wide session's pool threads only spun for up to 2 ms after each
+# run: ~1 ms of CPU a request at 64 h2load streams, taken from the event loop (bench/README.md).
+WIDE_SPEEDUP = 1.15  # all cores must run a row at least this much faster than one
+TIMED_RUNS = 7
 
 
 @dataclass
@@ -186,7 +192,8 @@ class ServedModel(Counted):
     """On CPU with several instances the model has two sessions: the package's own, on every core,
     for a batch that runs alone (the lowest latency for a lone request), and a single-threaded one
     the instances share under load, so that batches run side by side, one per core, instead of
-    splitting each op across cores (measured: more texts/s, since small ops scale poorly)."""
+    splitting each op across cores (measured: more texts/s, since small ops scale poorly). A model
+    too small to run faster on every core runs every batch on one (`WIDE_SPEEDUP`, timed at load)."""
 
     def __init__(
         self,
@@ -221,7 +228,8 @@ class ServedModel(Counted):
         self.batcher = Batcher(name, self._run_batch, self._split, batching, self._record_batch)
         self.batcher.start()
         warm_start = time.monotonic()
-        self._warm_up()
+        timed = self._warm_up()
+        self.all_cores_pay = timed if batching.lone_cores == "auto" else batching.lone_cores == "all"
         self.warm_up_seconds = time.monotonic() - warm_start
         self.load_seconds = time.monotonic() - started
         log.info(
@@ -235,6 +243,7 @@ class ServedModel(Counted):
                     "provider": self.provider,
                     "max_batch_size": batching.max_size,
                     "instances": batching.instances,
+                    "lone_batch_cores": "all" if self._on_all_cores(alone=True) else "one",
                     "load_s": round(self.load_seconds, 2),
                     "warm_up_s": round(self.warm_up_seconds, 3),
                     "path": str(path),
@@ -310,8 +319,13 @@ class ServedModel(Counted):
         return split_row(outputs, row, length, self.pipeline.sequence_outputs)
 
     def _run_batch(self, sequences: Sequence[Any], alone: bool) -> dict[str, np.ndarray]:
-        batch = self.package.encoder.pad(list(sequences))
-        if alone or self.narrow is None:
+        return self._run_padded(self.package.encoder.pad(list(sequences)), self._on_all_cores(alone))
+
+    def _on_all_cores(self, alone: bool) -> bool:
+        return self.narrow is None or (alone and self.all_cores_pay)
+
+    def _run_padded(self, batch: Any, all_cores: bool) -> dict[str, np.ndarray]:
+        if all_cores or self.narrow is None:
             return self.package.run(batch)
         outputs = self.manifest.outputs
         return dict(zip(outputs, self.narrow.run(outputs, batch.feeds), strict=True))
@@ -326,18 +340,22 @@ class ServedModel(Counted):
             return outputs
         return [future.result() for future in self.batcher.submit(sequences, request)]
 
-    def _warm_up(self) -> None:
-        """One pass through each session, so the first caller does not pay for lazy initialisation."""
-        sequence = self.package.encoder.tokenize(["warm up"])[0]
-        self._run_batch([sequence], alone=True)
-        if self.narrow is not None:
-            self._run_batch([sequence], alone=False)
+    def _warm_up(self) -> bool:
+        """One pass through each session, so the first caller does not pay for lazy initialisation;
+        with two sessions, whether a row of 64 tokens runs `WIDE_SPEEDUP` faster on every core."""
+        sequence = self.package.encoder.tokenize(["warm up " * 32])[0]
+        batch = self.package.encoder.pad([sequence])
+        self._run_padded(batch, all_cores=True)
+        if self.narrow is None:
+            return True
+        self._run_padded(batch, all_cores=False)
+        wide, narrow = (_median_seconds(lambda c=c: self._run_padded(batch, all_cores=c)) for c in (True, False))
+        return wide * WIDE_SPEEDUP <= narrow
 
     def _record_batch(self, record: BatchRecord) -> None:
         labels = {"model": self.name}
         self.metrics.batch_size.labels(**labels).observe(record.size)
-        on_narrow = self.narrow is not None and not record.alone
-        cores = "one" if on_narrow or self.single_threaded else "all"
+        cores = "all" if self._on_all_cores(record.alone) and not self.single_threaded else "one"
         self.metrics.batches.labels(model=self.name, cores=cores).inc()
         self.metrics.padded_tokens.labels(**labels).observe(record.padded_tokens)
         self.metrics.padding_ratio.labels(**labels).observe(1 - record.real_tokens / record.padded_tokens)
@@ -350,3 +368,12 @@ class ServedModel(Counted):
 
     def stop(self) -> None:
         self.batcher.stop()
+
+
+def _median_seconds(run: Callable[[], Any], times: int = TIMED_RUNS) -> float:
+    seconds = []
+    for _ in range(times):
+        start = time.perf_counter()
+        run()
+        seconds.append(time.perf_counter() - start)
+    return sorted(seconds)[times // 2]
