@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.export.generation_gate import GATE_NEW_TOKENS, reference, run_generation_gate
+from kiln.export.key_transpose import move_key_scales
 from kiln.export.onnx_export import TOKENIZER_FILES, export_onnx
 from kiln.export.original import load_torch, source_record, tool_versions
 from kiln.export.output import move_into_place
@@ -100,20 +101,23 @@ def export_generator(
 
 def _lower(form: GraphForm, raw_dir: Path, package_dir: Path, graphs: dict[str, str]) -> str:
     """Each graph at the package's precision; returns what was done, for the manifest."""
+    moved = 0
     for name in graphs.values():
         source, target = raw_dir / name, package_dir / name
+        moved += move_key_scales(source)
         if form.precision == "int8-dynamic":
             _quantize_dynamic(source, target)
         elif form.precision == "fp16":
             convert_fp16(source, target)
         else:
             shutil.copyfile(source, target)
-    return {
+    scheme = {
         "fp32": "kept fp32",
         "int8-dynamic": "int8: dynamic per-tensor activations x per-channel int8 weights on every MatMul "
         "(onnxruntime dynamic int8), each graph",
         "fp16": "fp16 with float32 IO, each graph",
     }[form.precision]
+    return f"{scheme}; key scales moved onto the queries in {moved} attention MatMuls" if moved else scheme
 
 
 @_quietly
