@@ -159,3 +159,30 @@ def test_an_empty_prompt_is_answered_as_transformers_answers_it(generator_packag
         {"max_new_tokens": 6, "num_beams": 2, "do_sample": False},
     ):
         assert pipeline(generator_package("gpt2"))("", **params) == hf("gpt2")("", **params)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bart"])
+def test_rows_that_finish_first_leave_the_rest_untouched(generator_package, kind):
+    """Rows leaving from the middle of a running batch (their slots filled by the last rows, the
+    cache cut to size in place) leave every other row's tokens as they are alone."""
+    from kiln.runtime.generation.decoding import Decoding
+
+    generator = pipeline(generator_package(kind)).generator
+    prompts = [generator.tokenize(text, False, True)[0] for text in inputs_for(kind)[:2] * 3]
+    lengths = [9, 2, 6, 1, 4, 7]  # rows 1, 3, 4 and 2 finish before the last rows
+
+    def decode(rows: list[int]) -> list[list[int]]:
+        decoding = Decoding(generator.decoder, generator.start_id)
+        sequences = []
+        for row in rows:
+            wanted = {"max_new_tokens": lengths[row], "min_new_tokens": lengths[row], "do_sample": False}
+            settings = generator.settings(wanted)
+            sequences.append(generator.sequence(prompts[row], settings, lambda piece: None))
+        decoding.add(sequences)
+        while decoding.active:
+            decoding.step()
+        return [sequence.generated for sequence in sequences]
+
+    together = decode(list(range(len(prompts))))
+    assert [len(ids) for ids in together] == lengths
+    assert together == [decode([row])[0] for row in range(len(prompts))]

@@ -225,5 +225,5 @@ def _without_finished(decoder: Decoder, group: Group) -> Group | None:
         return None
     if len(keep) == len(group.sequences):
         return group
-    cache = decoder.trim(group.cache.select(keep))
-    return Group([group.sequences[row] for row in keep], cache, group.last[keep])
+    order, cache = group.cache.compact(keep)
+    return Group([group.sequences[row] for row in order], decoder.trim(cache), group.last[order])

@@ -53,6 +53,23 @@ class Cache:
         """Cache entries held (a row's past length, plus its encoder length for seq2seq)."""
         return int(self.mask.sum() if not self.cross else self.length.sum() + self.mask.sum())
 
+    def compact(self, keep: list[int]) -> tuple[list[int], Cache]:
+        """The rows in `keep` (ascending) as a batch, for rows that finished: each kept row beyond
+        len(keep) moves into the slot of a row that left, then every array is cut to len(keep) rows,
+        a view that onnxruntime reads without a copy. `select` copied the whole cache each time a
+        row finished: 38% of the decoding thread at 32 streams (py-spy). Changes the arrays in
+        place, so only for a cache nothing else holds; returns which old row each new row is."""
+        count, kept = len(keep), set(keep)
+        holes = [row for row in range(count) if row not in kept]
+        movers = [row for row in keep if row >= count]
+        order = list(range(count))
+        for hole, mover in zip(holes, movers, strict=True):
+            order[hole] = mover
+        past, cross = (
+            {k: _moved(host(v), holes, movers, count) for k, v in d.items()} for d in (self.past, self.cross)
+        )
+        return order, Cache(past, self.mask[order], self.length[order], cross)
+
     def select(self, rows: np.ndarray | list[int]) -> Cache:
         rows = np.asarray(rows, dtype=np.int64)
         return Cache(
@@ -61,6 +78,12 @@ class Cache:
             self.length[rows],
             {k: host(v)[rows] for k, v in self.cross.items()},
         )
+
+
+def _moved(array: np.ndarray, holes: list[int], movers: list[int], count: int) -> np.ndarray:
+    if holes:
+        array[holes] = array[movers]
+    return array[:count]
 
 
 def host(value: Any) -> np.ndarray:
