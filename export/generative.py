@@ -13,16 +13,19 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kiln.export.gemm_as_matmul import split_constant_gemms
 from kiln.export.generation_gate import GATE_NEW_TOKENS, reference, run_generation_gate
 from kiln.export.key_transpose import move_key_scales
 from kiln.export.onnx_export import TOKENIZER_FILES, export_onnx
 from kiln.export.original import load_torch, source_record, tool_versions
 from kiln.export.output import move_into_place
-from kiln.export.quantize import _quietly, convert_fp16
+from kiln.export.quantize import convert_fp16, quantize_int8
 from kiln.export.resolve import ResolvedModel
+from kiln.export.rowwise_int8 import WEIGHT_LEVELS, Calibrated
 from kiln.export.targets import GraphForm
 from kiln.export.tasks import GENERATORS, DetectedTask
 from kiln.export.texts import split_texts
+from kiln.runtime.cpu import INT8_CPUS
 from kiln.runtime.errors import ParityError, UnsupportedModel
 from kiln.runtime.generation.package import load_generator
 from kiln.runtime.manifest import Manifest, sha256_file
@@ -75,10 +78,10 @@ def export_generator(
 
     package_dir = work / "package"
     package_dir.mkdir()
-    scheme = _lower(form, raw_dir, package_dir, graphs)
-    stages.done("quantize", scheme)
+    quantization = _lower(form, raw_dir, package_dir, graphs)
+    stages.done("quantize", quantization["scheme"])
 
-    manifest = _manifest(task, form, config, layout, graphs, scheme, package_dir, raw_dir)
+    manifest = _manifest(task, form, config, layout, graphs, quantization, package_dir, raw_dir)
     manifest.source, manifest.tools, manifest.opset = source_record(resolved), tool_versions(), options.opset
     manifest.write(package_dir)
     pipe = spec_for(task.task).pipeline(load_generator(package_dir, SessionOptions(allow_fp16_on_cpu=True)))
@@ -99,34 +102,40 @@ def export_generator(
     return ExportResult(output, manifest, sizes, stages.seconds)
 
 
-def _lower(form: GraphForm, raw_dir: Path, package_dir: Path, graphs: dict[str, str]) -> str:
-    """Each graph at the package's precision; returns what was done, for the manifest."""
-    moved = 0
+def _lower(form: GraphForm, raw_dir: Path, package_dir: Path, graphs: dict[str, str]) -> dict[str, Any]:
+    """Each graph at the package's precision; returns what was done (the manifest's quantization).
+
+    int8 is kiln's per-row int8 (kiln.export.rowwise_int8), as for encoders: a row's scale is its
+    own, so a sequence decodes to the same tokens alone or beside any others. onnxruntime's dynamic
+    int8, used here until 2026-12-06, shares one scale across the rows of a step, and which prompts
+    shared a step changed near-tied picks."""
+    moved, int8 = 0, []
     for name in graphs.values():
         source, target = raw_dir / name, package_dir / name
         moved += move_key_scales(source)
         if form.precision == "int8-dynamic":
-            _quantize_dynamic(source, target)
+            split_constant_gemms(source)
+            int8.append(quantize_int8(source, target, [], _weight_levels(form)))
         elif form.precision == "fp16":
             convert_fp16(source, target)
         else:
             shutil.copyfile(source, target)
-    scheme = {
-        "fp32": "kept fp32",
-        "int8-dynamic": "int8: dynamic per-tensor activations x per-channel int8 weights on every MatMul "
-        "(onnxruntime dynamic int8), each graph",
-        "fp16": "fp16 with float32 IO, each graph",
-    }[form.precision]
-    return f"{scheme}; key scales moved onto the queries in {moved} attention MatMuls" if moved else scheme
+    quantization: dict[str, Any] = {"scheme": "kept fp32" if form.precision == "fp32" else "fp16 with float32 IO"}
+    if int8:
+        quantization = {**int8[0].details, "int8_matmuls": sum(q.quantized for q in int8)}
+        counts = ", ".join(f"{name}: {done.quantized}" for name, done in zip(graphs, int8, strict=True))
+        quantization["scheme"] = int8[0].scheme.replace(
+            f"on {int8[0].quantized} MatMuls", f"on every MatMul ({counts})"
+        )
+    if moved:
+        quantization["scheme"] += f"; key scales moved onto the queries in {moved} attention MatMuls"
+    return quantization
 
 
-@_quietly
-def _quantize_dynamic(source: Path, target: Path) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    quantize_dynamic(
-        str(source), str(target), per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"]
-    )
+def _weight_levels(form: GraphForm) -> Calibrated | None:
+    """Generators calibrate nothing: weights rounded to nearest, at the levels the target CPUs allow."""
+    levels = INT8_CPUS[form.int8_cpus]
+    return None if levels == WEIGHT_LEVELS else Calibrated({}, levels)
 
 
 def _manifest(
@@ -135,7 +144,7 @@ def _manifest(
     config: dict[str, Any],
     layout: str,
     graphs: dict[str, str],
-    scheme: str,
+    quantization: dict[str, Any],
     package_dir: Path,
     raw_dir: Path,
 ) -> Manifest:
@@ -156,7 +165,7 @@ def _manifest(
         outputs=["logits"],
         max_sequence_length=task.max_length,
         model_type=task.model_type,
-        quantization={"scheme": scheme},
+        quantization=quantization,
         files={p.name: sha256_file(p) for p in sorted(package_dir.iterdir()) if p.is_file()},
         generation=generation,
     )

@@ -103,7 +103,9 @@ def quantize_int8(
     smoothing = f", {len(done.smoothed)} inputs smoothed per channel" if done.smoothed else ""
     if done.shifted:
         smoothing += f", {len(done.shifted)} bounded inputs (GELU's) on one side ({ONE_SIDED_LEVELS} levels)"
-    rounding = "error feedback on calibration activations" if calibrated is not None else "to nearest"
+    rounding = (
+        "error feedback on calibration activations" if calibrated is not None and calibrated.stats else "to nearest"
+    )
     return QuantInfo(
         scheme=f"int8: per-row activations ({LEVELS} levels a side, scale computed per token at run time) x "
         f"per-column int8 weights ({levels} levels, {rounding}), exact int32 sums (MatMulIntegerToFloat) on "

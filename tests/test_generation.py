@@ -8,6 +8,8 @@ answers must be token-identical.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from kiln.runtime import pipeline
 from kiln.runtime.errors import InputTooLong, InvalidInput
@@ -186,3 +188,30 @@ def test_rows_that_finish_first_leave_the_rest_untouched(generator_package, kind
     together = decode(list(range(len(prompts))))
     assert [len(ids) for ids in together] == lengths
     assert together == [decode([row])[0] for row in range(len(prompts))]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "t5"])
+def test_int8_answers_do_not_depend_on_batch_mates(generator_package, kind):
+    """kiln's int8 gives each row its own scale: a prompt's scores are the same bits alone and beside
+    another of its length (onnxruntime's dynamic int8 shared one scale across a step's rows), and it
+    decodes to the same tokens beside any others."""
+    import numpy as np
+
+    package = generator_package(kind, "int8")
+    assert json.loads((package / "kiln.json").read_text())["quantization"]["int8_matmuls"] > 0
+    pipe = pipeline(package)
+    decoder = pipe.generator.decoder
+    prompt = pipe.generator.tokenize(inputs_for(kind)[0], False, True)[0]
+    mate = prompt[::-1]  # as long, so no padding differs between the two calls
+    alone, cache = decoder.prefill([prompt])
+    together, both = decoder.prefill([prompt, mate])
+    assert np.array_equal(alone[0], together[0])
+    token = np.array([int(alone[0].argmax())])
+    step_alone, _ = decoder.step(cache, token)
+    step_together, _ = decoder.step(both, np.array([token[0], int(together[1].argmax())]))
+    assert np.array_equal(step_alone[0], step_together[0])
+
+    greedy = {"max_new_tokens": 12, "do_sample": False}
+    prompts = inputs_for(kind)
+    answers = [pipe(text, **greedy) for text in prompts]
+    assert pipe([*prompts[::-1], prompts[0]], **greedy) == [*answers[::-1], answers[0]]

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from kiln.runtime.cpu import check_int8_cpus
 from kiln.runtime.errors import InputTooLong, InvalidInput, PackageError
 from kiln.runtime.generation.chat import ChatTemplate, load_chat_template
 from kiln.runtime.generation.decoding import Piece, Sequence
@@ -17,7 +18,7 @@ from kiln.runtime.generation.sessions import Decoder, load_decoder
 from kiln.runtime.generation.settings import Settings, from_generation_config, prompt_prefix, with_request
 from kiln.runtime.manifest import Manifest, inside, read_manifest, verify_files
 from kiln.runtime.package import read_json
-from kiln.runtime.session import SessionOptions, cache_device, create_session
+from kiln.runtime.session import PROVIDERS, SessionOptions, cache_device, create_session, resolve_provider
 from tokenizers import Tokenizer
 
 
@@ -94,6 +95,8 @@ def load_generator(
     if not layout:
         raise PackageError(f"{directory}: kiln.json has no generation layout; is this a {manifest.task} package?")
     options = options or SessionOptions()
+    if sessions and resolve_provider(options.provider) == PROVIDERS["cpu"]:
+        check_int8_cpus(directory, manifest.quantization)  # kiln's int8 decodes on the CPUs it was exported for
     runs = {}
     for role, name in layout["sessions"].items():
         path = inside(directory, name)
