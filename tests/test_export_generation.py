@@ -96,3 +96,21 @@ def test_cli_summary_names_the_generation_figures(generator_model, tmp_path):
     predicted = run_kiln("predict", str(tmp_path / "pkg"), "red apple", "--param", "num_beams=1", "--compact")
     assert predicted.returncode == 0, predicted.stderr
     assert json.loads(predicted.stdout)[0][0]["translation_text"]
+
+
+def test_int8_covers_every_projection_gpt2s_gemms_included(generator_package):
+    """GPT-2's Conv1D layers trace to Gemm; split into MatMul + Add, each is kiln's per-row int8:
+    four a layer, and the head."""
+    import onnx
+
+    package = generator_package("gpt2", "int8")
+    quantization = json.loads((package / "kiln.json").read_text())["quantization"]
+    layers = json.loads((package / "config.json").read_text())["n_layer"]
+    assert quantization["int8_matmuls"] == 4 * layers + 1 and quantization["int8_cpus"] == "any"
+    graph = onnx.load(str(package / "model.onnx"), load_external_data=False).graph
+    assert not [
+        node
+        for node in graph.node
+        if node.op_type in ("Gemm", "MatMul") and node.input[1] in {init.name for init in graph.initializer}
+    ]
+    assert sum(node.op_type == "MatMulIntegerToFloat" for node in graph.node) == 4 * layers + 1
