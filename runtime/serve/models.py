@@ -43,6 +43,11 @@ DEPTH_SECONDS = 0.005  # the queue-depth gauge is at most this stale while the m
 # runs as fast on one, and there the wide session's pool threads only spun for up to 2 ms after each
 # run: ~1 ms of CPU a request at 64 h2load streams, taken from the event loop (bench/README.md).
 WIDE_SPEEDUP = 1.15  # all cores must run a row at least this much faster than one
+# A model whose row runs in less than this on one core gets one instance unless --instances says
+# otherwise: one batcher thread already outruns what the server can hand it, and a second only
+# contends for the interpreter lock (tiny BERT, 64 h2load streams: 941-1,017 requests/s at
+# 1,270-1,365 us of CPU each with one, 847-850 at 1,496-1,520 with two; bench/README.md).
+CHEAP_ROW_SECONDS = 0.0005
 TIMED_RUNS = 7
 
 
@@ -214,6 +219,7 @@ class ServedModel(Counted):
         self.metrics = metrics
         super().__init__()
         on_cpu = self.provider == PROVIDERS["cpu"]
+        auto_instances = batching.instances == 0
         batching = replace(
             batching,
             max_size=self.manifest.max_batch_size or batching.max_size,
@@ -225,12 +231,14 @@ class ServedModel(Counted):
         if on_cpu and not self.single_threaded and batching.instances > 1:
             self.narrow = create_session(path / MODEL_NAME, replace(session, intra_op_threads=1))
         self.max_queue = batching.max_queue
+        warm_start = time.monotonic()
+        timed, one_core_seconds = self._warm_up()
+        self.all_cores_pay = timed if batching.lone_cores == "auto" else batching.lone_cores == "all"
+        if auto_instances and on_cpu and one_core_seconds < CHEAP_ROW_SECONDS:
+            batching = replace(batching, instances=1)
+        self.warm_up_seconds = time.monotonic() - warm_start
         self.batcher = Batcher(name, self._run_batch, self._split, batching, self._record_batch)
         self.batcher.start()
-        warm_start = time.monotonic()
-        timed = self._warm_up()
-        self.all_cores_pay = timed if batching.lone_cores == "auto" else batching.lone_cores == "all"
-        self.warm_up_seconds = time.monotonic() - warm_start
         self.load_seconds = time.monotonic() - started
         log.info(
             "model loaded",
@@ -340,17 +348,18 @@ class ServedModel(Counted):
             return outputs
         return [future.result() for future in self.batcher.submit(sequences, request)]
 
-    def _warm_up(self) -> bool:
-        """One pass through each session, so the first caller does not pay for lazy initialisation;
-        with two sessions, whether a row of 64 tokens runs `WIDE_SPEEDUP` faster on every core."""
+    def _warm_up(self) -> tuple[bool, float]:
+        """One pass through each session, so the first caller does not pay for lazy initialisation,
+        then a row of 64 tokens timed: whether every core runs it `WIDE_SPEEDUP` faster than one
+        (with two sessions), and its seconds on one core (on the only session, without two)."""
         sequence = self.package.encoder.tokenize(["warm up " * 32])[0]
         batch = self.package.encoder.pad([sequence])
         self._run_padded(batch, all_cores=True)
         if self.narrow is None:
-            return True
+            return True, _median_seconds(lambda: self._run_padded(batch, all_cores=True))
         self._run_padded(batch, all_cores=False)
         wide, narrow = (_median_seconds(lambda c=c: self._run_padded(batch, all_cores=c)) for c in (True, False))
-        return wide * WIDE_SPEEDUP <= narrow
+        return wide * WIDE_SPEEDUP <= narrow, narrow
 
     def _record_batch(self, record: BatchRecord) -> None:
         labels = {"model": self.name}
