@@ -34,11 +34,12 @@ def split_constant_gemms(model_path: Path) -> int:
             weight = weights[node.input[1]]
             weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight).T.copy(), weight.name))
         product = f"{node.output[0]}/product"
-        nodes.append(helper.make_node("MatMul", [node.input[0], node.input[1]], [product], name=f"{node.name}/MatMul"))
+        name = node.name or node.output[0]  # int8 finds MatMuls by name: each must have its own
+        nodes.append(helper.make_node("MatMul", [node.input[0], node.input[1]], [product], name=f"{name}/MatMul"))
         if len(node.input) > 2 and node.input[2]:
-            nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}/Add"))
+            nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{name}/Add"))
         else:
-            nodes.append(helper.make_node("Identity", [product], [node.output[0]], name=f"{node.name}/Identity"))
+            nodes.append(helper.make_node("Identity", [product], [node.output[0]], name=f"{name}/Identity"))
         split += 1
     if split:
         del graph.node[:]

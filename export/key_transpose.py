@@ -44,9 +44,9 @@ def _move(model: onnx.ModelProto) -> int:
     scalars = _scalar_names(model)
     moves: dict[str, tuple[NodeProto, NodeProto]] = {}  # MatMul name -> (its key-side Mul, the new query Mul)
     for node in graph.node:
-        scale = producers.get(node.input[1]) if node.op_type == "MatMul" else None
-        if scale is None or scale.op_type != "Mul" or readers[scale.output[0]] != 1:
-            continue
+        scale = producers.get(node.input[1]) if node.op_type == "MatMul" and node.name else None
+        if scale is None or scale.op_type != "Mul" or not scale.name or readers[scale.output[0]] != 1:
+            continue  # nodes are found again by name below, so unnamed ones are left as they are
         transpose = producers.get(scale.input[0])
         if not _swaps_last_two(transpose) or readers[transpose.output[0]] != 1 or scale.input[1] not in scalars:
             continue
