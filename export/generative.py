@@ -19,7 +19,7 @@ from kiln.export.key_transpose import move_key_scales
 from kiln.export.onnx_export import TOKENIZER_FILES, export_onnx
 from kiln.export.original import load_torch, source_record, tool_versions
 from kiln.export.output import move_into_place
-from kiln.export.quantize import convert_fp16, quantize_int8
+from kiln.export.quantize import convert_fp16, int8_scheme, quantize_int8
 from kiln.export.resolve import ResolvedModel
 from kiln.export.rowwise_int8 import WEIGHT_LEVELS, Calibrated
 from kiln.export.targets import GraphForm
@@ -122,11 +122,10 @@ def _lower(form: GraphForm, raw_dir: Path, package_dir: Path, graphs: dict[str, 
             shutil.copyfile(source, target)
     quantization: dict[str, Any] = {"scheme": "kept fp32" if form.precision == "fp32" else "fp16 with float32 IO"}
     if int8:
-        quantization = {**int8[0].details, "int8_matmuls": sum(q.quantized for q in int8)}
+        details = int8[0].details  # the same levels and rounding for every graph
         counts = ", ".join(f"{name}: {done.quantized}" for name, done in zip(graphs, int8, strict=True))
-        quantization["scheme"] = int8[0].scheme.replace(
-            f"on {int8[0].quantized} MatMuls", f"on every MatMul ({counts})"
-        )
+        scheme = int8_scheme(details["weight_levels"], details["weight_rounding"], f"every MatMul ({counts})")
+        quantization = {**details, "int8_matmuls": sum(q.quantized for q in int8), "scheme": scheme}
     if moved:
         quantization["scheme"] += f"; key scales moved onto the queries in {moved} attention MatMuls"
     return quantization

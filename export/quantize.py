@@ -92,6 +92,15 @@ def layer_groups(nodes: list[str]) -> dict[str, list[str]]:
     return dict(groups)
 
 
+def int8_scheme(levels: int, rounding: str, where: str) -> str:
+    """The manifest's one-line account of kiln's int8 (`where`: what it covers)."""
+    return (
+        f"int8: per-row activations ({LEVELS} levels a side, scale computed per token at run time) x "
+        f"per-column int8 weights ({levels} levels, {rounding}), exact int32 sums (MatMulIntegerToFloat) on "
+        f"{where}; answers do not depend on batch-mates"
+    )
+
+
 def quantize_int8(
     model_path: Path, out_path: Path, keep_float: list[str], calibrated: Calibrated | None = None
 ) -> QuantInfo:
@@ -107,11 +116,7 @@ def quantize_int8(
         "error feedback on calibration activations" if calibrated is not None and calibrated.stats else "to nearest"
     )
     return QuantInfo(
-        scheme=f"int8: per-row activations ({LEVELS} levels a side, scale computed per token at run time) x "
-        f"per-column int8 weights ({levels} levels, {rounding}), exact int32 sums (MatMulIntegerToFloat) on "
-        f"{len(done.int8)} MatMuls"
-        f"{smoothing}; "
-        "answers do not depend on batch-mates",
+        scheme=int8_scheme(levels, rounding, f"{len(done.int8)} MatMuls{smoothing}"),
         quantized=len(done.int8),
         kept_float=done.floating,
         details={
