@@ -9,6 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+import pytest
+from kiln.runtime.errors import Draining
 from kiln.runtime.serve.batcher import Batcher, BatchOptions, RequestState
 
 
@@ -161,3 +163,58 @@ def test_a_row_that_cannot_be_split_fails_alone_and_broken_metrics_stop_nothing(
         assert again[0].result(timeout=5)["length"].tolist() == [3]
     finally:
         batcher.stop()
+
+
+def test_a_job_prepares_on_a_batcher_thread_and_its_rows_join_the_batch_being_gathered():
+    """A short request's job runs on the batching thread (not its caller's) and its rows are queued
+    from there; one that arrives while the oldest row waits for company runs first and joins it."""
+    session = RecordingSession()
+    batcher = started(session, BatchOptions(max_size=8, max_delay=0.2, instances=1))
+    futures: list = []
+    ran_on: list[str] = []
+
+    def job(length: int) -> None:
+        ran_on.append(threading.current_thread().name)
+        futures.extend(batcher.submit([Sequence(list(range(length)))], RequestState()))
+
+    try:
+        batcher.call(lambda: job(3))
+        time.sleep(0.05)  # the first row now waits for company (up to 0.2 s)
+        batcher.call(lambda: job(4))
+        deadline = time.monotonic() + 5
+        while len(futures) < 2 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        outputs = [future.result(timeout=5) for future in futures]
+    finally:
+        batcher.stop()
+    assert ran_on == ["batcher-test-0", "batcher-test-0"]
+    assert [out["length"].tolist() for out in outputs] == [[3], [4]]
+    assert [run.size for run in session.runs] == [2]
+
+
+def test_a_job_that_raises_stops_nothing_and_a_job_left_at_stop_is_refused_by_submit():
+    session = RecordingSession(seconds=0.2)
+    batcher = started(session, BatchOptions(max_size=1, instances=1))
+    answered: list = []
+
+    def broken() -> None:
+        raise RuntimeError("a job that raises")
+
+    def refused() -> None:
+        try:
+            batcher.submit([Sequence([1])], RequestState())
+        except Exception as exc:
+            answered.append(type(exc).__name__)
+
+    batcher.call(broken)
+    [future] = batcher.submit([Sequence([1, 2])], RequestState())
+    time.sleep(0.05)  # its batch is running (0.2 s)
+    batcher.call(refused)  # waits for the thread, which is running that batch
+    stopping = threading.Thread(target=batcher.stop)
+    stopping.start()
+    time.sleep(0.05)
+    with pytest.raises(Draining):  # once the batcher stops, no job is taken
+        batcher.call(refused)
+    stopping.join(timeout=5)
+    assert future.result(timeout=5)["length"].tolist() == [2]  # the thread survived the broken job
+    assert answered == ["Draining"]  # the job queued before the stop ran, and was told no

@@ -26,6 +26,7 @@ import numpy as np
 from kiln.runtime import errors
 from kiln.runtime.errors import KilnError
 from kiln.runtime.serve import engine_wire as wire
+from kiln.runtime.serve.aio import Wakeup
 from kiln.runtime.serve.batcher import RequestState, row_error, when_all
 from kiln.runtime.serve.generative import GenerativeModel, Stream
 from kiln.runtime.serve.models import ServedModel
@@ -51,7 +52,7 @@ class Engine:
         self._mirrored: dict[Any, int] = {}  # each front-end connection's write -> the generation it mirrored
         self._handlers: set[asyncio.Task] = set()
         self._writers: set[asyncio.StreamWriter] = set()
-        self._wakeup: wire.Wakeup | None = None  # the batchers' way back to the loop (made in serve)
+        self._wakeup: Wakeup | None = None  # the batchers' way back to the loop (made in serve)
         repository.on_change = self._changed
         repository.change_seen = self._change_seen
 
@@ -75,7 +76,7 @@ class Engine:
 
     async def serve(self, path: Path, stop: asyncio.Event, started: Callable[[], None] = lambda: None) -> None:
         """Answer front-ends on the Unix socket at `path` until `stop` is set."""
-        self._wakeup = wire.Wakeup(asyncio.get_running_loop())
+        self._wakeup = Wakeup(asyncio.get_running_loop())
         with contextlib.suppress(FileNotFoundError):
             path.unlink()  # left by an engine that died
         server = await asyncio.start_unix_server(self._connection, path=str(path))

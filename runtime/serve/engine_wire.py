@@ -16,17 +16,13 @@ Times are `time.monotonic()` seconds, which every process on a host shares (CLOC
 from __future__ import annotations
 
 import asyncio
-import collections
-import logging
 import struct
-from collections.abc import Callable
 from typing import Any
 
 import msgspec
 import numpy as np
 from msgspec import Struct
 
-log = logging.getLogger("kiln.serve")
 HEADER = struct.Struct("<I")  # frame length
 MAX_FRAME = 1 << 30
 
@@ -229,29 +225,3 @@ class Outbox:
         frames, self._frames = self._frames, []
         if not self.writer.is_closing():
             self.writer.write(b"".join(frames))
-
-
-class Wakeup:
-    """Calls handed to the event loop from other threads, one wake-up for as many as arrive before
-    the loop runs them: a batch that settles 64 requests wakes the loop once, not 64 times (each
-    `call_soon_threadsafe` writes to the loop's self-pipe)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
-        self._calls: collections.deque[Callable[[], None]] = collections.deque()
-        self._scheduled = False
-
-    def call(self, function: Callable[[], None]) -> None:
-        """From any thread."""
-        self._calls.append(function)
-        if not self._scheduled:
-            self._scheduled = True
-            self.loop.call_soon_threadsafe(self._run)
-
-    def _run(self) -> None:
-        self._scheduled = False  # before draining: a call added from now on schedules another run
-        while self._calls:
-            try:
-                self._calls.popleft()()
-            except Exception:  # one failing call must not strand the others
-                log.exception("a call handed to the event loop failed")

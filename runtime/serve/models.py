@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Executor, Future, InvalidStateError
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from kiln.runtime.errors import InvalidInput, QueueFull
+from kiln.runtime.errors import Cancelled, InvalidInput, QueueFull
 from kiln.runtime.manifest import MODEL_NAME
 from kiln.runtime.package import load_package
 from kiln.runtime.pipelines import Pipeline
 from kiln.runtime.pipelines.base import Outputs, Prepared, split_row
+from kiln.runtime.serve.aio import Wakeup
 from kiln.runtime.serve.batcher import (
     CPU_BATCH_TOKENS,
     GPU_BATCH_TOKENS,
@@ -231,6 +231,7 @@ class ServedModel(Counted):
         if on_cpu and not self.single_threaded and batching.instances > 1:
             self.narrow = create_session(path / MODEL_NAME, replace(session, intra_op_threads=1))
         self.max_queue = batching.max_queue
+        self._back: Wakeup | None = None  # answers of short requests go back to the loop through this
         warm_start = time.monotonic()
         timed, one_core_seconds = self._warm_up()
         self.all_cores_pay = timed if batching.lone_cores == "auto" else batching.lone_cores == "all"
@@ -280,48 +281,61 @@ class ServedModel(Counted):
         return prepared, self.finish(prepared, outputs, request), None
 
     async def run(self, prepare: Any, request: RequestState, executor: Any, short: bool = False) -> Any:
-        """prepare -> the batcher -> finish. A short request (a few short texts) is tokenized on the
-        event loop, which costs less than a hand-off to a worker, and finished on the thread that ran
-        its last batch: one round trip between threads instead of three. Longer ones are prepared and
+        """prepare -> the batcher -> finish. A short request (a few short texts) is prepared on a
+        batching thread and finished on the thread that ran its last batch, so the event loop only
+        hands it over and takes its answer back (`_run_short`). Longer ones are prepared and
         finished on worker threads; the event loop only awaits."""
         loop = asyncio.get_running_loop()
         if short:
-            prepared = self.timed_prepare(prepare, request)
-            futures = self.batcher.submit(prepared.encodings, request, self.others_in_progress)
-            answer = self._finish_when_done(prepared, futures, request)
-            try:
-                return await asyncio.wrap_future(answer)
-            except asyncio.CancelledError:
-                for future in futures:  # the batcher drops what its caller gave up on
-                    future.cancel()
-                raise
+            return await self._run_short(prepare, request, loop)
         prepared, answers, futures = await loop.run_in_executor(executor, self.prepare_or_run, prepare, request)
         if futures is None:
             return answers
         outputs = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
         return await loop.run_in_executor(executor, self.finish, prepared, list(outputs), request)
 
-    def _finish_when_done(self, prepared: Prepared, futures: list[Future], request: RequestState) -> Future:
-        """The request's answers, finished by whichever thread settles its last sequence."""
-        answer: Future = Future()
+    async def _run_short(self, prepare: Any, request: RequestState, loop: asyncio.AbstractEventLoop) -> Any:
+        """One hand-off each way: the batcher's thread tokenizes the request (tokenizers releases the
+        GIL), queues its rows, and whichever thread settles the last row finishes the answers and
+        hands them to the loop, one wake-up for all the answers a batch settles. A cancelled caller
+        marks its request state (the data plane does), so its rows are dropped, never run."""
+        answer = loop.create_future()
+        back = self._wakeup(loop)
+        company = self.others_in_progress  # read here: the data plane counts requests on the loop
 
-        def settled() -> None:
-            if answer.cancelled():
-                return
+        def reply(result: Any = None, error: BaseException | None = None) -> None:
+            back.call(lambda: _settle_async(answer, result, error))
+
+        def job() -> None:
             try:
-                error = row_error(futures)
-                if error is not None:
-                    answer.set_exception(error)
-                elif any(f.cancelled() for f in futures):
-                    answer.cancel()
-                else:
-                    answer.set_result(self.finish(prepared, [f.result() for f in futures], request))
-            except Exception as exc:  # post-processing failed: the caller gets it, the thread goes on
-                with contextlib.suppress(InvalidStateError):
-                    answer.set_exception(exc)
+                prepared = self.timed_prepare(prepare, request)
+                futures = self.batcher.submit(prepared.encodings, request, company)
+            except Exception as exc:  # invalid input, a stopping batcher: the caller's error
+                reply(error=exc)
+                return
+            when_all(futures, lambda: self._finish_rows(prepared, futures, request, reply))
 
-        when_all(futures, settled)
-        return answer
+        self.batcher.call(job)
+        return await answer
+
+    def _finish_rows(self, prepared: Prepared, futures: list[Future], request: RequestState, reply: Any) -> None:
+        """The request's answers, on whichever thread settled its last row."""
+        try:
+            error = row_error(futures)
+            if error is None and any(f.cancelled() for f in futures):
+                error = Cancelled("request was cancelled")
+            if error is not None:
+                reply(error=error)
+            else:
+                reply(self.finish(prepared, [f.result() for f in futures], request))
+        except Exception as exc:  # post-processing failed: the caller gets it, the thread goes on
+            reply(error=exc)
+
+    def _wakeup(self, loop: asyncio.AbstractEventLoop) -> Wakeup:
+        """The way back to the loop that serves this model's requests (one per loop: tests run several)."""
+        if self._back is None or self._back.loop is not loop:
+            self._back = Wakeup(loop)
+        return self._back
 
     def _split(self, outputs: dict[str, np.ndarray], row: int, length: int) -> dict[str, np.ndarray]:
         return split_row(outputs, row, length, self.pipeline.sequence_outputs)
@@ -377,6 +391,16 @@ class ServedModel(Counted):
 
     def stop(self) -> None:
         self.batcher.stop()
+
+
+def _settle_async(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    """On the loop: a short request's answer, unless its caller has gone."""
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 def _median_seconds(run: Callable[[], Any], times: int = TIMED_RUNS) -> float:
