@@ -41,8 +41,8 @@ log = logging.getLogger("kiln.serve")
 VERSION = "0.2.0"
 TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 EXTENSIONS = ["classification", "model_configuration", "statistics", "model_repository", "binary_tensor_data"]
-# a request whose texts add up to no more characters than this is tokenized on the event loop (tens
-# of microseconds), not handed to a worker thread (see ServedModel.run)
+# a request whose texts add up to no more characters than this is tokenized on the model's batching
+# thread (a front-end's: on its loop), not handed to a worker thread (see ServedModel.run)
 SHORT_REQUEST_CHARS = 2048
 
 
