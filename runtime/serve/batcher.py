@@ -370,5 +370,9 @@ def when_all(futures: list[Future], then: Callable[[], None]) -> None:
 
 
 def row_error(futures: list[Future]) -> BaseException | None:
-    """The first error a request's settled rows ended with, if any (cancelled rows are not errors)."""
-    return next((f.exception() for f in futures if not f.cancelled() and f.exception()), None)
+    """What a request whose rows have all settled fails with, if anything: the first row's error,
+    else Cancelled where a row was cancelled (its caller gave up)."""
+    error = next((f.exception() for f in futures if not f.cancelled() and f.exception()), None)
+    if error is None and any(f.cancelled() for f in futures):
+        return Cancelled("request was cancelled")
+    return error

@@ -160,8 +160,6 @@ class Engine:
         def answer(futures: list[Future]) -> None:  # on the loop, once every row has settled
             over()
             error = row_error(futures)
-            if error is None and any(f.cancelled() for f in futures):
-                error = errors.Cancelled("request was cancelled")
             if error is not None:
                 send(wire.Ran(run.id, None, _error(error), state.spans or []))
                 return

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from kiln.runtime.errors import Cancelled, InvalidInput, QueueFull
+from kiln.runtime.errors import InvalidInput, QueueFull
 from kiln.runtime.manifest import MODEL_NAME
 from kiln.runtime.package import load_package
 from kiln.runtime.pipelines import Pipeline
@@ -322,8 +322,6 @@ class ServedModel(Counted):
         """The request's answers, on whichever thread settled its last row."""
         try:
             error = row_error(futures)
-            if error is None and any(f.cancelled() for f in futures):
-                error = Cancelled("request was cancelled")
             if error is not None:
                 reply(error=error)
             else:
