@@ -50,7 +50,7 @@ class BatchOptions:
     max_tokens: int = 8192  # padded tokens per batch (a served model resolves 0: CPU_BATCH_TOKENS on CPU)
     max_size: int = 64  # rows per batch
     max_delay: float = 0.002  # seconds the oldest sequence may wait for company
-    max_queue: int = 1024  # items a model holds before new requests are refused (models.Counted.admit)
+    max_queue: int = 1024  # items a model holds before new requests are refused (counted.Counted.admit)
     max_generating: int = 32  # generators: sequences decoded side by side (continuous batching)
     max_cache_tokens: int = 65536  # generators: KV cache tokens reserved by admitted sequences
     instances: int = 0  # batches run at once, like Triton's instance count (0: one per core on CPU, 1 on GPU)

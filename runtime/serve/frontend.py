@@ -30,10 +30,10 @@ from kiln.runtime.pipelines import Pipeline
 from kiln.runtime.pipelines.base import Outputs
 from kiln.runtime.serve import engine_wire as wire
 from kiln.runtime.serve.batcher import BatchOptions, RequestState
+from kiln.runtime.serve.counted import Counted
 from kiln.runtime.serve.engine import raise_error
 from kiln.runtime.serve.generative import Generative
 from kiln.runtime.serve.metrics import Metrics
-from kiln.runtime.serve.models import Counted
 from kiln.runtime.serve.repository import IndexEntry, ModelTable, Source
 from kiln.runtime.tasks import TaskSpec, spec_for
 

@@ -21,8 +21,8 @@ from kiln.runtime.generation.settings import Settings
 from kiln.runtime.pipelines.text_generation import GenerationPipeline
 from kiln.runtime.serve.aio import all_or_none
 from kiln.runtime.serve.batcher import BatchOptions, RequestState
+from kiln.runtime.serve.counted import Counted
 from kiln.runtime.serve.metrics import Metrics
-from kiln.runtime.serve.models import Counted
 from kiln.runtime.serve.scheduler import Scheduler, StepRecord
 from kiln.runtime.session import SessionOptions
 from kiln.runtime.tasks import TaskSpec, spec_for
